@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both bootstrap .venv first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RAG_DATA_DIR ?= .rag
+export RAG_DATA_DIR
+# A persistent Dagster instance keeps run history (the schedule and the asset checks use it).
+DAGSTER_HOME ?= $(abspath $(RAG_DATA_DIR))/dagster
+export DAGSTER_HOME
+
+.PHONY: setup run test lint dev bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml .python-version
+	@test -x $(PY) || python -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+run: setup $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster asset materialize --select '*' -m rag_assets.definitions
+
+dev: setup $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+test: setup
+	$(VENV)/bin/ruff check rag_assets rag_assets_tests
+	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check rag_assets rag_assets_tests
+	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

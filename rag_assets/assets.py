@@ -1,0 +1,165 @@
+"""The asset graph: raw_documents -> chunks -> lemmas -> embeddings -> es_index.
+
+Each asset is a thin wrapper: the work happens in plain functions, the asset adds logging,
+timings and the metadata shown in the Dagster UI.
+"""
+
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.features import LEMMA_FIELDS, ChunkVectors, embed_chunks, lemmatize_chunks
+from rag_assets.nlp import VECTOR_DIM, model_fingerprint
+from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
+from rag_assets.search_backend import IndexContent
+
+GROUP = "faq_index"
+PREVIEW_ROWS = 5
+# Known at load time without loading the model, so the UI flags the NLP assets as unsynced when
+# the model or the analysis rules change.
+NLP_CODE_VERSION = model_fingerprint()
+
+
+def preview(frame: pd.DataFrame, columns: list[str], width: int = 80) -> dg.MetadataValue:
+    shown = (
+        frame[columns]
+        .head(PREVIEW_ROWS)
+        .map(lambda v: (s[: width - 1] + "…") if len(s := str(v).replace("\n", " ")) > width else s)
+    )
+    return dg.MetadataValue.md(shown.to_markdown(index=False))
+
+
+def per_course(frame: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in frame.groupby("course").size().items()}
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "pandas"})
+def raw_documents(context: dg.AssetExecutionContext, source: DocumentSourceResource) -> dg.MaterializeResult:
+    """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has."""
+    started = time.perf_counter()
+    loaded = source.load()
+    for dropped in loaded.dropped[:20]:
+        context.log.warning(f"dropped {dropped}")
+    if len(loaded.dropped) > 20:
+        context.log.warning(f"... and {len(loaded.dropped) - 20} more dropped entries")
+    for doc_id in loaded.renamed_ids:
+        context.log.warning(f"repeated source id, kept as {doc_id}")
+    frame = loaded.frame
+    context.log.info(f"{len(frame)} entries from {len(loaded.locations)} file(s), shape {loaded.shape}")
+    return dg.MaterializeResult(
+        value=frame,
+        metadata={
+            "entries": len(frame),
+            "dropped_entries": len(loaded.dropped),
+            "renamed_ids": len(loaded.renamed_ids),
+            "courses": per_course(frame),
+            "source_shape": loaded.shape,
+            "source_files": len(loaded.locations),
+            "source": loaded.locations[0],
+            "duration_s": round(time.perf_counter() - started, 3),
+            "preview": preview(frame, ["doc_id", "course", "section", "question", "answer"]),
+        },
+    )
+
+
+class ChunksConfig(dg.Config):
+    max_chars: int = Field(default=ChunkingConfig.max_chars, description="Longest answer window")
+    overlap_chars: int = Field(
+        default=ChunkingConfig.overlap_chars, description="Overlap between consecutive windows"
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "pandas"})
+def chunks(config: ChunksConfig, raw_documents: pd.DataFrame) -> dg.MaterializeResult:
+    """Searchable units: one per entry, long answers cut into overlapping windows."""
+    started = time.perf_counter()
+    frame = make_chunks(raw_documents, ChunkingConfig(config.max_chars, config.overlap_chars))
+    sizes = frame["text"].str.len()
+    return dg.MaterializeResult(
+        value=frame,
+        metadata={
+            "chunks": len(frame),
+            "entries": int(frame["doc_id"].nunique()),
+            "split_entries": int((frame["chunk_index"] > 0).groupby(frame["doc_id"]).any().sum()),
+            "max_text_chars": int(sizes.max()),
+            "mean_text_chars": round(float(sizes.mean()), 1),
+            "duration_s": round(time.perf_counter() - started, 3),
+            "preview": preview(frame, ["chunk_id", "course", "question", "text"]),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION)
+def lemmas(context: dg.AssetExecutionContext, nlp: NlpResource, chunks: pd.DataFrame) -> dg.MaterializeResult:
+    """Lowercased lemmas of each searched field, without stop words, punctuation or spaces."""
+    started = time.perf_counter()
+    frame = lemmatize_chunks(nlp.pipeline(), chunks, nlp.settings(), context.log.info)
+    duration = time.perf_counter() - started
+    terms = sum(frame[f"{f}_lemmas"].str.split().str.len().sum() for f in LEMMA_FIELDS)
+    return dg.MaterializeResult(
+        value=frame,
+        metadata={
+            "chunks": len(frame),
+            "lemmas": int(terms),
+            "model_fingerprint": nlp.fingerprint(),
+            "duration_s": round(duration, 3),
+            "chunks_per_s": round(len(frame) / max(duration, 1e-9), 1),
+            "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION)
+def embeddings(nlp: NlpResource, lemmas: pd.DataFrame) -> dg.MaterializeResult:
+    """A unit-length word-vector mean per chunk, from the content words found by `lemmas`."""
+    started = time.perf_counter()
+    vectors = embed_chunks(nlp.pipeline(), lemmas)
+    zero = int((~np.any(vectors.matrix, axis=1)).sum())
+    return dg.MaterializeResult(
+        value=vectors,
+        metadata={
+            "chunks": len(vectors.chunk_ids),
+            "dimensions": VECTOR_DIM,
+            "zero_vectors": zero,
+            "duration_s": round(time.perf_counter() - started, 3),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"})
+def es_index(
+    context: dg.AssetExecutionContext,
+    search_index: SearchIndexResource,
+    nlp: NlpResource,
+    chunks: pd.DataFrame,
+    lemmas: pd.DataFrame,
+    embeddings: ChunkVectors,
+) -> dg.MaterializeResult:
+    """The served search index: exactly the current chunks, published all at once."""
+    started = time.perf_counter()
+    backend = search_index.backend()
+    content = IndexContent.assemble(chunks, lemmas, embeddings, nlp.fingerprint())
+    report = backend.publish(content)
+    context.log.info(
+        f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
+        f"{report.deleted} deleted, {report.unchanged} unchanged"
+    )
+    stats = backend.stats()
+    return dg.MaterializeResult(
+        metadata={
+            "backend": backend.kind,
+            "location": report.location,
+            "entries": stats.entries,
+            "chunks": stats.chunks,
+            "courses": stats.courses,
+            "upserted": report.upserted,
+            "deleted": report.deleted,
+            "unchanged": report.unchanged,
+            "previous_index": report.previous or "",
+            "duration_s": round(time.perf_counter() - started, 3),
+        },
+    )

@@ -1,0 +1,109 @@
+"""The `rag` command: search the published index, show what it holds, evaluate retrieval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from rag_assets import config
+from rag_assets.evaluation import build_index, evaluate, read_ground_truth
+from rag_assets.nlp import load_pipeline
+from rag_assets.retrieval import Hit, Retriever, default_retriever
+from rag_assets.search_backend import RagError
+from rag_assets.sources import SourceError
+
+
+def _print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _print_hits(hits: list[Hit]) -> None:
+    if not hits:
+        print("no results")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank}. [{hit.course}] {hit.question}  (doc {hit.doc_id}, score {hit.score:.4f})")
+        snippet = " ".join(hit.text.split())
+        print(textwrap.indent(textwrap.shorten(snippet, width=300, placeholder=" …"), "   "))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    hits = default_retriever().search(args.query, course=args.course, k=args.k)
+    if args.json:
+        _print_json([hit.to_dict() for hit in hits])
+    else:
+        _print_hits(hits)
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    stats = default_retriever().backend.stats()
+    if args.json:
+        _print_json(stats.to_dict())
+        return
+    print(f"backend:      {stats.backend}")
+    print(f"location:     {stats.location}")
+    print(f"published at: {stats.published_at}")
+    print(f"entries:      {stats.entries}")
+    print(f"chunks:       {stats.chunks}")
+    for course, count in stats.courses.items():
+        print(f"  {course}: {count}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    nlp = load_pipeline(config.nlp_resource().model)
+    ground_truth = read_ground_truth(args.ground_truth)
+    log = None if args.json else print
+    with tempfile.TemporaryDirectory(prefix="rag-eval-") as tmp:
+        index = build_index(args.documents, Path(tmp), nlp, log=log)
+        result = evaluate(Retriever(index, nlp), ground_truth, k=args.k, log=log)
+        index.close()
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(f"questions: {result.questions}")
+        print(f"hit rate@{args.k}: {result.hit_rate:.4f}")
+        print(f"MRR@{args.k}:      {result.mrr:.4f}")
+        print(f"median query: {result.p50_ms:.2f} ms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rag", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="search the published index")
+    search.add_argument("query")
+    search.add_argument("--course", help="only entries of this course")
+    search.add_argument("--k", type=int, default=5, help="number of results (default 5)")
+    search.add_argument("--json", action="store_true", help="print JSON")
+    search.set_defaults(func=cmd_search)
+
+    stats = commands.add_parser("stats", help="what the published index holds")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=cmd_stats)
+
+    evaluation = commands.add_parser("eval", help="hit rate and MRR on a ground truth")
+    evaluation.add_argument("--documents", required=True, help="source file with entry ids")
+    evaluation.add_argument("--ground-truth", required=True, help="CSV: question,course,document")
+    evaluation.add_argument("--k", type=int, default=5)
+    evaluation.add_argument("--json", action="store_true", help="print JSON")
+    evaluation.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (RagError, SourceError, OSError) as exc:
+        print(f"rag: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Retrieval evaluation with the course's metrics: hit rate and MRR of the top k, course-filtered."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spacy.language import Language
+
+from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.features import embed_chunks, lemmatize_chunks
+from rag_assets.nlp import NlpSettings, model_fingerprint
+from rag_assets.progress import Progress
+from rag_assets.retrieval import Retriever
+from rag_assets.search_backend import IndexContent, RagError
+from rag_assets.sources import Fetcher, load_documents
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    question: str
+    course: str
+    document: str
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    hit_rate: float
+    mrr: float
+    questions: int
+    p50_ms: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def read_ground_truth(path: Path | str) -> list[GroundTruth]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"question", "course", "document"} - set(reader.fieldnames or [])
+        if missing:
+            raise RagError(f"{path}: ground truth lacks column(s) {', '.join(sorted(missing))}")
+        rows = [GroundTruth(r["question"], r["course"], r["document"]) for r in reader]
+    if not rows:
+        raise RagError(f"{path}: ground truth has no rows")
+    return rows
+
+
+def build_index(
+    documents: str,
+    data_dir: Path,
+    nlp: Language,
+    chunking: ChunkingConfig = ChunkingConfig(),
+    log: Callable[[str], None] | None = None,
+) -> EmbeddedIndex:
+    """Index a source file with the same steps as the assets, into a throwaway directory."""
+    loaded = load_documents(documents, Fetcher())
+    chunks = make_chunks(loaded.frame, chunking)
+    lemmas = lemmatize_chunks(nlp, chunks, NlpSettings(), log)
+    content = IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
+    index = EmbeddedIndex(data_dir)
+    index.publish(content)
+    return index
+
+
+def evaluate(
+    retriever: Retriever,
+    ground_truth: list[GroundTruth],
+    k: int = 5,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
+    reciprocal_ranks: list[float] = []
+    latencies_ms: list[float] = []
+    progress = Progress("evaluate", len(ground_truth), log)
+    for row in ground_truth:
+        started = time.perf_counter()
+        hits = retriever.search(row.question, course=row.course, k=k)
+        latencies_ms.append((time.perf_counter() - started) * 1000)
+        ranks = [rank for rank, hit in enumerate(hits, start=1) if hit.doc_id == row.document]
+        reciprocal_ranks.append(1.0 / ranks[0] if ranks else 0.0)
+        progress.update()
+    progress.close()
+    n = len(reciprocal_ranks)
+    return EvalResult(
+        hit_rate=round(sum(1 for r in reciprocal_ranks if r > 0) / n, 4),
+        mrr=round(sum(reciprocal_ranks) / n, 4),
+        questions=n,
+        p50_ms=round(statistics.median(latencies_ms), 2),
+    )

@@ -1,0 +1,62 @@
+"""Per-chunk search features: lemma fields for lexical search and one vector for kNN."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from spacy.language import Language
+
+from rag_assets.nlp import VECTOR_DIM, NlpSettings, analyse_texts, embed_words
+
+# The chunk fields searched lexically, each kept as its own lemma field.
+LEMMA_FIELDS = ("question", "text", "section")
+LEMMA_COLUMNS = ["chunk_id", "content_hash", *(f"{f}_lemmas" for f in LEMMA_FIELDS), "vector_words"]
+
+
+def lemmatize_chunks(
+    nlp: Language,
+    chunks: pd.DataFrame,
+    settings: NlpSettings = NlpSettings(),
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Space-joined lemmas per field, plus the question's and answer's content words for the vector."""
+    n = len(chunks)
+    texts = [str(v) for field in LEMMA_FIELDS for v in chunks[field]]
+    terms = analyse_texts(nlp, texts, settings, log)
+    per_field = {field: terms[i * n : (i + 1) * n] for i, field in enumerate(LEMMA_FIELDS)}
+    frame = pd.DataFrame(
+        {
+            "chunk_id": chunks["chunk_id"].to_numpy(),
+            "content_hash": chunks["content_hash"].to_numpy(),
+            **{f"{f}_lemmas": [" ".join(t.lemmas) for t in per_field[f]] for f in LEMMA_FIELDS},
+            "vector_words": [
+                " ".join(q.words + a.words)
+                for q, a in zip(per_field["question"], per_field["text"], strict=True)
+            ],
+        }
+    )
+    return frame[LEMMA_COLUMNS]
+
+
+@dataclass
+class ChunkVectors:
+    """Row i of `matrix` is the unit vector of `chunk_ids[i]` (float32, VECTOR_DIM wide)."""
+
+    chunk_ids: list[str]
+    matrix: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.matrix.shape != (len(self.chunk_ids), VECTOR_DIM):
+            raise ValueError(
+                f"vector matrix has shape {self.matrix.shape}, expected ({len(self.chunk_ids)}, {VECTOR_DIM})"
+            )
+
+
+def embed_chunks(nlp: Language, lemmas: pd.DataFrame) -> ChunkVectors:
+    matrix = np.zeros((len(lemmas), VECTOR_DIM), dtype=np.float32)
+    for row, words in enumerate(lemmas["vector_words"]):
+        matrix[row] = embed_words(nlp, words.split())
+    return ChunkVectors(chunk_ids=list(lemmas["chunk_id"]), matrix=matrix)

@@ -1,0 +1,32 @@
+"""The ranking design shared by every backend: field weights and the fusion of ranked lists."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# BM25F weights of the lemma fields: a question phrased like the user's is the strongest signal.
+FIELD_WEIGHTS: Mapping[str, float] = {"question": 3.0, "text": 1.0, "section": 0.5}
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """Reciprocal rank fusion of the lexical and the vector ranking."""
+
+    rrf_k: int = 60
+    weights: Mapping[str, float] = field(default_factory=lambda: {"lexical": 1.0, "vector": 1.0})
+    candidates: int = 50
+
+
+def reciprocal_rank_fusion(
+    rankings: Mapping[str, Sequence[str]], weights: Mapping[str, float], rrf_k: int
+) -> list[tuple[str, float]]:
+    """Fuse ranked id lists: score = sum of weight / (rrf_k + rank); ties keep first-seen order."""
+    scores: dict[str, float] = {}
+    for name, ranking in rankings.items():
+        weight = weights.get(name, 0.0)
+        if weight <= 0:
+            continue
+        for rank, item in enumerate(ranking, start=1):
+            scores[item] = scores.get(item, 0.0) + weight / (rrf_k + rank)
+    return sorted(scores.items(), key=lambda pair: pair[1], reverse=True)

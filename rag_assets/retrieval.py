@@ -1,0 +1,94 @@
+"""Query-time retrieval: analyse the query like the chunks, rank lexically and by vector, fuse."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from spacy.language import Language
+
+from rag_assets import config
+from rag_assets.nlp import analyse_query, load_pipeline
+from rag_assets.ranking import FusionSettings, reciprocal_rank_fusion
+from rag_assets.search_backend import RagError, SearchBackend, StoredChunk, UnknownCourseError
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    chunk_id: str
+    course: str
+    section: str
+    question: str
+    text: str
+    score: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def rank_entries(
+    rankings: dict[str, list[str]], chunks: dict[str, StoredChunk]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Turn chunk rankings into entry rankings (each entry at its best chunk's rank).
+
+    Also returns the chunk shown for each entry: its best chunk in the first ranking that has it.
+    """
+    shown: dict[str, str] = {}
+    entry_rankings: dict[str, list[str]] = {}
+    for name, ranking in rankings.items():
+        doc_ids = [chunks[chunk_id].doc_id for chunk_id in ranking]
+        for doc_id, chunk_id in zip(doc_ids, ranking, strict=True):
+            shown.setdefault(doc_id, chunk_id)
+        entry_rankings[name] = list(dict.fromkeys(doc_ids))
+    return entry_rankings, shown
+
+
+class Retriever:
+    def __init__(
+        self,
+        backend: SearchBackend,
+        nlp: Language | None = None,
+        fusion: FusionSettings = FusionSettings(),
+    ) -> None:
+        self.backend = backend
+        self.nlp = nlp or load_pipeline()
+        self.fusion = fusion
+
+    def search(self, query: str, course: str | None = None, k: int = 5) -> list[Hit]:
+        if not query or not query.strip():
+            raise RagError("the query is empty")
+        if k < 1:
+            raise RagError(f"k must be at least 1, got {k}")
+        terms = analyse_query(self.nlp, query)
+        depth = max(self.fusion.candidates, k)
+        rankings: dict[str, list[str]] = {}
+        if self.fusion.weights.get("lexical", 0) > 0:
+            rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
+        if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
+            rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
+        candidates = list(dict.fromkeys(c for ranking in rankings.values() for c in ranking))
+        if not candidates:
+            self._check_course(course)
+            return []
+        chunks = self.backend.fetch(candidates)
+        entry_rankings, shown = rank_entries(rankings, chunks)
+        fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)
+        return [Hit(**asdict(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused[:k]]
+
+    def _check_course(self, course: str | None) -> None:
+        """Tell an unknown course apart from a query that matched nothing."""
+        if course is None:
+            return
+        known = self.backend.stats().courses
+        if course not in known:
+            raise UnknownCourseError(
+                f"unknown course {course!r}; the index has: {', '.join(sorted(known)) or 'none'}"
+            )
+
+
+@functools.cache
+def default_retriever() -> Retriever:
+    """The retriever for the index configured by the environment (RAG_DATA_DIR, ...)."""
+    return Retriever(config.search_index().backend(), load_pipeline(config.nlp_resource().model))

@@ -1,0 +1,290 @@
+"""Reading FAQ sources: where they live (HTTP, file) and which of the known shapes they have.
+
+A source is rejected as a whole when it cannot be read or has no recognisable shape, so a broken
+upstream never reaches the index; a single bad entry is dropped and reported instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import pandas as pd
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+DEFAULT_DOCUMENTS_URL = "https://datatalks.club/faq/json/courses.json"
+FAQ_INDEX_SUFFIX = "/json/courses.json"
+DOCUMENT_COLUMNS = ["doc_id", "course", "section", "question", "answer", "content_hash"]
+
+
+class SourceError(Exception):
+    """The source as a whole is unusable; the message names the location and the problem."""
+
+
+def redact(location: str) -> str:
+    """Drop credentials embedded in a URL before it reaches a message or a log."""
+    parts = urlsplit(location)
+    if parts.username is None and parts.password is None:
+        return location
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+class Fetcher:
+    """Reads JSON from http(s)://, file:// or a plain path, with a timeout and retries for HTTP."""
+
+    def __init__(self, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5) -> None:
+        self.timeout_s = timeout_s
+        retry = Retry(
+            total=retries,
+            backoff_factor=backoff_s,
+            status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=frozenset({"GET"}),
+            raise_on_status=False,
+        )
+        self._session = requests.Session()
+        adapter = HTTPAdapter(max_retries=retry)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def read_json(self, location: str) -> Any:
+        raw = self._read_bytes(location)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{redact(location)} is not valid JSON: {exc}") from exc
+
+    def _read_bytes(self, location: str) -> bytes:
+        scheme = urlsplit(location).scheme.lower()
+        if scheme in ("http", "https"):
+            return self._read_http(location)
+        if scheme == "file":
+            return _read_file(Path(unquote(urlsplit(location).path)), location)
+        if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive, not a URL
+            raise SourceError(f"{redact(location)}: unsupported scheme {scheme!r}")
+        return _read_file(Path(location), location)
+
+    def _read_http(self, url: str) -> bytes:
+        try:
+            response = self._session.get(url, timeout=self.timeout_s)
+        except requests.RequestException as exc:
+            raise SourceError(f"could not fetch {redact(url)}: {exc}") from exc
+        if response.status_code != 200:
+            raise SourceError(f"{redact(url)} answered HTTP {response.status_code}")
+        return response.content
+
+
+def _read_file(path: Path, location: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise SourceError(f"{location}: no such file") from exc
+    except OSError as exc:
+        raise SourceError(f"{location}: cannot read ({exc})") from exc
+
+
+@dataclass
+class DroppedEntry:
+    location: str
+    position: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.location} entry #{self.position}: {self.reason}"
+
+
+@dataclass
+class LoadedDocuments:
+    """One row per FAQ entry plus what was read and what was left out."""
+
+    frame: pd.DataFrame
+    shape: str
+    locations: list[str]
+    dropped: list[DroppedEntry] = field(default_factory=list)
+    renamed_ids: list[str] = field(default_factory=list)
+
+
+def load_documents(location: str, fetcher: Fetcher) -> LoadedDocuments:
+    payload = fetcher.read_json(location)
+    shape = detect_shape(payload, location)
+    locations = [location]
+    if shape == "zoomcamp":
+        entries = _zoomcamp_entries(payload, location)
+    elif shape == "faq_api":
+        base = faq_base_url(location)
+        entries = []
+        for course_location, course in _faq_course_files(payload, base, location):
+            locations.append(course_location)
+            course_payload = fetcher.read_json(course_location)
+            if not isinstance(course_payload, list):
+                raise SourceError(
+                    f"{redact(course_location)}: expected a list of entries, "
+                    f"got {type(course_payload).__name__}"
+                )
+            entries.extend(_raw_entries(course_payload, redact(course_location), course))
+    else:
+        entries = _raw_entries(payload, redact(location), None)
+    return build_documents(entries, shape, locations)
+
+
+def detect_shape(payload: Any, location: str) -> str:
+    """Recognise the source by content: 'zoomcamp', 'faq_api' (an index of course files) or 'flat'."""
+    where = redact(location)
+    if not isinstance(payload, list):
+        raise SourceError(f"{where}: expected a JSON list at the top level, got {type(payload).__name__}")
+    first = next((item for item in payload if isinstance(item, dict)), None)
+    if first is None:
+        raise SourceError(f"{where}: contains no entries")
+    if "documents" in first:
+        return "zoomcamp"
+    if "question" in first:
+        return "flat"
+    if "path" in first:
+        return "faq_api"
+    raise SourceError(
+        f"{where}: unrecognised shape; expected course groups with 'documents', a FAQ API index "
+        f"with 'path', or entries with 'question' (first item has keys {sorted(first)})"
+    )
+
+
+def faq_base_url(index_location: str) -> str:
+    """The FAQ base URL: the index URL without its trailing /json/courses.json."""
+    if index_location.endswith(FAQ_INDEX_SUFFIX):
+        return index_location[: -len(FAQ_INDEX_SUFFIX)]
+    return index_location.rsplit("/", 2)[0]
+
+
+@dataclass
+class _RawEntry:
+    location: str
+    position: int
+    item: Any
+    course: str | None
+
+
+def _zoomcamp_entries(payload: list[Any], location: str) -> list[_RawEntry]:
+    where = redact(location)
+    entries: list[_RawEntry] = []
+    for group_position, group in enumerate(payload):
+        if not isinstance(group, dict) or not isinstance(group.get("documents"), list):
+            raise SourceError(f"{where}: course group #{group_position} has no 'documents' list")
+        course = group.get("course")
+        if not isinstance(course, str) or not course.strip():
+            raise SourceError(f"{where}: course group #{group_position} has no 'course' name")
+        entries.extend(_raw_entries(group["documents"], f"{where} [{course}]", course))
+    return entries
+
+
+def _faq_course_files(payload: list[Any], base: str, location: str) -> Iterator[tuple[str, str | None]]:
+    where = redact(location)
+    for position, item in enumerate(payload):
+        path = item.get("path") if isinstance(item, dict) else None
+        if not isinstance(path, str) or not path.strip():
+            raise SourceError(f"{where}: course #{position} has no 'path'")
+        course = item.get("course")
+        yield f"{base.rstrip('/')}/{path.lstrip('/')}", course if isinstance(course, str) else None
+
+
+def _raw_entries(items: Iterable[Any], location: str, course: str | None) -> list[_RawEntry]:
+    return [_RawEntry(location, position, item, course) for position, item in enumerate(items)]
+
+
+def _required_text(item: dict[str, Any], *names: str) -> str:
+    for name in names:
+        value = item.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"field '{name}' is {type(value).__name__}, not a string")
+        if not value.strip():
+            raise ValueError(f"field '{name}' is empty")
+        return value.strip()
+    raise ValueError(f"missing field '{' or '.join(names)}'")
+
+
+def _entry_fields(raw: _RawEntry) -> dict[str, Any]:
+    item = raw.item
+    if not isinstance(item, dict):
+        raise ValueError(f"entry is {type(item).__name__}, not an object")
+    course = item.get("course") or raw.course
+    section = item.get("section")
+    if not isinstance(section, str):
+        raise ValueError("missing field 'section'" if section is None else "field 'section' is not a string")
+    source_id = item.get("id")
+    if source_id is not None and not isinstance(source_id, str | int):
+        raise ValueError(f"field 'id' is {type(source_id).__name__}")
+    return {
+        "course": _required_text({"course": course}, "course"),
+        "section": section.strip(),
+        "question": _required_text(item, "question"),
+        "answer": _required_text(item, "answer", "text"),
+        "source_id": None if source_id is None else str(source_id).strip() or None,
+    }
+
+
+def build_documents(entries: list[_RawEntry], shape: str, locations: list[str]) -> LoadedDocuments:
+    rows: list[dict[str, Any]] = []
+    dropped: list[DroppedEntry] = []
+    for raw in entries:
+        try:
+            rows.append(_entry_fields(raw))
+        except ValueError as exc:
+            dropped.append(DroppedEntry(raw.location, raw.position, str(exc)))
+    if not rows:
+        raise SourceError(
+            f"{redact(locations[0])}: no valid entries ({len(dropped)} dropped"
+            + (f", first: {dropped[0]}" if dropped else "")
+            + ")"
+        )
+    frame = pd.DataFrame(rows)
+    renamed = assign_doc_ids(frame)
+    frame["content_hash"] = [
+        stable_hash(c, s, q, a)
+        for c, s, q, a in zip(frame.course, frame.section, frame.question, frame.answer, strict=True)
+    ]
+    return LoadedDocuments(
+        frame=frame[DOCUMENT_COLUMNS].reset_index(drop=True),
+        shape=shape,
+        locations=[redact(loc) for loc in locations],
+        dropped=dropped,
+        renamed_ids=renamed,
+    )
+
+
+def stable_hash(*parts: str, length: int = 16) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:length]
+
+
+def assign_doc_ids(frame: pd.DataFrame) -> list[str]:
+    """Fill `doc_id`: the source id when given, else a hash of (course, question, occurrence).
+
+    Keying on the question rather than the answer keeps an entry's id when its answer is edited,
+    so a refresh updates it in place; the occurrence number keeps repeated questions apart.
+    Repeated source ids get a `~n` suffix; the renamed ids are returned.
+    """
+    occurrences: Counter[tuple[str, str]] = Counter()
+    seen_ids: Counter[str] = Counter()
+    doc_ids: list[str] = []
+    renamed: list[str] = []
+    for course, question, source_id in zip(frame.course, frame.question, frame.source_id, strict=True):
+        occurrences[(course, question)] += 1
+        if source_id:
+            seen_ids[source_id] += 1
+            doc_id = source_id if seen_ids[source_id] == 1 else f"{source_id}~{seen_ids[source_id]}"
+            if doc_id != source_id:
+                renamed.append(doc_id)
+        else:
+            doc_id = stable_hash(course, question, str(occurrences[(course, question)]))
+        doc_ids.append(doc_id)
+    frame["doc_id"] = doc_ids
+    return renamed

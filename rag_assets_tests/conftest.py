@@ -1,0 +1,99 @@
+"""Shared fixtures: the real data in ../shared, a real HTTP server on 127.0.0.1, the real model."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from spacy.language import Language
+
+from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.features import embed_chunks, lemmatize_chunks
+from rag_assets.nlp import load_pipeline, model_fingerprint
+from rag_assets.search_backend import IndexContent
+from rag_assets.sources import Fetcher, load_documents
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+EVAL = SHARED / "eval"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (DATA / "documents-2025.json").exists():
+        pytest.fail(f"the shared data is missing: expected it at {SHARED}")
+    return SHARED
+
+
+class DataHandler(SimpleHTTPRequestHandler):
+    """Serves ../shared/data; `/flaky/N/<path>` answers 503 N times before serving <path>."""
+
+    failures: dict[str, int] = {}
+    requests: list[str] = []
+
+    def do_GET(self) -> None:
+        DataHandler.requests.append(self.path)
+        if self.path.startswith("/flaky/"):
+            _, _, count, rest = self.path.split("/", 3)
+            seen = DataHandler.failures.get(self.path, 0)
+            if seen < int(count):
+                DataHandler.failures[self.path] = seen + 1
+                self.send_error(503, "try again")
+                return
+            self.path = "/" + rest
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_base(shared: Path) -> Iterator[str]:
+    handler = functools.partial(DataHandler, directory=str(DATA))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def nlp() -> Language:
+    return load_pipeline()
+
+
+def write_json(path: Path, value: object) -> Path:
+    path.write_text(json.dumps(value), encoding="utf-8")
+    return path
+
+
+def entry(course: str, question: str, answer: str, section: str = "General", **extra: object) -> dict:
+    return {"course": course, "section": section, "question": question, "text": answer, **extra}
+
+
+def index_content(nlp: Language, documents: pd.DataFrame, config: ChunkingConfig = ChunkingConfig()) -> IndexContent:
+    """What es_index publishes for `documents`, built with the assets' own functions."""
+    chunks = make_chunks(documents, config)
+    lemmas = lemmatize_chunks(nlp, chunks)
+    return IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
+
+
+def load_file(path: Path | str) -> pd.DataFrame:
+    return load_documents(str(path), Fetcher()).frame
+
+
+@pytest.fixture(scope="session")
+def documents_2025(shared: Path) -> pd.DataFrame:
+    return load_file(DATA / "documents-2025.json")
+
+
+@pytest.fixture(scope="session")
+def content_2025(nlp: Language, documents_2025: pd.DataFrame) -> IndexContent:
+    return index_content(nlp, documents_2025)

@@ -1,0 +1,187 @@
+"""The embedded index on disk: ranking, filter, exact replacement and atomic publishing."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from spacy.language import Language
+
+from rag_assets.embedded_index import EmbeddedIndex, fts_query
+from rag_assets.nlp import analyse_query
+from rag_assets.search_backend import IndexContent, IndexNotFoundError
+
+from .conftest import index_content
+
+JOIN_QUESTION = "Course - Can I still join the course after the start date?"
+DE = "data-engineering-zoomcamp"
+
+
+def subset(content: IndexContent, keep: pd.Series) -> IndexContent:
+    mask = keep.to_numpy()
+    return IndexContent(rows=content.rows[mask].reset_index(drop=True), vectors=content.vectors[mask])
+
+
+@pytest.fixture
+def index(tmp_path: Path, content_2025: IndexContent) -> EmbeddedIndex:
+    index = EmbeddedIndex(tmp_path)
+    index.publish(content_2025)
+    return index
+
+
+def lexical(index: EmbeddedIndex, nlp: Language, query: str, course: str | None = None) -> list[str]:
+    return index.lexical_search(analyse_query(nlp, query).lemmas, course, 5)
+
+
+def question_of(index: EmbeddedIndex, chunk_id: str) -> str:
+    return index.fetch([chunk_id])[chunk_id].question
+
+
+def test_bm25_ranks_the_answering_entry_first(index: EmbeddedIndex, nlp: Language) -> None:
+    top = lexical(index, nlp, "Can I still join the course after it has started?", DE)
+    assert question_of(index, top[0]) == JOIN_QUESTION
+
+
+def test_vector_search_ranks_by_cosine(index: EmbeddedIndex, content_2025: IndexContent) -> None:
+    row = 17
+    top = index.vector_search(content_2025.vectors[row], None, 3)
+    assert top[0] == content_2025.rows.chunk_id[row]
+    assert len(top) == 3
+
+
+def test_course_filter_applies_to_both_rankings(index: EmbeddedIndex, nlp: Language) -> None:
+    query = analyse_query(nlp, "How do I install docker?")
+    for course in (DE, "mlops-zoomcamp"):
+        ids = index.lexical_search(query.lemmas, course, 20) + index.vector_search(query.vector, course, 20)
+        assert len(ids) == 40
+        assert {chunk.course for chunk in index.fetch(ids).values()} == {course}
+
+
+def test_stats_count_entries_chunks_and_courses(index: EmbeddedIndex, content_2025: IndexContent) -> None:
+    stats = index.stats()
+    assert stats.backend == "embedded"
+    assert stats.entries == 948
+    assert stats.chunks == len(content_2025.rows)
+    assert stats.courses == {DE: 435, "machine-learning-zoomcamp": 375, "mlops-zoomcamp": 138}
+    assert stats.published_at is not None
+
+
+def test_republishing_writes_only_what_changed_and_deletes_what_left(
+    index: EmbeddedIndex, content_2025: IndexContent, nlp: Language
+) -> None:
+    rows = content_2025.rows
+    join_doc = rows.loc[rows.question == JOIN_QUESTION, "doc_id"].iloc[0]
+    smaller = subset(content_2025, rows.doc_id != join_doc)
+    report = index.publish(smaller)
+    assert (report.upserted, report.deleted, report.unchanged) == (0, 1, len(smaller.rows))
+    assert index.stats().entries == 947
+    top = lexical(index, nlp, "Can I still join the course after it has started?", DE)
+    assert all(question_of(index, c) != JOIN_QUESTION for c in top)
+
+    again = index.publish(content_2025)
+    assert (again.upserted, again.deleted) == (1, 0)
+    assert index.stats().entries == 948
+
+
+def test_changed_rows_are_rewritten(index: EmbeddedIndex, content_2025: IndexContent, nlp: Language) -> None:
+    rows = content_2025.rows.copy()
+    rows.loc[0, ["text_lemmas", "row_hash"]] = ["zyzzyva unicorn", "changed"]
+    report = index.publish(replace(content_2025, rows=rows))
+    assert (report.upserted, report.deleted) == (1, 0)
+    assert index.lexical_search(["zyzzyva"], None, 5) == [rows.chunk_id[0]]
+
+
+def test_a_publish_that_fails_halfway_leaves_the_old_index(
+    index: EmbeddedIndex, content_2025: IndexContent, nlp: Language, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = (index.stats().entries, index.chunk_hashes(), lexical(index, nlp, "join after start", DE))
+    rows = content_2025.rows.copy()
+    rows["row_hash"] = "new-analysis"  # every row must be rewritten
+    calls = {"n": 0}
+    insert = EmbeddedIndex._insert_row
+
+    def failing_insert(db, row, vector) -> None:  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 300:
+            raise RuntimeError("disk on fire")
+        insert(db, row, vector)
+
+    monkeypatch.setattr(EmbeddedIndex, "_insert_row", staticmethod(failing_insert))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        index.publish(replace(content_2025, rows=rows.iloc[:500].reset_index(drop=True),
+                              vectors=content_2025.vectors[:500]))
+    after = (index.stats().entries, index.chunk_hashes(), lexical(index, nlp, "join after start", DE))
+    assert after == before
+
+
+def test_a_killed_publish_leaves_the_old_index(
+    tmp_path: Path, index: EmbeddedIndex, content_2025: IndexContent, nlp: Language
+) -> None:
+    before = (index.stats().to_dict(), index.chunk_hashes())
+    rows = content_2025.rows.copy()
+    rows["row_hash"] = "new-analysis"
+    payload = tmp_path / "content.pickle"
+    payload.write_bytes(pickle.dumps(replace(content_2025, rows=rows)))
+    script = textwrap.dedent(
+        f"""
+        import os, pickle, signal
+        from rag_assets.embedded_index import EmbeddedIndex
+        insert = EmbeddedIndex._insert_row
+        count = 0
+        def killing_insert(db, row, vector):
+            global count
+            count += 1
+            if count == 400:
+                os.kill(os.getpid(), signal.SIGKILL)
+            insert(db, row, vector)
+        EmbeddedIndex._insert_row = staticmethod(killing_insert)
+        EmbeddedIndex({str(tmp_path)!r}).publish(pickle.loads(open({str(payload)!r}, "rb").read()))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    fresh = EmbeddedIndex(tmp_path)
+    assert (fresh.stats().to_dict(), fresh.chunk_hashes()) == before
+    # The index is still writable after the crash.
+    assert fresh.publish(content_2025).upserted == 0
+
+
+def test_no_index_yet(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotFoundError, match="no index at"):
+        EmbeddedIndex(tmp_path).stats()
+
+
+def test_a_failed_first_publish_leaves_no_index(tmp_path: Path, content_2025: IndexContent) -> None:
+    broken = IndexContent(rows=content_2025.rows.head(3), vectors=np.zeros((3, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="vector has 5 dimensions"):
+        EmbeddedIndex(tmp_path).publish(broken)
+    with pytest.raises(IndexNotFoundError):
+        EmbeddedIndex(tmp_path).stats()
+
+
+def test_fts_query_quotes_terms_and_skips_symbols() -> None:
+    assert fts_query(["docker", 'say"hi', "+", "docker", "c++"]) == '"docker" OR "say""hi" OR "c++"'
+    assert fts_query(["--"]) == ""
+
+
+def test_small_corpus_from_scratch(tmp_path: Path, nlp: Language) -> None:
+    documents = pd.DataFrame(
+        [
+            {"doc_id": "d1", "course": "a", "section": "Setup", "question": "How to install Kafka?",
+             "answer": "Download the Kafka binaries and start the broker.", "content_hash": "1"},
+            {"doc_id": "d2", "course": "b", "section": "Setup", "question": "How to install Spark?",
+             "answer": "Use pip install pyspark.", "content_hash": "2"},
+        ]
+    )
+    index = EmbeddedIndex(tmp_path)
+    index.publish(index_content(nlp, documents))
+    assert lexical(index, nlp, "install kafka") == ["d1-0", "d2-0"]
+    assert lexical(index, nlp, "install kafka", course="b") == ["d2-0"]

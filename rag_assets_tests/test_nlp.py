@@ -1,0 +1,74 @@
+"""Lemmas and vectors from the real en_core_web_md model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from spacy.language import Language
+
+from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.features import LEMMA_COLUMNS, embed_chunks, lemmatize_chunks
+from rag_assets.nlp import (
+    UNUSED_COMPONENTS,
+    VECTOR_DIM,
+    analyse_query,
+    analyse_texts,
+    embed_words,
+    model_fingerprint,
+)
+
+
+def test_pipeline_is_the_real_model_without_unused_components(nlp: Language) -> None:
+    assert nlp.meta["name"] == "core_web_md"
+    assert nlp.vocab.vectors.shape[1] == VECTOR_DIM
+    assert not set(UNUSED_COMPONENTS) & set(nlp.pipe_names)
+    assert {"tagger", "attribute_ruler", "lemmatizer"} <= set(nlp.pipe_names)
+
+
+def test_lemmas_are_lowercased_without_stop_words_punctuation_or_spaces(nlp: Language) -> None:
+    [terms] = analyse_texts(nlp, ["The containers were running slowly,  and I restarted them!\n"])
+    assert terms.lemmas == ("container", "run", "slowly", "restart")
+    assert terms.words == ("containers", "running", "slowly", "restarted")
+
+
+def test_repeated_texts_are_analysed_once_and_returned_in_order(nlp: Language) -> None:
+    logged: list[str] = []
+    terms = analyse_texts(nlp, ["Docker images", "Kafka topics", "Docker images"], log=logged.append)
+    assert [t.lemmas for t in terms] == [("docker", "image"), ("kafka", "topic"), ("docker", "image")]
+    assert logged[-1].startswith("lemmatize: 2/2 (")
+
+
+def test_vectors_are_unit_length_and_meaningful(nlp: Language) -> None:
+    car = embed_words(nlp, ["car", "engine"])
+    truck = embed_words(nlp, ["truck", "motor"])
+    poem = embed_words(nlp, ["poetry", "verse"])
+    assert car.dtype == np.float32 and car.shape == (VECTOR_DIM,)
+    assert abs(float(np.linalg.norm(car)) - 1) < 1e-5
+    assert float(car @ truck) > float(car @ poem) + 0.2
+    assert not embed_words(nlp, []).any()
+    assert not embed_words(nlp, ["qqqzzzxxy"]).any()
+
+
+def test_query_analysis_matches_chunk_analysis(nlp: Language) -> None:
+    query = analyse_query(nlp, "How do I install Docker on Windows?")
+    [terms] = analyse_texts(nlp, ["How do I install Docker on Windows?"])
+    assert query.lemmas == terms.lemmas
+    assert np.allclose(query.vector, embed_words(nlp, terms.words))
+
+
+def test_chunk_features(nlp: Language, documents_2025: pd.DataFrame) -> None:
+    chunks = make_chunks(documents_2025.head(40), ChunkingConfig())
+    lemmas = lemmatize_chunks(nlp, chunks)
+    assert list(lemmas.columns) == LEMMA_COLUMNS
+    assert lemmas["chunk_id"].tolist() == chunks["chunk_id"].tolist()
+    assert (lemmas["question_lemmas"].str.len() > 0).all()
+    vectors = embed_chunks(nlp, lemmas)
+    assert vectors.chunk_ids == chunks["chunk_id"].tolist()
+    norms = np.linalg.norm(vectors.matrix, axis=1)
+    assert np.allclose(norms[norms > 0], 1, atol=1e-5)
+    assert (norms > 0).mean() > 0.95
+
+
+def test_fingerprint_is_stable_and_names_the_model() -> None:
+    assert model_fingerprint() == model_fingerprint()
+    assert len(model_fingerprint()) == 12
