@@ -16,6 +16,7 @@ from rag_assets.features import LEMMA_FIELDS, ChunkVectors, embed_chunks, lemmat
 from rag_assets.nlp import VECTOR_DIM, model_fingerprint
 from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
 from rag_assets.search_backend import IndexContent
+from rag_assets.sources import SourceError
 
 GROUP = "faq_index"
 PREVIEW_ROWS = 5
@@ -41,7 +42,11 @@ def per_course(frame: pd.DataFrame) -> dict[str, int]:
 def raw_documents(context: dg.AssetExecutionContext, source: DocumentSourceResource) -> dg.MaterializeResult:
     """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has."""
     started = time.perf_counter()
-    loaded = source.load()
+    try:
+        loaded = source.load()
+    except SourceError as exc:
+        # A Failure shows the reason itself in the UI instead of a wrapped traceback.
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     for dropped in loaded.dropped[:20]:
         context.log.warning(f"dropped {dropped}")
     if len(loaded.dropped) > 20:

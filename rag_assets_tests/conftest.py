@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -34,8 +35,8 @@ def shared() -> Path:
 class DataHandler(SimpleHTTPRequestHandler):
     """Serves ../shared/data; `/flaky/N/<path>` answers 503 N times before serving <path>."""
 
-    failures: dict[str, int] = {}
-    requests: list[str] = []
+    failures: ClassVar[dict[str, int]] = {}
+    requests: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         DataHandler.requests.append(self.path)
@@ -78,7 +79,9 @@ def entry(course: str, question: str, answer: str, section: str = "General", **e
     return {"course": course, "section": section, "question": question, "text": answer, **extra}
 
 
-def index_content(nlp: Language, documents: pd.DataFrame, config: ChunkingConfig = ChunkingConfig()) -> IndexContent:
+def index_content(
+    nlp: Language, documents: pd.DataFrame, config: ChunkingConfig = ChunkingConfig()
+) -> IndexContent:
     """What es_index publishes for `documents`, built with the assets' own functions."""
     chunks = make_chunks(documents, config)
     lemmas = lemmatize_chunks(nlp, chunks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pandas as pd
 import pytest
 
@@ -23,7 +25,7 @@ def test_long_answer_splits_into_overlapping_windows_that_cover_it() -> None:
     assert all(len(w) <= 200 for w in windows)
     # Every word is in some window, in order; consecutive windows share their boundary words.
     assert windows[0].startswith("word0000") and windows[-1].endswith("word0099")
-    for before, after in zip(windows, windows[1:], strict=False):
+    for before, after in itertools.pairwise(windows):
         shared = set(before.split()) & set(after.split())
         assert 1 <= len(shared) <= 6
         assert after.split()[0] in before.split()
@@ -52,10 +54,22 @@ def test_config_is_validated() -> None:
 def test_chunks_keep_the_question_and_derive_ids_from_the_entry() -> None:
     documents = pd.DataFrame(
         [
-            {"doc_id": "a", "course": "c1", "section": "S", "question": "Short?", "answer": "Yes.",
-             "content_hash": "h1"},
-            {"doc_id": "b", "course": "c1", "section": "S", "question": "Long?", "answer": words(80),
-             "content_hash": "h2"},
+            {
+                "doc_id": "a",
+                "course": "c1",
+                "section": "S",
+                "question": "Short?",
+                "answer": "Yes.",
+                "content_hash": "h1",
+            },
+            {
+                "doc_id": "b",
+                "course": "c1",
+                "section": "S",
+                "question": "Long?",
+                "answer": words(80),
+                "content_hash": "h2",
+            },
         ]
     )
     chunks = make_chunks(documents, ChunkingConfig(max_chars=300, overlap_chars=30))

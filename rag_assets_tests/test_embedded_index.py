@@ -116,8 +116,11 @@ def test_a_publish_that_fails_halfway_leaves_the_old_index(
 
     monkeypatch.setattr(EmbeddedIndex, "_insert_row", staticmethod(failing_insert))
     with pytest.raises(RuntimeError, match="disk on fire"):
-        index.publish(replace(content_2025, rows=rows.iloc[:500].reset_index(drop=True),
-                              vectors=content_2025.vectors[:500]))
+        index.publish(
+            replace(
+                content_2025, rows=rows.iloc[:500].reset_index(drop=True), vectors=content_2025.vectors[:500]
+            )
+        )
     after = (index.stats().entries, index.chunk_hashes(), lexical(index, nlp, "join after start", DE))
     assert after == before
 
@@ -175,10 +178,22 @@ def test_fts_query_quotes_terms_and_skips_symbols() -> None:
 def test_small_corpus_from_scratch(tmp_path: Path, nlp: Language) -> None:
     documents = pd.DataFrame(
         [
-            {"doc_id": "d1", "course": "a", "section": "Setup", "question": "How to install Kafka?",
-             "answer": "Download the Kafka binaries and start the broker.", "content_hash": "1"},
-            {"doc_id": "d2", "course": "b", "section": "Setup", "question": "How to install Spark?",
-             "answer": "Use pip install pyspark.", "content_hash": "2"},
+            {
+                "doc_id": "d1",
+                "course": "a",
+                "section": "Setup",
+                "question": "How to install Kafka?",
+                "answer": "Download the Kafka binaries and start the broker.",
+                "content_hash": "1",
+            },
+            {
+                "doc_id": "d2",
+                "course": "b",
+                "section": "Setup",
+                "question": "How to install Spark?",
+                "answer": "Use pip install pyspark.",
+                "content_hash": "2",
+            },
         ]
     )
     index = EmbeddedIndex(tmp_path)

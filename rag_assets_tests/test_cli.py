@@ -1,0 +1,119 @@
+"""The `rag` console script, run as users run it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.search_backend import IndexContent
+
+from .conftest import EVAL, write_json
+
+RAG = shutil.which("rag", path=str(Path(sys.executable).parent)) or "rag"
+HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score"}
+
+
+def rag(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAG_DATA_DIR": str(data_dir)}
+    return subprocess.run([RAG, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, content_2025: IndexContent) -> Path:
+    path = tmp_path_factory.mktemp("published")
+    EmbeddedIndex(path).publish(content_2025)
+    return path
+
+
+def test_search_json(data_dir: Path) -> None:
+    result = rag(
+        "search",
+        "I just discovered the course, can I still join?",
+        "--course",
+        "data-engineering-zoomcamp",
+        "--json",
+        data_dir=data_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)
+    assert len(hits) == 5
+    assert all(set(hit) == HIT_KEYS for hit in hits)
+    assert hits[0]["question"] == "Course - Can I still join the course after the start date?"
+
+
+def test_search_text_and_k(data_dir: Path) -> None:
+    result = rag("search", "kafka consumer", "--k", "2", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1. [")
+    assert "\n2. [" in result.stdout and "\n3. [" not in result.stdout
+
+
+def test_stats(data_dir: Path) -> None:
+    stats = json.loads(rag("stats", "--json", data_dir=data_dir).stdout)
+    assert stats["backend"] == "embedded"
+    assert stats["entries"] == 948
+    assert stats["courses"]["mlops-zoomcamp"] == 138
+    assert stats["published_at"]
+    text = rag("stats", data_dir=data_dir).stdout
+    assert "entries:      948" in text
+
+
+def test_errors_exit_non_zero_with_a_message(data_dir: Path, tmp_path: Path) -> None:
+    unknown = rag("search", "docker", "--course", "nope", data_dir=data_dir)
+    assert unknown.returncode == 1
+    assert "rag: error: unknown course 'nope'" in unknown.stderr
+    empty = rag("search", " ", data_dir=data_dir)
+    assert empty.returncode == 1 and "the query is empty" in empty.stderr
+    missing = rag("stats", data_dir=tmp_path / "none")
+    assert missing.returncode == 1 and "no index at" in missing.stderr
+
+
+def test_eval_on_a_slice_of_the_ground_truth(tmp_path: Path) -> None:
+    documents = json.loads((EVAL / "documents-with-ids.json").read_text())
+    kept = [d for d in documents if d["course"] == "data-engineering-zoomcamp"][:60]
+    ids = {d["id"] for d in kept}
+    with open(EVAL / "ground-truth-dev.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["document"] in ids][:80]
+    write_json(tmp_path / "docs.json", kept)
+    with open(tmp_path / "gt.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "course", "document"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = rag(
+        "eval",
+        "--documents",
+        str(tmp_path / "docs.json"),
+        "--ground-truth",
+        str(tmp_path / "gt.csv"),
+        "--json",
+        data_dir=tmp_path / "unused",
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"hit_rate", "mrr", "questions", "p50_ms"}
+    assert metrics["questions"] == 80
+    assert 0.85 <= metrics["hit_rate"] <= 1.0
+    assert 0 < metrics["mrr"] <= metrics["hit_rate"]
+    assert not (tmp_path / "unused").exists()  # eval never touches the served index
+
+
+def test_eval_reports_a_bad_ground_truth(tmp_path: Path) -> None:
+    (tmp_path / "gt.csv").write_text("q,c\n1,2\n")
+    result = rag(
+        "eval",
+        "--documents",
+        str(EVAL / "documents-with-ids.json"),
+        "--ground-truth",
+        str(tmp_path / "gt.csv"),
+        data_dir=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "lacks column(s) course, document, question" in result.stderr

@@ -1,0 +1,100 @@
+"""Real Dagster runs of the whole graph, in process, against the embedded index on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from spacy.language import Language
+
+from rag_assets import assets
+from rag_assets.definitions import defs
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
+from rag_assets.retrieval import Retriever
+
+from .conftest import DATA, entry, write_json
+
+ASSET_KEYS = {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
+JOIN_QUESTION = "Course - Can I still join the course after the start date?"
+
+
+def materialize(source: str, data_dir: Path, instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
+    return dg.materialize(
+        dg.load_assets_from_modules([assets]),
+        resources={
+            "source": DocumentSourceResource(url=source, retries=0),
+            "nlp": NlpResource(processes=1),
+            "search_index": SearchIndexResource(data_dir=str(data_dir)),
+            "io_manager": dg.FilesystemIOManager(base_dir=str(data_dir / "assets")),
+        },
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def test_definitions_load_with_every_asset() -> None:
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSET_KEYS
+    assert graph.get(dg.AssetKey("es_index")).parent_keys == {
+        dg.AssetKey(k) for k in ("chunks", "lemmas", "embeddings")
+    }
+    for key in ASSET_KEYS:
+        node = graph.get(dg.AssetKey(key))
+        assert node.group_name == "faq_index"
+        assert node.kinds
+
+
+def test_full_graph_replaces_the_index_and_survives_a_broken_source(tmp_path: Path, nlp: Language) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    first = materialize(str(DATA / "documents-2024-06.json"), tmp_path, instance)
+    assert first.success
+    assert EmbeddedIndex(tmp_path).stats().entries == 1002
+
+    second = materialize(str(DATA / "documents-2025.json"), tmp_path, instance)
+    assert second.success
+    stats = EmbeddedIndex(tmp_path).stats()
+    assert stats.entries == 948
+    events = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in second.get_asset_materialization_events()
+    }
+    assert set(events) == ASSET_KEYS
+    assert events["raw_documents"]["entries"].value == 948
+    assert events["es_index"]["entries"].value == 948
+    assert events["es_index"]["deleted"].value == 68  # the removed entries, none of them split
+    assert events["chunks"]["chunks"].value == stats.chunks
+    assert "| doc_id" in events["raw_documents"]["preview"].value
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{oops")
+    failed = materialize(str(broken), tmp_path, instance)
+    assert not failed.success
+    [failure] = [e for e in failed.all_events if e.is_step_failure]
+    assert "broken.json is not valid JSON" in failure.step_failure_data.user_failure_data.description
+    assert EmbeddedIndex(tmp_path).stats().entries == 948
+    hits = Retriever(EmbeddedIndex(tmp_path), nlp).search(
+        "I just discovered the course, can I still join?", course="data-engineering-zoomcamp"
+    )
+    assert hits[0].question == JOIN_QUESTION
+
+
+def test_dropped_entries_are_counted(tmp_path: Path) -> None:
+    source = write_json(
+        tmp_path / "flat.json",
+        [entry("c", "How do I join?", "Register on the site."), {"course": "c", "question": "no answer"}],
+    )
+    result = materialize(str(source), tmp_path / "data", dg.DagsterInstance.ephemeral())
+    assert result.success
+    metadata = result.asset_materializations_for_node("raw_documents")[0].metadata
+    assert metadata["entries"].value == 1
+    assert metadata["dropped_entries"].value == 1
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/documents.json"])
+def test_unreachable_source_fails_the_run(tmp_path: Path, url: str) -> None:
+    result = materialize(url, tmp_path, dg.DagsterInstance.ephemeral())
+    assert not result.success
+    assert not (tmp_path / "index.sqlite").exists()

@@ -1,0 +1,80 @@
+"""Query-time retrieval: fusion, one hit per entry, course filter, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from spacy.language import Language
+
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.ranking import FusionSettings, reciprocal_rank_fusion
+from rag_assets.retrieval import Retriever, rank_entries
+from rag_assets.search_backend import (
+    IndexContent,
+    IndexNotFoundError,
+    RagError,
+    StoredChunk,
+    UnknownCourseError,
+)
+
+DE = "data-engineering-zoomcamp"
+
+
+@pytest.fixture(scope="module")
+def retriever(
+    tmp_path_factory: pytest.TempPathFactory, content_2025: IndexContent, nlp: Language
+) -> Retriever:
+    index = EmbeddedIndex(tmp_path_factory.mktemp("index"))
+    index.publish(content_2025)
+    return Retriever(index, nlp)
+
+
+def test_join_after_start_is_the_first_hit(retriever: Retriever) -> None:
+    hits = retriever.search("I just discovered the course, can I still join?", course=DE)
+    assert hits[0].question == "Course - Can I still join the course after the start date?"
+    assert len(hits) == 5
+    assert all(hit.course == DE for hit in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_one_hit_per_entry(retriever: Retriever) -> None:
+    hits = retriever.search("docker compose postgres pgadmin network", k=20)
+    assert len({hit.doc_id for hit in hits}) == len(hits) == 20
+
+
+def test_errors_are_clear(retriever: Retriever, tmp_path: Path, nlp: Language) -> None:
+    with pytest.raises(RagError, match="the query is empty"):
+        retriever.search("   ")
+    with pytest.raises(UnknownCourseError, match="unknown course 'nope'; the index has: data-engineering"):
+        retriever.search("docker", course="nope")
+    with pytest.raises(IndexNotFoundError, match="no index at"):
+        Retriever(EmbeddedIndex(tmp_path), nlp).search("docker")
+
+
+def test_a_query_of_only_stop_words_returns_nothing(retriever: Retriever) -> None:
+    assert retriever.search("the of and", course=DE) == []
+
+
+def test_reciprocal_rank_fusion() -> None:
+    fused = reciprocal_rank_fusion({"a": ["x", "y"], "b": ["y", "z"]}, {"a": 1.0, "b": 1.0}, rrf_k=1)
+    assert [item for item, _ in fused] == ["y", "x", "z"]
+    assert fused[0][1] == pytest.approx(1 / 3 + 1 / 2)
+    only_a = reciprocal_rank_fusion({"a": ["x"], "b": ["z"]}, {"a": 1.0, "b": 0.0}, rrf_k=60)
+    assert only_a == [("x", pytest.approx(1 / 61))]
+
+
+def test_rank_entries_collapses_chunks_to_their_best_rank() -> None:
+    chunks = {
+        cid: StoredChunk(cid, cid.split("-")[0], "c", "s", "q", "t") for cid in ("a-0", "a-1", "b-0", "c-0")
+    }
+    rankings, shown = rank_entries({"lexical": ["a-1", "b-0", "a-0"], "vector": ["c-0", "a-0"]}, chunks)
+    assert rankings == {"lexical": ["a", "b"], "vector": ["c", "a"]}
+    assert shown == {"a": "a-1", "b": "b-0", "c": "c-0"}
+
+
+def test_fusion_weights_decide_which_rankings_count(retriever: Retriever) -> None:
+    vector_only = Retriever(retriever.backend, retriever.nlp, FusionSettings(weights={"vector": 1.0}))
+    hits = vector_only.search("kafka streams consumer", course=DE, k=3)
+    assert len(hits) == 3
+    assert hits != retriever.search("kafka streams consumer", course=DE, k=3)
