@@ -164,6 +164,7 @@ def es_index(
             "upserted": report.upserted,
             "deleted": report.deleted,
             "unchanged": report.unchanged,
+            "index_version": report.version or "",
             "previous_index": report.previous or "",
             "duration_s": round(time.perf_counter() - started, 3),
         },

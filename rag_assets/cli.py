@@ -10,7 +10,10 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from elasticsearch import ApiError, TransportError
+
 from rag_assets import config
+from rag_assets.elasticsearch_index import ElasticsearchIndex, describe_error
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
 from rag_assets.nlp import load_pipeline
 from rag_assets.retrieval import Hit, Retriever, default_retriever
@@ -71,6 +74,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"median query: {result.p50_ms:.2f} ms")
 
 
+def _versioned_backend() -> ElasticsearchIndex:
+    backend = default_retriever().backend
+    if not isinstance(backend, ElasticsearchIndex):
+        raise RagError(
+            "the embedded index keeps one version; versions and rollback need Elasticsearch "
+            "(set ELASTICSEARCH_URL)"
+        )
+    return backend
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    versions = _versioned_backend().versions()
+    if args.json:
+        _print_json([v.to_dict() for v in versions])
+        return
+    for v in versions:
+        print(f"{'*' if v.live else ' '} {v.name}  {v.documents} chunks  created {v.created_at}")
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    backend = _versioned_backend()
+    target = backend.rollback(args.index)
+    print(f"alias {backend.alias} now points at {target}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--k", type=int, default=5)
     evaluation.add_argument("--json", action="store_true", help="print JSON")
     evaluation.set_defaults(func=cmd_eval)
+
+    versions = commands.add_parser("versions", help="Elasticsearch: the indices kept behind the alias")
+    versions.add_argument("--json", action="store_true", help="print JSON")
+    versions.set_defaults(func=cmd_versions)
+
+    rollback = commands.add_parser("rollback", help="Elasticsearch: point the alias at an earlier index")
+    rollback.add_argument("index", nargs="?", help="index to serve (default: the one before the live one)")
+    rollback.set_defaults(func=cmd_rollback)
     return parser
 
 
@@ -99,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (RagError, SourceError, OSError) as exc:
-        print(f"rag: error: {exc}", file=sys.stderr)
+    except (RagError, SourceError, OSError, ApiError, TransportError) as exc:
+        print(f"rag: error: {describe_error(exc)}", file=sys.stderr)
         return 1
     return 0
 

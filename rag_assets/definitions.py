@@ -11,7 +11,7 @@ defs = dg.Definitions(
     resources={
         "source": config.document_source(),
         "nlp": config.nlp_resource(),
-        "search_index": config.search_index(),
+        "search_index": config.search_index(for_dagster=True),
         "io_manager": dg.FilesystemIOManager(base_dir=str(config.data_dir() / "assets")),
     },
     # The graph is a chain; one process avoids re-importing spaCy and the model for every step.

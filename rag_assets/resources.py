@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from elasticsearch import Elasticsearch
 from pydantic import Field
 from spacy.language import Language
 
+from rag_assets.elasticsearch_index import ElasticsearchIndex
 from rag_assets.embedded_index import EmbeddedIndex
 from rag_assets.nlp import MODEL_NAME, NlpSettings, default_processes, load_pipeline, model_fingerprint
 from rag_assets.search_backend import SearchBackend
-from rag_assets.sources import DEFAULT_DOCUMENTS_URL, Fetcher, LoadedDocuments, load_documents
+from rag_assets.sources import DEFAULT_DOCUMENTS_URL, Fetcher, LoadedDocuments, load_documents, redact
 
 
 class DocumentSourceResource(dg.ConfigurableResource):
@@ -42,10 +44,57 @@ class NlpResource(dg.ConfigurableResource):
         return model_fingerprint(self.model)
 
 
+class ElasticsearchResource(dg.ConfigurableResource):
+    """An Elasticsearch cluster; credentials come from the environment (dg.EnvVar), never code."""
+
+    url: str = Field(description="Cluster URL (ELASTICSEARCH_URL)")
+    api_key: str | None = Field(default=None, description="API key (ELASTICSEARCH_API_KEY)")
+    username: str | None = Field(default=None, description="Basic auth user (ELASTICSEARCH_USERNAME)")
+    password: str | None = Field(default=None, description="Basic auth password (ELASTICSEARCH_PASSWORD)")
+    verify_certs: bool = Field(default=True, description="Verify TLS certificates")
+    ca_certs: str | None = Field(default=None, description="CA bundle for TLS verification")
+    request_timeout_s: float = Field(default=30.0, description="Per-request timeout in seconds")
+    max_retries: int = Field(default=3, description="Retries of failed requests (connection, 429, 5xx)")
+    alias: str = Field(default="faq-chunks", description="Alias the index is served under")
+    shards: int = Field(default=1, description="Primary shards of each new index")
+    replicas: int = Field(default=0, description="Replicas of each new index")
+    keep_previous: int = Field(default=2, description="Previous indices kept for rollback")
+
+    def client(self) -> Elasticsearch:
+        auth: dict[str, object] = {}
+        if self.api_key:
+            auth["api_key"] = self.api_key
+        elif self.username:
+            auth["basic_auth"] = (self.username, self.password or "")
+        return Elasticsearch(
+            self.url,
+            verify_certs=self.verify_certs,
+            ca_certs=self.ca_certs,
+            request_timeout=self.request_timeout_s,
+            max_retries=self.max_retries,
+            retry_on_timeout=True,
+            retry_on_status=(429, 502, 503, 504),
+            **auth,
+        )
+
+    def index(self) -> ElasticsearchIndex:
+        return ElasticsearchIndex(
+            self.client(),
+            self.alias,
+            url=redact(self.url),
+            shards=self.shards,
+            replicas=self.replicas,
+            keep_previous=self.keep_previous,
+        )
+
+
 class SearchIndexResource(dg.ConfigurableResource):
-    """The search backend the index is published to and served from."""
+    """The search backend: Elasticsearch when configured, else the embedded index on disk."""
 
     data_dir: str = Field(default=".rag", description="Embedded index directory (RAG_DATA_DIR)")
+    elasticsearch: ElasticsearchResource | None = None
 
     def backend(self) -> SearchBackend:
+        if self.elasticsearch is not None:
+            return self.elasticsearch.index()
         return EmbeddedIndex(Path(self.data_dir))

@@ -71,6 +71,7 @@ class PublishReport:
     upserted: int
     deleted: int
     unchanged: int
+    version: str | None = None  # the concrete index now served, where the backend keeps versions
     previous: str | None = None
 
 

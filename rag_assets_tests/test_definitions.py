@@ -8,13 +8,14 @@ import dagster as dg
 import pytest
 from spacy.language import Language
 
-from rag_assets import assets
+from rag_assets import assets, config
 from rag_assets.definitions import defs
 from rag_assets.embedded_index import EmbeddedIndex
 from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
 from rag_assets.retrieval import Retriever
 
 from .conftest import DATA, entry, write_json
+from .fake_elasticsearch import FakeElasticsearch
 
 ASSET_KEYS = {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
 JOIN_QUESTION = "Course - Can I still join the course after the start date?"
@@ -98,3 +99,42 @@ def test_unreachable_source_fails_the_run(tmp_path: Path, url: str) -> None:
     result = materialize(url, tmp_path, dg.DagsterInstance.ephemeral())
     assert not result.success
     assert not (tmp_path / "index.sqlite").exists()
+
+
+def test_es_index_publishes_to_elasticsearch_with_the_key_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "c2VjcmV0LWtleS0xMjM0"
+    monkeypatch.setenv("ELASTICSEARCH_API_KEY", secret)
+    env = {"ELASTICSEARCH_URL": "placeholder", "ELASTICSEARCH_API_KEY": secret, "ELASTICSEARCH_ALIAS": "faq"}
+    fake = FakeElasticsearch()
+    try:
+        env["ELASTICSEARCH_URL"] = fake.url
+        search_index = config.search_index({**env, "RAG_DATA_DIR": str(tmp_path)}, for_dagster=True)
+        assert search_index.elasticsearch is not None
+        assert isinstance(search_index.elasticsearch.api_key, dg.EnvVar)
+        source = write_json(
+            tmp_path / "flat.json",
+            [entry("c", f"How do I fix error {n}?", f"Restart service {n}.") for n in range(30)],
+        )
+        result = dg.materialize(
+            dg.load_assets_from_modules([assets]),
+            resources={
+                "source": DocumentSourceResource(url=str(source)),
+                "nlp": NlpResource(processes=1),
+                "search_index": search_index,
+                "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "assets")),
+            },
+            instance=dg.DagsterInstance.ephemeral(),
+        )
+        assert result.success
+        metadata = result.asset_materializations_for_node("es_index")[0].metadata
+        assert metadata["backend"].value == "elasticsearch"
+        assert metadata["index_version"].value == fake.aliases["faq"]
+        assert metadata["chunks"].value == 30
+        assert all(r.headers["authorization"] == f"ApiKey {secret}" for r in fake.requests)
+        logged = " ".join(str(event) for event in result.all_events)
+        assert secret not in logged
+        assert not (tmp_path / "index.sqlite").exists()
+    finally:
+        fake.close()

@@ -1,0 +1,122 @@
+"""One contract for every search backend: publish, replace, delete, search, filter, count.
+
+It runs against the embedded index always, against the recording Elasticsearch fake (which checks
+the client plumbing, not Elasticsearch's ranking), and against a real cluster when
+ELASTICSEARCH_URL is set.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from spacy.language import Language
+
+from rag_assets import config
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.resources import ElasticsearchResource
+from rag_assets.search_backend import IndexContent, IndexNotFoundError, SearchBackend
+
+from .conftest import index_content
+from .fake_elasticsearch import FakeElasticsearch
+
+LIVE_URL = os.environ.get("ELASTICSEARCH_URL")
+
+
+@pytest.fixture(scope="module")
+def content(nlp: Language, documents_2025: pd.DataFrame) -> IndexContent:
+    sample = documents_2025.groupby("course").head(25).reset_index(drop=True)
+    return index_content(nlp, sample)
+
+
+@pytest.fixture(
+    params=[
+        "embedded",
+        "elasticsearch-fake",
+        pytest.param(
+            "elasticsearch-live",
+            marks=[
+                pytest.mark.elasticsearch,
+                pytest.mark.skipif(not LIVE_URL, reason="ELASTICSEARCH_URL is not set: no live cluster"),
+            ],
+        ),
+    ]
+)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SearchBackend]:
+    if request.param == "embedded":
+        yield EmbeddedIndex(tmp_path)
+    elif request.param == "elasticsearch-fake":
+        fake = FakeElasticsearch()
+        yield ElasticsearchResource(url=fake.url, alias="contract").index()
+        fake.close()
+    else:
+        resource = config.elasticsearch(os.environ, for_dagster=False)
+        assert resource is not None
+        alias = f"rag-contract-{uuid.uuid4().hex[:8]}"
+        index = resource.model_copy(update={"alias": alias}).index()
+        yield index
+        for version in index.versions():  # clusters refuse wildcard deletes by default
+            index.client.options(ignore_status=404).indices.delete(index=version.name)
+
+
+def subset(content: IndexContent, keep: np.ndarray) -> IndexContent:
+    return IndexContent(rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep])
+
+
+def test_nothing_published_yet(backend: SearchBackend) -> None:
+    with pytest.raises(IndexNotFoundError):
+        backend.stats()
+
+
+def test_publish_and_count(backend: SearchBackend, content: IndexContent) -> None:
+    report = backend.publish(content)
+    assert (report.chunks, report.upserted, report.deleted) == (len(content.rows), len(content.rows), 0)
+    stats = backend.stats()
+    assert stats.chunks == len(content.rows)
+    assert stats.entries == content.rows.doc_id.nunique() == 75
+    assert stats.courses == {c: 25 for c in content.rows.course.unique()}
+    assert stats.published_at
+    assert backend.chunk_hashes() == dict(zip(content.rows.chunk_id, content.rows.content_hash, strict=True))
+
+
+def test_replace_and_delete(backend: SearchBackend, content: IndexContent) -> None:
+    backend.publish(content)
+    rows = content.rows
+    removed = rows.doc_id == rows.doc_id[4]
+    changed = content.rows.copy()
+    changed.loc[0, ["text_lemmas", "row_hash"]] = ["quokka marsupial", "changed"]
+    replacement = subset(IndexContent(rows=changed, vectors=content.vectors), ~removed.to_numpy())
+    report = backend.publish(replacement)
+    assert (report.upserted, report.deleted) == (1, int(removed.sum()))
+    assert backend.stats().chunks == len(replacement.rows)
+    assert set(backend.chunk_hashes()) == set(replacement.rows.chunk_id)
+    assert backend.fetch(list(rows.chunk_id[removed])) == {}
+    assert backend.lexical_search(["quokka"], None, 5) == [rows.chunk_id[0]]
+    again = backend.publish(replacement)
+    assert (again.upserted, again.deleted, again.unchanged) == (0, 0, len(replacement.rows))
+
+
+def test_search_and_filter(backend: SearchBackend, content: IndexContent) -> None:
+    backend.publish(content)
+    rows = content.rows
+    target = 30
+    own_terms = rows.question_lemmas[target].split()
+    hits = backend.lexical_search(own_terms, rows.course[target], 10)
+    assert rows.chunk_id[target] in hits[:3]
+    assert backend.vector_search(content.vectors[target], None, 3)[0] == rows.chunk_id[target]
+    for course in rows.course.unique():
+        ids = backend.lexical_search(["course", "docker", "error"], course, 50)
+        ids += backend.vector_search(content.vectors[target], course, 50)
+        assert ids
+        assert {chunk.course for chunk in backend.fetch(ids).values()} == {course}
+    fetched = backend.fetch([rows.chunk_id[target]])[rows.chunk_id[target]]
+    assert (fetched.doc_id, fetched.question, fetched.text) == (
+        rows.doc_id[target],
+        rows.question[target],
+        rows.text[target],
+    )
