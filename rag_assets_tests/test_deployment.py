@@ -1,0 +1,105 @@
+"""The docker-compose deployment, checked without Docker: every file, port and variable it uses exists."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dagster._core.instance.config import dagster_instance_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def compose_variables() -> set[str]:
+    return set(re.findall(r"(?<!\$)\$\{(\w+)", (ROOT / "docker-compose.yml").read_text()))
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"elasticsearch", "postgres", "webserver", "daemon"}
+    assert services["webserver"]["ports"] == ["3000:3000"]
+    assert services["elasticsearch"]["ports"] == ["9200:9200"]
+    for name in ("elasticsearch", "postgres"):
+        assert services[name]["healthcheck"]["test"]
+        [volume] = services[name]["volumes"]
+        assert volume.split(":")[0] in compose["volumes"]
+    for name in ("webserver", "daemon"):
+        service = services[name]
+        assert service["build"] == "."
+        assert service["depends_on"]["elasticsearch"]["condition"] == "service_healthy"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["command"][-2:] == ["-w", "workspace.yaml"]
+    assert services["daemon"]["command"][:2] == ["dagster-daemon", "run"]
+
+
+def test_every_variable_has_an_example_value() -> None:
+    assert compose_variables() == {"POSTGRES_PASSWORD", "ELASTIC_PASSWORD", "DOCUMENTS_URL"}
+    assert compose_variables() <= set(env_example())
+
+
+def test_the_instance_config_gets_every_variable_it_reads(compose: dict[str, Any]) -> None:
+    text = (ROOT / "deploy/dagster.yaml").read_text()
+    needed = set(re.findall(r"\{env: (\w+)\}", text))
+    assert needed == {
+        "DAGSTER_POSTGRES_USER",
+        "DAGSTER_POSTGRES_PASSWORD",
+        "DAGSTER_POSTGRES_HOST",
+        "DAGSTER_POSTGRES_DB",
+    }
+    for name in ("webserver", "daemon"):
+        assert needed <= set(compose["services"][name]["environment"])
+    config = yaml.safe_load(text)
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert config["run_monitoring"]["enabled"] is True
+
+
+def test_the_local_instance_config_is_valid() -> None:
+    config, _ = dagster_instance_config(str(ROOT), "dagster.yaml")
+    assert config["run_monitoring"]["enabled"] is True
+
+
+def test_every_file_the_image_copies_exists() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    sources = [
+        part for line in dockerfile.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]
+    ]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+    assert "'.[deploy]'" in dockerfile
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("dagster-postgres") for dep in extras["deploy"])
+
+
+def test_the_client_major_matches_the_server_image(compose: dict[str, Any]) -> None:
+    image = compose["services"]["elasticsearch"]["image"]
+    server_major = image.rsplit(":", 1)[1].split(".")[0]
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    [pin] = [d for d in dependencies if d.startswith("elasticsearch")]
+    assert pin == f"elasticsearch>={server_major},<{int(server_major) + 1}"
+    assert version("elasticsearch").split(".")[0] == server_major
+
+
+def test_the_deployment_uses_the_elasticsearch_variables_the_code_reads(compose: dict[str, Any]) -> None:
+    from rag_assets.config import ELASTICSEARCH_SETTINGS
+
+    environment = compose["services"]["daemon"]["environment"]
+    used = {name for name in environment if name.startswith("ELASTICSEARCH_")}
+    assert used == {"ELASTICSEARCH_URL", "ELASTICSEARCH_USERNAME", "ELASTICSEARCH_PASSWORD"}
+    assert used <= set(ELASTICSEARCH_SETTINGS)
+    assert environment["RAG_DATA_DIR"] in {v.split(":")[1] for v in compose["services"]["daemon"]["volumes"]}
