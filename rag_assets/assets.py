@@ -5,6 +5,7 @@ timings and the metadata shown in the Dagster UI.
 """
 
 import time
+from datetime import timedelta
 
 import dagster as dg
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 from pydantic import Field
 
 from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.config import freshness_hours
 from rag_assets.features import LEMMA_FIELDS, ChunkVectors, embed_chunks, lemmatize_chunks
 from rag_assets.nlp import VECTOR_DIM, model_fingerprint
 from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
@@ -23,6 +25,11 @@ PREVIEW_ROWS = 5
 # Known at load time without loading the model, so the UI flags the NLP assets as unsynced when
 # the model or the analysis rules change.
 NLP_CODE_VERSION = model_fingerprint()
+_WARN_HOURS, _FAIL_HOURS = freshness_hours()
+# On the source and on what is served: a stale index shows as stale in the UI.
+FRESHNESS = dg.FreshnessPolicy.time_window(
+    warn_window=timedelta(hours=_WARN_HOURS), fail_window=timedelta(hours=_FAIL_HOURS)
+)
 
 
 def preview(frame: pd.DataFrame, columns: list[str], width: int = 80) -> dg.MetadataValue:
@@ -38,7 +45,7 @@ def per_course(frame: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in frame.groupby("course").size().items()}
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "pandas"})
+@dg.asset(group_name=GROUP, kinds={"python", "pandas"}, freshness_policy=FRESHNESS)
 def raw_documents(context: dg.AssetExecutionContext, source: DocumentSourceResource) -> dg.MaterializeResult:
     """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has."""
     started = time.perf_counter()
@@ -82,13 +89,15 @@ class ChunksConfig(dg.Config):
 def chunks(config: ChunksConfig, raw_documents: pd.DataFrame) -> dg.MaterializeResult:
     """Searchable units: one per entry, long answers cut into overlapping windows."""
     started = time.perf_counter()
-    frame = make_chunks(raw_documents, ChunkingConfig(config.max_chars, config.overlap_chars))
+    chunking = ChunkingConfig(config.max_chars, config.overlap_chars)
+    frame = make_chunks(raw_documents, chunking)
     sizes = frame["text"].str.len()
     return dg.MaterializeResult(
         value=frame,
         metadata={
             "chunks": len(frame),
             "entries": int(frame["doc_id"].nunique()),
+            "max_chars": chunking.max_chars,
             "split_entries": int((frame["chunk_index"] > 0).groupby(frame["doc_id"]).any().sum()),
             "max_text_chars": int(sizes.max()),
             "mean_text_chars": round(float(sizes.mean()), 1),
@@ -135,7 +144,7 @@ def embeddings(nlp: NlpResource, lemmas: pd.DataFrame) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"})
+@dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"}, freshness_policy=FRESHNESS)
 def es_index(
     context: dg.AssetExecutionContext,
     search_index: SearchIndexResource,

@@ -12,6 +12,7 @@ from rag_assets.resources import (
     DocumentSourceResource,
     ElasticsearchResource,
     NlpResource,
+    QualityResource,
     SearchIndexResource,
 )
 from rag_assets.sources import DEFAULT_DOCUMENTS_URL
@@ -33,6 +34,15 @@ ELASTICSEARCH_SETTINGS = {
     "ELASTICSEARCH_KEEP_PREVIOUS": "keep_previous",
 }
 SECRETS = {"ELASTICSEARCH_API_KEY", "ELASTICSEARCH_PASSWORD"}
+QUALITY_SETTINGS = {
+    "RAG_MAX_ENTRY_DROP": "max_entry_drop",
+    "RAG_MAX_ZERO_VECTOR_SHARE": "max_zero_vector_share",
+    "RAG_MAX_EMPTY_LEMMA_SHARE": "max_empty_lemma_share",
+    "RAG_GROUND_TRUTH": "ground_truth",
+    "RAG_EVAL_MIN_HIT_RATE": "min_hit_rate",
+    "RAG_EVAL_MIN_MRR": "min_mrr",
+    "RAG_EVAL_K": "eval_k",
+}
 
 
 def data_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -65,3 +75,29 @@ def search_index(env: Mapping[str, str] = os.environ, *, for_dagster: bool = Fal
     return SearchIndexResource(
         data_dir=str(data_dir(env)), elasticsearch=elasticsearch(env, for_dagster=for_dagster)
     )
+
+
+def quality(env: Mapping[str, str] = os.environ) -> QualityResource:
+    return QualityResource(**{field: env[name] for name, field in QUALITY_SETTINGS.items() if env.get(name)})
+
+
+def schedule_cron(env: Mapping[str, str] = os.environ) -> str:
+    return env.get("RAG_SCHEDULE_CRON") or "0 0 * * *"
+
+
+def schedule_timezone(env: Mapping[str, str] = os.environ) -> str:
+    return env.get("RAG_SCHEDULE_TIMEZONE") or "UTC"
+
+
+def max_runtime_s(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get("RAG_MAX_RUNTIME_S") or 3600)
+
+
+def freshness_hours(env: Mapping[str, str] = os.environ) -> tuple[float, float]:
+    """(warn, fail): warn once a daily refresh was missed (24 h plus an hour for the run itself),
+    fail after a further margin."""
+    warn = float(env.get("RAG_FRESHNESS_WARN_HOURS") or 25)
+    fail = float(env.get("RAG_FRESHNESS_FAIL_HOURS") or 37)
+    if fail <= warn:
+        raise ValueError(f"RAG_FRESHNESS_FAIL_HOURS ({fail}) must exceed RAG_FRESHNESS_WARN_HOURS ({warn})")
+    return warn, fail

@@ -98,3 +98,19 @@ class SearchIndexResource(dg.ConfigurableResource):
         if self.elasticsearch is not None:
             return self.elasticsearch.index()
         return EmbeddedIndex(Path(self.data_dir))
+
+
+class QualityResource(dg.ConfigurableResource):
+    """Thresholds of the asset checks, and the optional ground truth for retrieval quality."""
+
+    max_entry_drop: float = Field(
+        default=0.2, description="Largest allowed drop in entries vs the served index"
+    )
+    max_zero_vector_share: float = Field(default=0.05, description="Largest allowed share of zero vectors")
+    max_empty_lemma_share: float = Field(default=0.02, description="Largest share of chunks without lemmas")
+    ground_truth: str | None = Field(
+        default=None, description="CSV question,course,document (RAG_GROUND_TRUTH)"
+    )
+    min_hit_rate: float = Field(default=0.9, description="Retrieval-quality check: minimum hit rate")
+    min_mrr: float = Field(default=0.8, description="Retrieval-quality check: minimum MRR")
+    eval_k: int = Field(default=5, description="Retrieval-quality check: hits considered per question")

@@ -8,10 +8,11 @@ import dagster as dg
 import pytest
 from spacy.language import Language
 
-from rag_assets import assets, config
-from rag_assets.definitions import defs
+from rag_assets import config
+from rag_assets.automation import JOB_NAME
+from rag_assets.definitions import defs, make_definitions
 from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
+from rag_assets.resources import DocumentSourceResource, NlpResource, QualityResource, SearchIndexResource
 from rag_assets.retrieval import Retriever
 
 from .conftest import DATA, entry, write_json
@@ -21,18 +22,23 @@ ASSET_KEYS = {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
 JOIN_QUESTION = "Course - Can I still join the course after the start date?"
 
 
-def materialize(source: str, data_dir: Path, instance: dg.DagsterInstance) -> dg.ExecuteInJobResult:
-    return dg.materialize(
-        dg.load_assets_from_modules([assets]),
-        resources={
-            "source": DocumentSourceResource(url=source, retries=0),
-            "nlp": NlpResource(processes=1),
-            "search_index": SearchIndexResource(data_dir=str(data_dir)),
-            "io_manager": dg.FilesystemIOManager(base_dir=str(data_dir / "assets")),
-        },
-        instance=instance,
-        raise_on_error=False,
-    )
+def run_resources(source: str, data_dir: Path, **overrides: object) -> dict[str, object]:
+    return {
+        "source": DocumentSourceResource(url=source, retries=0),
+        "nlp": NlpResource(processes=1),
+        "search_index": SearchIndexResource(data_dir=str(data_dir)),
+        "quality_settings": QualityResource(),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(data_dir / "assets")),
+        **overrides,
+    }
+
+
+def materialize(
+    source: str, data_dir: Path, instance: dg.DagsterInstance, **overrides: object
+) -> dg.ExecuteInJobResult:
+    """A real run of the project's refresh job (assets and checks) with test resources."""
+    definitions = make_definitions(run_resources(source, data_dir, **overrides))
+    return definitions.resolve_job_def(JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
 
 
 def test_definitions_load_with_every_asset() -> None:
@@ -117,16 +123,7 @@ def test_es_index_publishes_to_elasticsearch_with_the_key_from_the_environment(
             tmp_path / "flat.json",
             [entry("c", f"How do I fix error {n}?", f"Restart service {n}.") for n in range(30)],
         )
-        result = dg.materialize(
-            dg.load_assets_from_modules([assets]),
-            resources={
-                "source": DocumentSourceResource(url=str(source)),
-                "nlp": NlpResource(processes=1),
-                "search_index": search_index,
-                "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "assets")),
-            },
-            instance=dg.DagsterInstance.ephemeral(),
-        )
+        result = materialize(str(source), tmp_path, dg.DagsterInstance.ephemeral(), search_index=search_index)
         assert result.success
         metadata = result.asset_materializations_for_node("es_index")[0].metadata
         assert metadata["backend"].value == "elasticsearch"

@@ -1,0 +1,68 @@
+"""How the graph runs itself: the refresh job, the daily schedule and the first build.
+
+The seed's trigger settings map to Dagster like this: its run timeout is the `dagster/max_runtime`
+tag (enforced by run monitoring, enabled in the shipped instance configuration); "skip if a run
+is already in progress" is a schedule that returns a SkipReason while a run of the job is queued
+or running; "create an initial run if the start date is before the current execution period" is
+the `initial_index_build` sensor, which asks for a run as soon as the daemon sees no index.
+"""
+
+import dagster as dg
+
+from rag_assets import config
+from rag_assets.assets import GROUP
+
+JOB_NAME = "faq_index_refresh"
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+refresh_job = dg.define_asset_job(
+    JOB_NAME,
+    selection=dg.AssetSelection.groups(GROUP),
+    description="Fetch the FAQ, rebuild what changed and publish the index.",
+    tags={"dagster/max_runtime": str(config.max_runtime_s())},
+)
+
+
+def run_in_flight(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=JOB_NAME, statuses=IN_FLIGHT), limit=1)
+    return runs[0] if runs else None
+
+
+@dg.schedule(
+    name="daily_document_refresh",
+    job=refresh_job,
+    cron_schedule=config.schedule_cron(),
+    execution_timezone=config.schedule_timezone(),
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Refreshes the index every day; skips a tick while an earlier refresh is queued or running.",
+)
+def daily_document_refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    busy = run_in_flight(context.instance)
+    if busy is not None:
+        return dg.SkipReason(
+            f"run {busy.run_id} of {JOB_NAME} is still {busy.status.value.lower()}; skipping this tick"
+        )
+    return dg.RunRequest(tags={"rag/trigger": "schedule"})
+
+
+@dg.sensor(
+    name="initial_index_build",
+    job=refresh_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Builds the index right away when it was never published, instead of waiting for midnight.",
+)
+def initial_index_build(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    if context.instance.get_latest_materialization_event(dg.AssetKey("es_index")) is not None:
+        return dg.SkipReason("the index has been published; the daily schedule keeps it fresh")
+    busy = run_in_flight(context.instance)
+    if busy is not None:
+        return dg.SkipReason(f"run {busy.run_id} of {JOB_NAME} is already building the index")
+    # One run key: the daemon never requests the initial build twice.
+    return dg.RunRequest(run_key="initial-index-build", tags={"rag/trigger": "initial-build"})

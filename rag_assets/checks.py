@@ -1,0 +1,121 @@
+"""Asset checks: the rules of `quality.py` in Dagster. The checks up to `embeddings` are blocking,
+so bad data stops the run before `es_index` publishes it; the `es_index` checks verify what is
+served."""
+
+import dagster as dg
+import pandas as pd
+
+from rag_assets import assets, quality
+from rag_assets.evaluation import read_ground_truth
+from rag_assets.features import ChunkVectors
+from rag_assets.resources import NlpResource, QualityResource, SearchIndexResource
+from rag_assets.retrieval import Retriever
+
+CHUNKS = {"chunks": dg.AssetIn(key="chunks")}
+
+
+def result(verdict: quality.Verdict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=verdict.passed, description=verdict.description, metadata=dict(verdict.metadata)
+    )
+
+
+def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str) -> object | None:
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get(key)
+    return None if value is None else value.value
+
+
+@dg.asset_check(asset=assets.raw_documents, blocking=True)
+def raw_documents_well_formed(raw_documents: pd.DataFrame) -> dg.AssetCheckResult:
+    """Entries exist, have every field, and their doc ids are unique."""
+    return result(quality.check_documents(raw_documents))
+
+
+@dg.asset_check(asset=assets.raw_documents, blocking=True)
+def raw_documents_count_guard(
+    context: dg.AssetCheckExecutionContext, quality_settings: QualityResource, raw_documents: pd.DataFrame
+) -> dg.AssetCheckResult:
+    """The source did not lose more than the allowed share of the entries being served."""
+    served = latest_metadata(context.instance, "es_index", "entries")
+    return result(
+        quality.check_entry_drop(
+            len(raw_documents), None if served is None else int(served), quality_settings.max_entry_drop
+        )
+    )
+
+
+@dg.asset_check(asset=assets.chunks, blocking=True)
+def chunks_well_formed(context: dg.AssetCheckExecutionContext, chunks: pd.DataFrame) -> dg.AssetCheckResult:
+    """Chunk ids unique, texts present and no longer than the configured window."""
+    max_chars = latest_metadata(context.instance, "chunks", "max_chars")
+    return result(quality.check_chunks(chunks, int(max_chars or assets.ChunkingConfig.max_chars)))
+
+
+@dg.asset_check(asset=assets.lemmas, blocking=True, additional_ins=CHUNKS)
+def lemmas_well_formed(
+    quality_settings: QualityResource, lemmas: pd.DataFrame, chunks: pd.DataFrame
+) -> dg.AssetCheckResult:
+    """One lemma row per chunk, and few chunks without any lemma."""
+    return result(
+        quality.check_lemmas(lemmas, list(chunks["chunk_id"]), quality_settings.max_empty_lemma_share)
+    )
+
+
+@dg.asset_check(asset=assets.embeddings, blocking=True, additional_ins=CHUNKS)
+def embeddings_well_formed(
+    quality_settings: QualityResource, embeddings: ChunkVectors, chunks: pd.DataFrame
+) -> dg.AssetCheckResult:
+    """300 dimensions, unit length, no NaN, a bounded share of zero vectors."""
+    return result(
+        quality.check_vectors(embeddings, list(chunks["chunk_id"]), quality_settings.max_zero_vector_share)
+    )
+
+
+@dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
+def es_index_matches_chunks(search_index: SearchIndexResource, chunks: pd.DataFrame) -> dg.AssetCheckResult:
+    """The served index holds exactly the current chunks."""
+    return result(quality.check_index_matches(search_index.backend().chunk_hashes(), chunks))
+
+
+@dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
+def es_index_smoke_query(
+    search_index: SearchIndexResource, nlp: NlpResource, chunks: pd.DataFrame
+) -> dg.AssetCheckResult:
+    """Asking an entry's own question finds that entry among the first three hits."""
+    return result(quality.check_smoke_query(Retriever(search_index.backend(), nlp.pipeline()), chunks))
+
+
+@dg.asset_check(asset=assets.es_index)
+def es_index_retrieval_quality(
+    search_index: SearchIndexResource, nlp: NlpResource, quality_settings: QualityResource
+) -> dg.AssetCheckResult:
+    """Hit rate and MRR of the served index on the configured ground truth (RAG_GROUND_TRUTH)."""
+    settings = quality_settings
+    verdict = quality.check_retrieval(
+        Retriever(search_index.backend(), nlp.pipeline()),
+        read_ground_truth(settings.ground_truth or ""),
+        settings.eval_k,
+        settings.min_hit_rate,
+        settings.min_mrr,
+    )
+    verdict.metadata["ground_truth"] = str(settings.ground_truth)
+    return result(verdict)
+
+
+STRUCTURAL_CHECKS = [
+    raw_documents_well_formed,
+    raw_documents_count_guard,
+    chunks_well_formed,
+    lemmas_well_formed,
+    embeddings_well_formed,
+    es_index_matches_chunks,
+    es_index_smoke_query,
+]
+
+
+def all_checks(quality_settings: QualityResource) -> list[dg.AssetChecksDefinition]:
+    """The retrieval-quality check exists only when a ground truth is configured."""
+    return STRUCTURAL_CHECKS + ([es_index_retrieval_quality] if quality_settings.ground_truth else [])

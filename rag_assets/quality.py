@@ -1,0 +1,198 @@
+"""Data-quality rules for each stage, as plain functions; `checks.py` runs them as asset checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from rag_assets.chunking import CHUNK_COLUMNS
+from rag_assets.evaluation import GroundTruth, evaluate
+from rag_assets.features import LEMMA_COLUMNS, LEMMA_FIELDS, ChunkVectors
+from rag_assets.nlp import VECTOR_DIM
+from rag_assets.retrieval import Retriever
+from rag_assets.sources import DOCUMENT_COLUMNS
+
+
+@dataclass
+class Verdict:
+    """Whether a rule passed, what is wrong if not, and the numbers behind it."""
+
+    problems: list[str] = field(default_factory=list)
+    metadata: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    @property
+    def description(self) -> str:
+        return "; ".join(self.problems) if self.problems else "ok"
+
+
+def _table_problems(
+    frame: pd.DataFrame, columns: list[str], id_column: str, required: list[str]
+) -> tuple[list[str], dict[str, float | int | str]]:
+    problems: list[str] = []
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        return [f"missing columns: {', '.join(missing)}"], {"rows": len(frame)}
+    if frame.empty:
+        problems.append("no rows")
+    duplicates = int(frame[id_column].duplicated().sum())
+    if duplicates:
+        first = frame.loc[frame[id_column].duplicated(), id_column].iloc[0]
+        problems.append(f"{duplicates} duplicate {id_column} values (first: {first})")
+    for column in required:
+        empty = int((frame[column].fillna("").astype(str).str.strip() == "").sum())
+        if empty:
+            problems.append(f"{empty} rows with an empty {column}")
+    return problems, {"rows": len(frame), f"duplicate_{id_column}s": duplicates}
+
+
+def check_documents(frame: pd.DataFrame) -> Verdict:
+    problems, metadata = _table_problems(
+        frame, DOCUMENT_COLUMNS, "doc_id", ["doc_id", "course", "question", "answer", "content_hash"]
+    )
+    return Verdict(problems, metadata)
+
+
+def check_chunks(frame: pd.DataFrame, max_chars: int) -> Verdict:
+    """Every chunk text within max_chars, unless it is one unbreakable word."""
+    problems, metadata = _table_problems(frame, CHUNK_COLUMNS, "chunk_id", ["chunk_id", "doc_id", "text"])
+    if problems and "missing columns" in problems[0]:
+        return Verdict(problems, metadata)
+    sizes = frame["text"].str.len()
+    oversized = int(((sizes > max_chars) & frame["text"].str.contains(r"\s")).sum())
+    if oversized:
+        problems.append(f"{oversized} chunks longer than {max_chars} characters")
+    metadata.update(max_text_chars=int(sizes.max() if len(sizes) else 0), oversized_chunks=oversized)
+    return Verdict(problems, metadata)
+
+
+def check_lemmas(frame: pd.DataFrame, chunk_ids: list[str], max_empty_share: float) -> Verdict:
+    """Lemmas line up with the chunks, and few chunks have nothing to match lexically."""
+    problems, metadata = _table_problems(frame, LEMMA_COLUMNS, "chunk_id", [])
+    if problems and "missing columns" in problems[0]:
+        return Verdict(problems, metadata)
+    if list(frame["chunk_id"]) != chunk_ids:
+        problems.append("chunk ids differ from the chunks asset")
+    lemma_text = frame[[f"{f}_lemmas" for f in LEMMA_FIELDS]].agg(" ".join, axis=1).str.strip()
+    empty_share = float((lemma_text == "").mean()) if len(frame) else 0.0
+    if empty_share > max_empty_share:
+        problems.append(f"{empty_share:.1%} of chunks have no lemmas (at most {max_empty_share:.0%} allowed)")
+    metadata["empty_share"] = round(empty_share, 4)
+    return Verdict(problems, metadata)
+
+
+def check_vectors(vectors: ChunkVectors, chunk_ids: list[str], max_zero_share: float) -> Verdict:
+    problems: list[str] = []
+    matrix = vectors.matrix
+    if matrix.ndim != 2 or matrix.shape[1] != VECTOR_DIM:
+        problems.append(f"vectors have shape {matrix.shape}, expected (n, {VECTOR_DIM})")
+        return Verdict(problems, {"rows": int(matrix.shape[0])})
+    if len(matrix) == 0:
+        problems.append("no vectors")
+    if vectors.chunk_ids != chunk_ids:
+        problems.append("chunk ids differ from the chunks asset")
+    nan_rows = int(np.isnan(matrix).any(axis=1).sum())
+    if nan_rows:
+        problems.append(f"{nan_rows} vectors contain NaN")
+    zero_share = float((~matrix.any(axis=1)).mean()) if len(matrix) else 0.0
+    if zero_share > max_zero_share:
+        problems.append(f"{zero_share:.1%} zero vectors (at most {max_zero_share:.0%} allowed)")
+    norms = np.linalg.norm(matrix, axis=1)
+    off_unit = int(((norms > 0) & (np.abs(norms - 1) > 1e-3)).sum())
+    if off_unit:
+        problems.append(f"{off_unit} vectors are not unit length")
+    return Verdict(
+        problems,
+        {
+            "rows": len(matrix),
+            "dimensions": int(matrix.shape[1]),
+            "nan_vectors": nan_rows,
+            "zero_share": round(zero_share, 4),
+        },
+    )
+
+
+def check_entry_drop(current: int, served: int | None, max_drop: float) -> Verdict:
+    """Refuse a source that lost more than `max_drop` of the entries the served index has."""
+    metadata: dict[str, float | int | str] = {"entries": current, "max_drop": max_drop}
+    if served is None:
+        metadata["served_entries"] = "none published yet"
+        return Verdict([], metadata)
+    drop = (served - current) / served if served else 0.0
+    metadata.update(served_entries=served, drop=round(drop, 4))
+    if drop > max_drop:
+        return Verdict(
+            [
+                f"entries dropped from {served} (served index) to {current} ({drop:.1%}), "
+                f"more than the allowed {max_drop:.0%}"
+            ],
+            metadata,
+        )
+    return Verdict([], metadata)
+
+
+def check_index_matches(served: Mapping[str, str], chunks: pd.DataFrame) -> Verdict:
+    """The served index holds exactly the current chunks, with their current content."""
+    expected = dict(zip(chunks["chunk_id"], chunks["content_hash"], strict=True))
+    missing = sorted(set(expected) - set(served))
+    extra = sorted(set(served) - set(expected))
+    stale = sorted(c for c in set(expected) & set(served) if expected[c] != served[c])
+    problems = [
+        f"{len(ids)} {what} (first: {ids[0]})"
+        for ids, what in (
+            (missing, "chunks missing"),
+            (extra, "chunks not in the source"),
+            (stale, "chunks with outdated content"),
+        )
+        if ids
+    ]
+    return Verdict(
+        problems,
+        {
+            "served_chunks": len(served),
+            "expected_chunks": len(expected),
+            "missing": len(missing),
+            "extra": len(extra),
+            "stale": len(stale),
+        },
+    )
+
+
+def check_smoke_query(retriever: Retriever, chunks: pd.DataFrame, top: int = 3) -> Verdict:
+    """Asking an entry's own question (one asked only once) finds that entry in the first hits."""
+    unique = chunks.drop_duplicates(["course", "question"], keep=False)
+    probe = (unique if len(unique) else chunks).iloc[0]
+    found = [hit.doc_id for hit in retriever.search(probe.question, course=probe.course, k=top)]
+    problems = (
+        []
+        if probe.doc_id in found
+        else [
+            f"asked {probe.question!r} ({probe.course}): "
+            f"expected {probe.doc_id} in the first {top}, got {found}"
+        ]
+    )
+    return Verdict(
+        problems, {"query": probe.question, "expected_doc_id": probe.doc_id, "hits": ", ".join(found)}
+    )
+
+
+def check_retrieval(
+    retriever: Retriever, ground_truth: list[GroundTruth], k: int, min_hit_rate: float, min_mrr: float
+) -> Verdict:
+    """Hit rate and MRR of the served index against thresholds, as `rag eval` measures them."""
+    metrics = evaluate(retriever, ground_truth, k=k)
+    problems = [
+        f"{name} {value:.4f} below {minimum}"
+        for name, value, minimum in (
+            ("hit rate", metrics.hit_rate, min_hit_rate),
+            ("MRR", metrics.mrr, min_mrr),
+        )
+        if value < minimum
+    ]
+    return Verdict(problems, {**metrics.to_dict(), "min_hit_rate": min_hit_rate, "min_mrr": min_mrr, "k": k})

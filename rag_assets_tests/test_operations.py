@@ -1,0 +1,299 @@
+"""Operations: the schedule, the first build, run timeouts, freshness and the asset checks."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.test_utils import create_run_for_test
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._daemon.monitoring import run_monitoring
+from spacy.language import Language
+
+from rag_assets import config, quality
+from rag_assets.automation import JOB_NAME, daily_document_refresh, initial_index_build
+from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.definitions import defs
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.features import ChunkVectors, embed_chunks, lemmatize_chunks
+from rag_assets.resources import QualityResource
+from rag_assets.retrieval import Retriever
+from rag_assets.search_backend import IndexContent
+
+from .conftest import DATA, write_json
+from .test_definitions import materialize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A persistent instance with the project's own dagster.yaml (run monitoring on)."""
+    shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as real_instance:
+        yield real_instance
+
+
+def add_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus) -> dg.DagsterRun:
+    """A run of the refresh job in the given state, as the daemon would have stored it."""
+    origin = RemoteJobOrigin(
+        repository_origin=RemoteRepositoryOrigin(
+            code_location_origin=InProcessCodeLocationOrigin(
+                loadable_target_origin=LoadableTargetOrigin(module_name="rag_assets.definitions")
+            ),
+            repository_name="__repository__",
+        ),
+        job_name=JOB_NAME,
+    )
+    tags = dict(defs.resolve_job_def(JOB_NAME).tags)
+    return create_run_for_test(
+        instance, job_name=JOB_NAME, status=status, tags=tags, remote_job_origin=origin
+    )
+
+
+# -- schedule -------------------------------------------------------------------------------
+
+
+def test_schedule_targets_the_whole_graph_daily_at_midnight_utc() -> None:
+    schedule = defs.get_schedule_def("daily_document_refresh")
+    assert schedule.cron_schedule == "0 0 * * *"
+    assert schedule.execution_timezone == "UTC"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedule.job_name == JOB_NAME
+    job = defs.resolve_job_def(JOB_NAME)
+    assert job.tags["dagster/max_runtime"] == "3600"
+    keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+    assert keys == {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
+    assert len(job.asset_layer.asset_graph.asset_check_keys) == 7
+
+
+def test_schedule_settings_come_from_the_environment() -> None:
+    env = {
+        "RAG_SCHEDULE_CRON": "30 4 * * *",
+        "RAG_SCHEDULE_TIMEZONE": "Europe/Berlin",
+        "RAG_MAX_RUNTIME_S": "900",
+    }
+    assert (config.schedule_cron(env), config.schedule_timezone(env), config.max_runtime_s(env)) == (
+        "30 4 * * *",
+        "Europe/Berlin",
+        900,
+    )
+
+
+def test_schedule_requests_a_run_when_idle(instance: dg.DagsterInstance) -> None:
+    add_run(instance, dg.DagsterRunStatus.SUCCESS)
+    request = daily_document_refresh(dg.build_schedule_context(instance=instance))
+    assert isinstance(request, dg.RunRequest)
+
+
+@pytest.mark.parametrize("status", [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED])
+def test_schedule_skips_while_a_run_is_in_flight(
+    instance: dg.DagsterInstance, status: dg.DagsterRunStatus
+) -> None:
+    run = add_run(instance, status)
+    skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
+    assert isinstance(skip, dg.SkipReason)
+    assert skip.skip_message == (
+        f"run {run.run_id} of {JOB_NAME} is still {status.value.lower()}; skipping this tick"
+    )
+
+
+def test_initial_build_runs_at_once_when_no_index_exists(instance: dg.DagsterInstance) -> None:
+    request = initial_index_build(dg.build_sensor_context(instance=instance))
+    assert isinstance(request, dg.RunRequest)
+    assert request.run_key == "initial-index-build"
+
+    running = add_run(instance, dg.DagsterRunStatus.STARTED)
+    busy = initial_index_build(dg.build_sensor_context(instance=instance))
+    assert isinstance(busy, dg.SkipReason) and running.run_id in busy.skip_message
+
+    instance.report_runless_asset_event(dg.AssetMaterialization("es_index"))
+    done = initial_index_build(dg.build_sensor_context(instance=instance))
+    assert isinstance(done, dg.SkipReason) and "has been published" in done.skip_message
+
+
+def test_run_monitoring_fails_a_run_past_its_max_runtime(
+    instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert instance.run_monitoring_enabled
+    run = add_run(instance, dg.DagsterRunStatus.STARTED)
+    record = instance.get_run_record_by_id(run.run_id)
+    assert record is not None
+    started = record.start_time or record.create_timestamp.timestamp()
+    record = record._replace(start_time=started)
+    logger = logging.getLogger("test")
+
+    monkeypatch.setattr(run_monitoring, "get_current_timestamp", lambda: started + 3599)
+    run_monitoring.check_run_timeout(instance, record, logger, 0)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+
+    monkeypatch.setattr(run_monitoring, "get_current_timestamp", lambda: started + 3601)
+    run_monitoring.check_run_timeout(instance, record, logger, 0)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+# -- freshness ------------------------------------------------------------------------------
+
+
+def test_freshness_policies_on_the_source_and_the_served_index() -> None:
+    graph = defs.resolve_asset_graph()
+    for key in ("raw_documents", "es_index"):
+        policy = graph.get(dg.AssetKey(key)).freshness_policy
+        assert policy is not None, key
+        assert policy.warn_window.to_timedelta() == timedelta(hours=25)
+        assert policy.fail_window.to_timedelta() == timedelta(hours=37)
+    assert graph.get(dg.AssetKey("lemmas")).freshness_policy is None
+    assert config.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "2", "RAG_FRESHNESS_FAIL_HOURS": "3"}) == (
+        2,
+        3,
+    )
+    with pytest.raises(ValueError, match="must exceed"):
+        config.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "5", "RAG_FRESHNESS_FAIL_HOURS": "3"})
+
+
+# -- checks on good and bad data ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stages(
+    nlp: Language, documents_2025: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, ChunkVectors]:
+    documents = documents_2025.head(80).reset_index(drop=True)
+    chunks = make_chunks(documents, ChunkingConfig())
+    lemmas = lemmatize_chunks(nlp, chunks)
+    return documents, chunks, lemmas, embed_chunks(nlp, lemmas)
+
+
+def test_document_check(stages: tuple) -> None:
+    documents = stages[0]
+    assert quality.check_documents(documents).passed
+    assert quality.check_documents(documents.head(0)).problems == ["no rows"]
+    bad = documents.copy()
+    bad.loc[3, "doc_id"] = bad.loc[2, "doc_id"]
+    bad.loc[5, "answer"] = " "
+    assert quality.check_documents(bad).problems == [
+        f"1 duplicate doc_id values (first: {bad.loc[2, 'doc_id']})",
+        "1 rows with an empty answer",
+    ]
+    assert quality.check_documents(documents.drop(columns="question")).problems == [
+        "missing columns: question"
+    ]
+
+
+def test_chunk_check(stages: tuple) -> None:
+    chunks = stages[1]
+    assert quality.check_chunks(chunks, 2000).passed
+    assert quality.check_chunks(chunks, 300).problems[0].endswith("chunks longer than 300 characters")
+
+
+def test_lemma_check(stages: tuple) -> None:
+    _, chunks, lemmas, _ = stages
+    ids = list(chunks.chunk_id)
+    assert quality.check_lemmas(lemmas, ids, 0.02).passed
+    empty = lemmas.copy()
+    empty.loc[:9, ["question_lemmas", "text_lemmas", "section_lemmas"]] = ""
+    assert "have no lemmas" in quality.check_lemmas(empty, ids, 0.02).description
+    assert quality.check_lemmas(lemmas, ids[::-1], 0.02).problems == [
+        "chunk ids differ from the chunks asset"
+    ]
+
+
+def test_vector_check(stages: tuple) -> None:
+    _, chunks, _, vectors = stages
+    ids = list(chunks.chunk_id)
+    verdict = quality.check_vectors(vectors, ids, 0.05)
+    assert verdict.passed and verdict.metadata["dimensions"] == 300
+    broken = vectors.matrix.copy()
+    broken[0, 0] = np.nan
+    broken[1:20] = 0
+    problems = quality.check_vectors(ChunkVectors(ids, broken), ids, 0.05).problems
+    assert problems[0] == "1 vectors contain NaN"
+    assert problems[1].endswith("zero vectors (at most 5% allowed)")
+    narrow = ChunkVectors.__new__(ChunkVectors)
+    narrow.chunk_ids, narrow.matrix = ids, np.ones((len(ids), 100), dtype=np.float32)
+    assert "expected (n, 300)" in quality.check_vectors(narrow, ids, 0.05).description
+
+
+def test_entry_drop_guard() -> None:
+    assert quality.check_entry_drop(948, None, 0.2).passed
+    assert quality.check_entry_drop(800, 948, 0.2).passed
+    verdict = quality.check_entry_drop(700, 948, 0.2)
+    assert (
+        verdict.description
+        == "entries dropped from 948 (served index) to 700 (26.2%), more than the allowed 20%"
+    )
+
+
+def test_index_checks(tmp_path: Path, nlp: Language, stages: tuple) -> None:
+    _, chunks, lemmas, vectors = stages
+    index = EmbeddedIndex(tmp_path)
+    index.publish(IndexContent.assemble(chunks, lemmas, vectors, "fp"))
+    assert quality.check_index_matches(index.chunk_hashes(), chunks).passed
+    changed = chunks.copy()
+    changed.loc[0, "content_hash"] = "new"
+    extra = pd.concat([changed, changed.head(1).assign(chunk_id="zz-0")])
+    verdict = quality.check_index_matches(index.chunk_hashes(), extra.iloc[1:])
+    assert verdict.problems == [
+        "1 chunks missing (first: zz-0)",
+        f"1 chunks not in the source (first: {chunks.chunk_id[0]})",
+    ]
+    stale = quality.check_index_matches(index.chunk_hashes(), changed)
+    assert stale.problems == [f"1 chunks with outdated content (first: {chunks.chunk_id[0]})"]
+
+    retriever = Retriever(index, nlp)
+    assert quality.check_smoke_query(retriever, chunks).passed
+    wrong = chunks.copy()
+    wrong["doc_id"] = "someone-else"
+    assert not quality.check_smoke_query(retriever, wrong).passed
+
+
+# -- real runs ------------------------------------------------------------------------------
+
+
+def check_results(result: dg.ExecuteInJobResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_source(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    data = tmp_path / "data"
+    first = materialize(str(DATA / "documents-2025.json"), data, instance)
+    assert first.success
+    evaluations = check_results(first)
+    assert len(evaluations) == 7
+    assert all(e.passed for e in evaluations.values()), {n: e.description for n, e in evaluations.items()}
+
+    import json
+
+    documents = json.loads((DATA / "documents-2025.json").read_text())
+    for group in documents:
+        group["documents"] = group["documents"][: len(group["documents"]) // 2]
+    halved = write_json(tmp_path / "halved.json", documents)
+    second = materialize(str(halved), data, instance)
+    assert not second.success
+    guard = check_results(second)["raw_documents_count_guard"]
+    assert not guard.passed
+    assert guard.description == (
+        "entries dropped from 948 (served index) to 473 (50.1%), more than the allowed 20%"
+    )
+    assert guard.metadata["served_entries"].value == 948
+    assert not second.asset_materializations_for_node("es_index")
+    assert EmbeddedIndex(data).stats().entries == 948
+
+
+def test_the_retrieval_quality_check_runs_only_when_configured(tmp_path: Path) -> None:
+    from rag_assets.checks import all_checks
+
+    assert "es_index_retrieval_quality" not in {c.check_key.name for c in all_checks(QualityResource())}
+    configured = all_checks(QualityResource(ground_truth="gt.csv"))
+    assert "es_index_retrieval_quality" in {c.check_key.name for c in configured}
+    assert config.quality({"RAG_GROUND_TRUTH": "gt.csv", "RAG_EVAL_MIN_MRR": "0.85"}).min_mrr == 0.85
