@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import threading
@@ -100,3 +101,19 @@ def documents_2025(shared: Path) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def content_2025(nlp: Language, documents_2025: pd.DataFrame) -> IndexContent:
     return index_content(nlp, documents_2025)
+
+
+def eval_slice(directory: Path, entries: int = 60, questions: int = 80) -> tuple[Path, Path]:
+    """A small documents file with ids and the ground-truth rows about it, from ../shared/eval."""
+    documents = json.loads((EVAL / "documents-with-ids.json").read_text())
+    kept = [d for d in documents if d["course"] == "data-engineering-zoomcamp"][:entries]
+    ids = {d["id"] for d in kept}
+    with open(EVAL / "ground-truth-dev.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["document"] in ids][:questions]
+    documents_path = write_json(directory / "eval-documents.json", kept)
+    ground_truth_path = directory / "eval-ground-truth.csv"
+    with open(ground_truth_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "course", "document"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return documents_path, ground_truth_path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import pytest
 from rag_assets.embedded_index import EmbeddedIndex
 from rag_assets.search_backend import IndexContent
 
-from .conftest import EVAL, write_json
+from .conftest import EVAL, eval_slice
 
 RAG = shutil.which("rag", path=str(Path(sys.executable).parent)) or "rag"
 HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score"}
@@ -77,25 +76,11 @@ def test_errors_exit_non_zero_with_a_message(data_dir: Path, tmp_path: Path) -> 
 
 
 def test_eval_on_a_slice_of_the_ground_truth(tmp_path: Path) -> None:
-    documents = json.loads((EVAL / "documents-with-ids.json").read_text())
-    kept = [d for d in documents if d["course"] == "data-engineering-zoomcamp"][:60]
-    ids = {d["id"] for d in kept}
-    with open(EVAL / "ground-truth-dev.csv", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["document"] in ids][:80]
-    write_json(tmp_path / "docs.json", kept)
-    with open(tmp_path / "gt.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["question", "course", "document"])
-        writer.writeheader()
-        writer.writerows(rows)
+    documents, ground_truth = eval_slice(tmp_path)
     result = rag(
-        "eval",
-        "--documents",
-        str(tmp_path / "docs.json"),
-        "--ground-truth",
-        str(tmp_path / "gt.csv"),
-        "--json",
+        "eval", "--documents", str(documents), "--ground-truth", str(ground_truth), "--json",
         data_dir=tmp_path / "unused",
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert set(metrics) == {"hit_rate", "mrr", "questions", "p50_ms"}

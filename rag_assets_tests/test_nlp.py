@@ -15,6 +15,7 @@ from rag_assets.nlp import (
     analyse_texts,
     embed_words,
     model_fingerprint,
+    token_terms,
 )
 
 
@@ -25,16 +26,24 @@ def test_pipeline_is_the_real_model_without_unused_components(nlp: Language) -> 
     assert {"tagger", "attribute_ruler", "lemmatizer"} <= set(nlp.pipe_names)
 
 
-def test_lemmas_are_lowercased_without_stop_words_punctuation_or_spaces(nlp: Language) -> None:
+def test_terms_are_stemmed_lemmas_without_stop_words_punctuation_or_spaces(nlp: Language) -> None:
     [terms] = analyse_texts(nlp, ["The containers were running slowly,  and I restarted them!\n"])
-    assert terms.lemmas == ("container", "run", "slowly", "restart")
+    assert terms.lemmas == ("contain", "run", "slowli", "restart")
     assert terms.words == ("containers", "running", "slowly", "restarted")
+
+
+def test_terms_keep_the_lemma_and_the_surface_form_where_they_differ(nlp: Language) -> None:
+    [terms] = analyse_texts(nlp, ["The children ran quickly"])
+    # "ran" -> lemma "run"; the stemmed surface form "ran" is kept beside it.
+    assert terms.lemmas == ("child", "children", "run", "ran", "quick")
+    assert token_terms("register", "registration") == ("regist", "registr")
+    assert token_terms("instal", "installing") == ("instal",)
 
 
 def test_repeated_texts_are_analysed_once_and_returned_in_order(nlp: Language) -> None:
     logged: list[str] = []
     terms = analyse_texts(nlp, ["Docker images", "Kafka topics", "Docker images"], log=logged.append)
-    assert [t.lemmas for t in terms] == [("docker", "image"), ("kafka", "topic"), ("docker", "image")]
+    assert [t.lemmas for t in terms] == [("docker", "imag"), ("kafka", "topic"), ("docker", "imag")]
     assert logged[-1].startswith("lemmatize: 2/2 (")
 
 

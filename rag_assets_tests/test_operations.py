@@ -28,7 +28,7 @@ from rag_assets.resources import QualityResource
 from rag_assets.retrieval import Retriever
 from rag_assets.search_backend import IndexContent
 
-from .conftest import DATA, write_json
+from .conftest import DATA, eval_slice, write_json
 from .test_definitions import materialize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,3 +297,25 @@ def test_the_retrieval_quality_check_runs_only_when_configured(tmp_path: Path) -
     configured = all_checks(QualityResource(ground_truth="gt.csv"))
     assert "es_index_retrieval_quality" in {c.check_key.name for c in configured}
     assert config.quality({"RAG_GROUND_TRUTH": "gt.csv", "RAG_EVAL_MIN_MRR": "0.85"}).min_mrr == 0.85
+
+
+def test_the_retrieval_quality_check_measures_the_served_index(tmp_path: Path) -> None:
+    documents, ground_truth = eval_slice(tmp_path)
+    settings = QualityResource(ground_truth=str(ground_truth), min_hit_rate=0.8, min_mrr=0.6)
+    run = materialize(
+        str(documents), tmp_path / "data", dg.DagsterInstance.ephemeral(), quality_settings=settings
+    )
+    assert run.success
+    evaluation = check_results(run)["es_index_retrieval_quality"]
+    assert evaluation.passed, evaluation.description
+    assert evaluation.metadata["questions"].value == 80
+    assert 0.8 <= evaluation.metadata["hit_rate"].value <= 1
+    assert evaluation.metadata["ground_truth"].value == str(ground_truth)
+
+    strict = QualityResource(ground_truth=str(ground_truth), min_hit_rate=1.01, min_mrr=1.01)
+    failed = materialize(
+        str(documents), tmp_path / "data", dg.DagsterInstance.ephemeral(), quality_settings=strict
+    )
+    evaluation = check_results(failed)["es_index_retrieval_quality"]
+    assert not evaluation.passed
+    assert evaluation.description.startswith("hit rate ") and "below 1.01; MRR " in evaluation.description

@@ -1,0 +1,93 @@
+"""The ranking behaviour that matters, pinned on small corpora and on the evaluation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from spacy.language import Language
+
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.evaluation import build_index, evaluate, read_ground_truth
+from rag_assets.nlp import analyse_query
+from rag_assets.ranking import FIELD_WEIGHTS, FusionSettings
+from rag_assets.retrieval import Retriever
+
+from .conftest import EVAL, index_content
+
+DECOYS = [
+    ("How do I install Kafka?", "Download the binaries and start the broker."),
+    ("Where is the homework form?", "The link is on the course page."),
+    ("Why is my Docker build slow?", "Use a cache mount for pip downloads."),
+]
+
+
+def corpus(nlp: Language, tmp_path: Path, entries: list[tuple[str, str]]) -> Retriever:
+    documents = pd.DataFrame(
+        [
+            {
+                "doc_id": f"d{i}",
+                "course": "c",
+                "section": "General",
+                "question": q,
+                "answer": a,
+                "content_hash": str(i),
+            }
+            for i, (q, a) in enumerate(entries)
+        ]
+    )
+    index = EmbeddedIndex(tmp_path)
+    index.publish(index_content(nlp, documents))
+    return Retriever(index, nlp)
+
+
+def test_an_answer_sharing_only_lemmas_with_the_question_is_found(nlp: Language, tmp_path: Path) -> None:
+    target = ("Classroom rules", "The children were taught by geese.")
+    retriever = corpus(nlp, tmp_path, [*DECOYS, target])
+    query = "Which child teaches a goose?"
+    surface = {w.lower() for w in ["Which", "child", "teaches", "a", "goose"]}
+    assert not surface & set(target[1].lower().rstrip(".").split())  # no surface form in common
+    assert retriever.backend.lexical_search(analyse_query(nlp, query).lemmas, None, 5) == ["d3-0"]
+    assert retriever.search(query)[0].doc_id == "d3"
+
+
+def test_derived_forms_meet_through_their_stem(nlp: Language, tmp_path: Path) -> None:
+    retriever = corpus(nlp, tmp_path, [*DECOYS, ("Sign-up", "Registration closes on Friday.")])
+    assert retriever.search("Until when can I register?")[0].doc_id == "d3"
+
+
+def test_lemmatizer_slips_do_not_split_a_word(nlp: Language, tmp_path: Path) -> None:
+    # spaCy lemmatizes "installing" to "instal" but "install" to "install"; both stem to "instal".
+    retriever = corpus(nlp, tmp_path, [("Setup", "Installing Kafka takes a minute."), *DECOYS[1:]])
+    assert retriever.search("how to install kafka")[0].doc_id == "d0"
+
+
+def test_the_question_field_outweighs_the_answer(nlp: Language, tmp_path: Path) -> None:
+    retriever = corpus(
+        nlp,
+        tmp_path,
+        [
+            ("Airflow scheduler", "Restart it after changing the DAG folder."),
+            ("Restarting services", "The airflow scheduler sometimes hangs after an upgrade."),
+        ],
+    )
+    assert FIELD_WEIGHTS["question"] > FIELD_WEIGHTS["text"]
+    assert [hit.doc_id for hit in retriever.search("airflow scheduler")] == ["d0", "d1"]
+
+
+def test_the_vector_side_only_fills_in_when_no_lemma_matches(nlp: Language, tmp_path: Path) -> None:
+    retriever = corpus(nlp, tmp_path, [*DECOYS, ("Vehicles", "A truck carries cargo.")])
+    assert retriever.backend.lexical_search(analyse_query(nlp, "automobile lorry").lemmas, None, 5) == []
+    assert retriever.search("automobile lorry")[0].doc_id == "d3"
+
+
+def test_evaluation_set_figures(nlp: Language, tmp_path: Path) -> None:
+    """The README's figures for the default settings (development split, 2123 questions)."""
+    index = build_index(str(EVAL / "documents-with-ids.json"), tmp_path, nlp)
+    result = evaluate(
+        Retriever(index, nlp, FusionSettings()), read_ground_truth(EVAL / "ground-truth-dev.csv")
+    )
+    assert result.questions == 2123
+    assert result.hit_rate == pytest.approx(0.9458, abs=1e-4)
+    assert result.mrr == pytest.approx(0.8829, abs=1e-4)
