@@ -14,8 +14,9 @@ from pydantic import Field
 
 from rag_assets.chunking import ChunkingConfig, make_chunks
 from rag_assets.config import freshness_hours
-from rag_assets.features import LEMMA_FIELDS, ChunkVectors, embed_chunks, lemmatize_chunks
+from rag_assets.features import LEMMA_FIELDS, ChunkVectors
 from rag_assets.nlp import VECTOR_DIM, model_fingerprint
+from rag_assets.nlp_cache import cached_lemmas, cached_vectors
 from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
 from rag_assets.search_backend import IndexContent
 from rag_assets.sources import SourceError
@@ -109,34 +110,47 @@ def chunks(config: ChunksConfig, raw_documents: pd.DataFrame) -> dg.MaterializeR
 
 @dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION)
 def lemmas(context: dg.AssetExecutionContext, nlp: NlpResource, chunks: pd.DataFrame) -> dg.MaterializeResult:
-    """Lowercased lemmas of each searched field, without stop words, punctuation or spaces."""
+    """Stemmed lemmas of each searched field, without stop words, punctuation or spaces.
+
+    Only chunks whose content is not in the NLP cache are analysed; the model loads only then.
+    """
     started = time.perf_counter()
-    frame = lemmatize_chunks(nlp.pipeline(), chunks, nlp.settings(), context.log.info)
+    cache = nlp.cache(context.log.warning)
+    frame, reuse = cached_lemmas(nlp.pipeline, chunks, cache, nlp.settings(), context.log.info)
+    pruned = cache.prune()
     duration = time.perf_counter() - started
+    context.log.info(f"lemmas: {reuse.computed} chunks analysed, {reuse.reused} from the cache")
     terms = sum(frame[f"{f}_lemmas"].str.split().str.len().sum() for f in LEMMA_FIELDS)
     return dg.MaterializeResult(
         value=frame,
         metadata={
             "chunks": len(frame),
-            "lemmas": int(terms),
+            "computed": reuse.computed,
+            "reused": reuse.reused,
+            "cache_pruned": pruned,
+            "terms": int(terms),
             "model_fingerprint": nlp.fingerprint(),
             "duration_s": round(duration, 3),
-            "chunks_per_s": round(len(frame) / max(duration, 1e-9), 1),
+            "computed_per_s": round(reuse.computed / max(duration, 1e-9), 1),
             "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
         },
     )
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION)
-def embeddings(nlp: NlpResource, lemmas: pd.DataFrame) -> dg.MaterializeResult:
+def embeddings(
+    context: dg.AssetExecutionContext, nlp: NlpResource, lemmas: pd.DataFrame
+) -> dg.MaterializeResult:
     """A unit-length word-vector mean per chunk, from the content words found by `lemmas`."""
     started = time.perf_counter()
-    vectors = embed_chunks(nlp.pipeline(), lemmas)
+    vectors, reuse = cached_vectors(nlp.pipeline, lemmas, nlp.cache(context.log.warning))
     zero = int((~np.any(vectors.matrix, axis=1)).sum())
     return dg.MaterializeResult(
         value=vectors,
         metadata={
             "chunks": len(vectors.chunk_ids),
+            "computed": reuse.computed,
+            "reused": reuse.reused,
             "dimensions": VECTOR_DIM,
             "zero_vectors": zero,
             "duration_s": round(time.perf_counter() - started, 3),

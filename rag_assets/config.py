@@ -53,9 +53,17 @@ def document_source(env: Mapping[str, str] = os.environ) -> DocumentSourceResour
     return DocumentSourceResource(url=env.get("DOCUMENTS_URL") or DEFAULT_DOCUMENTS_URL)
 
 
+NLP_SETTINGS = {
+    "RAG_NLP_PROCESSES": "processes",
+    "RAG_NLP_BATCH_SIZE": "batch_size",
+    "RAG_NLP_MIN_TEXTS_PER_PROCESS": "min_texts_per_process",
+    "RAG_NLP_CACHE_TTL_DAYS": "cache_ttl_days",
+}
+
+
 def nlp_resource(env: Mapping[str, str] = os.environ) -> NlpResource:
-    processes = env.get("RAG_NLP_PROCESSES")
-    return NlpResource(**({"processes": int(processes)} if processes else {}))
+    settings = {field: env[name] for name, field in NLP_SETTINGS.items() if env.get(name)}
+    return NlpResource(cache_dir=str(data_dir(env) / "cache"), **settings)
 
 
 def elasticsearch(env: Mapping[str, str] = os.environ, *, for_dagster: bool) -> ElasticsearchResource | None:

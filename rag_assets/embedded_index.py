@@ -25,6 +25,7 @@ from rag_assets.search_backend import (
     PublishReport,
     StoredChunk,
 )
+from rag_assets.sqlite_tx import immediate_transaction
 
 INDEX_FILENAME = "index.sqlite"
 _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text")
@@ -99,14 +100,15 @@ class EmbeddedIndex:
                 upserted += 1
             for rowid, _ in existing.values():
                 self._delete_row(db, rowid)
-            generation = int(self._meta(db).get("generation", "0")) + (1 if upserted or existing else 0)
-            db.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("published_at", datetime.now(UTC).isoformat(timespec="seconds")),
-                    ("generation", str(generation)),
-                ],
-            )
+            meta = self._meta(db)
+            if upserted or existing or "published_at" not in meta:  # an unchanged source writes nothing
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("published_at", datetime.now(UTC).isoformat(timespec="seconds")),
+                        ("generation", str(int(meta.get("generation", "0")) + 1)),
+                    ],
+                )
         self._vectors = None
         return PublishReport(
             location=self.location,
@@ -121,13 +123,8 @@ class EmbeddedIndex:
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode = WAL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(db):
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         finally:
             db.close()
 

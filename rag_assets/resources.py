@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +13,7 @@ from spacy.language import Language
 from rag_assets.elasticsearch_index import ElasticsearchIndex
 from rag_assets.embedded_index import EmbeddedIndex
 from rag_assets.nlp import MODEL_NAME, NlpSettings, default_processes, load_pipeline, model_fingerprint
+from rag_assets.nlp_cache import NlpCache
 from rag_assets.search_backend import SearchBackend
 from rag_assets.sources import DEFAULT_DOCUMENTS_URL, Fetcher, LoadedDocuments, load_documents, redact
 
@@ -33,15 +35,27 @@ class NlpResource(dg.ConfigurableResource):
     model: str = Field(default=MODEL_NAME, description="spaCy package name or model directory")
     batch_size: int = Field(default=256, description="Texts per nlp.pipe batch")
     processes: int = Field(default_factory=default_processes, description="Worker processes for large inputs")
+    min_texts_per_process: int = Field(
+        default=NlpSettings.min_texts_per_process, description="Distinct texts each extra process needs"
+    )
+    cache_dir: str = Field(default=".rag/cache", description="Directory of the NLP cache")
+    cache_ttl_days: float = Field(default=7.0, description="Cache entries unused this long are pruned")
 
     def pipeline(self) -> Language:
         return load_pipeline(self.model)
 
     def settings(self) -> NlpSettings:
-        return NlpSettings(batch_size=self.batch_size, processes=self.processes)
+        return NlpSettings(
+            batch_size=self.batch_size,
+            processes=self.processes,
+            min_texts_per_process=self.min_texts_per_process,
+        )
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.model)
+
+    def cache(self, log: Callable[[str], None] | None = None) -> NlpCache:
+        return NlpCache(Path(self.cache_dir), self.fingerprint(), self.cache_ttl_days, log)
 
 
 class ElasticsearchResource(dg.ConfigurableResource):

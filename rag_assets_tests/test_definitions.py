@@ -25,7 +25,7 @@ JOIN_QUESTION = "Course - Can I still join the course after the start date?"
 def run_resources(source: str, data_dir: Path, **overrides: object) -> dict[str, object]:
     return {
         "source": DocumentSourceResource(url=source, retries=0),
-        "nlp": NlpResource(processes=1),
+        "nlp": NlpResource(processes=1, cache_dir=str(data_dir / "cache")),
         "search_index": SearchIndexResource(data_dir=str(data_dir)),
         "quality_settings": QualityResource(),
         "io_manager": dg.FilesystemIOManager(base_dir=str(data_dir / "assets")),

@@ -1,0 +1,219 @@
+"""A content-addressed cache of per-chunk NLP results, so a refresh only analyses what changed.
+
+Keys are (fingerprint, content_hash): the fingerprint covers everything that changes the output
+(model, its version, spaCy, the term and vector rules), so changing any of them misses the cache
+instead of reusing stale results. Entries record when they were last used and are pruned once
+unused for `ttl_days`. The cache only ever costs time: an unreadable file is set aside and
+rebuilt, and a damaged entry is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from spacy.language import Language
+
+from rag_assets.features import LEMMA_COLUMNS, ChunkVectors, embed_chunks, lemmatize_chunks
+from rag_assets.nlp import VECTOR_DIM, NlpSettings
+from rag_assets.sqlite_tx import immediate_transaction
+
+CACHE_FILENAME = "nlp-cache.sqlite"
+TERM_FIELDS = tuple(LEMMA_COLUMNS[2:])  # everything `lemmas` holds besides the two ids
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS terms (
+    fingerprint TEXT NOT NULL, content_hash TEXT NOT NULL,
+    {", ".join(f"{f} TEXT NOT NULL" for f in TERM_FIELDS)},
+    last_used REAL NOT NULL, PRIMARY KEY (fingerprint, content_hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vectors (
+    fingerprint TEXT NOT NULL, content_hash TEXT NOT NULL, vector BLOB NOT NULL,
+    last_used REAL NOT NULL, PRIMARY KEY (fingerprint, content_hash)
+) WITHOUT ROWID;
+"""
+_BATCH = 500  # keys per IN (...) query, below SQLite's variable limit
+
+
+class NlpCache:
+    def __init__(
+        self,
+        directory: Path | str,
+        fingerprint: str,
+        ttl_days: float = 7.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = Path(directory) / CACHE_FILENAME
+        self.fingerprint = fingerprint
+        self.ttl_days = ttl_days
+        self._log = log or logging.getLogger(__name__).warning
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            self._log(f"NLP cache {self.path} is unreadable ({exc}); moved to {aside.name}, starting afresh")
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM terms").fetchone()
+            db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _get(self, table: str, columns: str, hashes: Sequence[str]) -> dict[str, tuple]:
+        found: dict[str, tuple] = {}
+        unique = list(dict.fromkeys(hashes))
+        try:
+            for start in range(0, len(unique), _BATCH):
+                batch = unique[start : start + _BATCH]
+                rows = self._db.execute(
+                    f"SELECT content_hash, {columns} FROM {table} WHERE fingerprint = ? "
+                    f"AND content_hash IN ({', '.join('?' * len(batch))})",
+                    [self.fingerprint, *batch],
+                )
+                found.update((row[0], row[1:]) for row in rows)
+        except sqlite3.DatabaseError as exc:
+            self._log(f"NLP cache {self.path} failed a read ({exc}); recomputing")
+            return {}
+        return found
+
+    def get_terms(self, hashes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        return self._get("terms", ", ".join(TERM_FIELDS), hashes)
+
+    def get_vectors(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        found = self._get("vectors", "vector", hashes)
+        return {
+            h: np.frombuffer(blob, dtype=np.float32)
+            for h, (blob,) in found.items()
+            if isinstance(blob, bytes) and len(blob) == VECTOR_DIM * 4  # anything else is a miss
+        }
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _put(self, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
+        now = time.time()
+        sql = (
+            f"INSERT OR REPLACE INTO {table} (fingerprint, content_hash, {', '.join(columns)}, last_used) "
+            f"VALUES (?, ?, {', '.join('?' * len(columns))}, ?)"
+        )
+        try:
+            with immediate_transaction(self._db):
+                self._db.executemany(sql, ((self.fingerprint, *row, now) for row in rows))
+        except sqlite3.DatabaseError as exc:
+            self._log(f"NLP cache {self.path} failed a write ({exc}); results are not cached")
+
+    def put_terms(self, rows: Iterable[tuple[str, ...]]) -> None:
+        """Rows of (content_hash, question_lemmas, text_lemmas, section_lemmas, vector_words)."""
+        self._put("terms", TERM_FIELDS, rows)
+
+    def put_vectors(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        self._put("vectors", ("vector",), ((h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in items))
+
+    def touch(self, hashes: Sequence[str]) -> None:
+        """Mark entries as used now, so pruning keeps what the current source needs."""
+        unique = list(dict.fromkeys(hashes))
+        now = time.time()
+        try:
+            with immediate_transaction(self._db):
+                for table in ("terms", "vectors"):
+                    for start in range(0, len(unique), _BATCH):
+                        batch = unique[start : start + _BATCH]
+                        self._db.execute(
+                            f"UPDATE {table} SET last_used = ? WHERE fingerprint = ? "
+                            f"AND content_hash IN ({', '.join('?' * len(batch))})",
+                            [now, self.fingerprint, *batch],
+                        )
+        except sqlite3.DatabaseError as exc:
+            self._log(f"NLP cache {self.path} failed to record use ({exc})")
+
+    def prune(self) -> int:
+        """Drop entries unused for `ttl_days` (any fingerprint); returns how many."""
+        cutoff = time.time() - self.ttl_days * 86400
+        removed = 0
+        try:
+            with immediate_transaction(self._db):
+                for table in ("terms", "vectors"):
+                    removed += self._db.execute(
+                        f"DELETE FROM {table} WHERE last_used < ?", (cutoff,)
+                    ).rowcount
+        except sqlite3.DatabaseError as exc:
+            self._log(f"NLP cache {self.path} failed to prune ({exc})")
+        return removed
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass(frozen=True)
+class Reuse:
+    computed: int
+    reused: int
+
+
+def _misses(frame: pd.DataFrame, known: Mapping[str, object], cache: NlpCache) -> tuple[pd.DataFrame, Reuse]:
+    """Rows to compute (one per distinct content); marks the cached rest as used."""
+    hit = frame["content_hash"].isin(set(known)).to_numpy()
+    cache.touch(list(frame["content_hash"][hit]))
+    return frame[~hit].drop_duplicates("content_hash"), Reuse(
+        computed=int((~hit).sum()), reused=int(hit.sum())
+    )
+
+
+def cached_lemmas(
+    load_nlp: Callable[[], Language],
+    chunks: pd.DataFrame,
+    cache: NlpCache,
+    settings: NlpSettings = NlpSettings(),
+    log: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, Reuse]:
+    """`lemmatize_chunks` for the chunks whose content is not cached; the model loads only then."""
+    known = cache.get_terms(list(chunks["content_hash"]))
+    todo, reuse = _misses(chunks, known, cache)
+    if len(todo):
+        fresh = lemmatize_chunks(load_nlp(), todo, settings, log)
+        rows = list(fresh[["content_hash", *TERM_FIELDS]].itertuples(index=False, name=None))
+        cache.put_terms(rows)
+        known.update((row[0], row[1:]) for row in rows)
+    values = list(zip(*(known[h] for h in chunks["content_hash"]), strict=True)) or [[]] * len(TERM_FIELDS)
+    frame = pd.DataFrame(
+        {"chunk_id": chunks["chunk_id"].to_numpy(), "content_hash": chunks["content_hash"].to_numpy()}
+        | {field: list(column) for field, column in zip(TERM_FIELDS, values, strict=True)}
+    )
+    return frame, reuse
+
+
+def cached_vectors(
+    load_nlp: Callable[[], Language], lemmas: pd.DataFrame, cache: NlpCache
+) -> tuple[ChunkVectors, Reuse]:
+    """`embed_chunks` for the chunks whose vector is not cached."""
+    known = cache.get_vectors(list(lemmas["content_hash"]))
+    todo, reuse = _misses(lemmas, known, cache)
+    if len(todo):
+        fresh = embed_chunks(load_nlp(), todo)
+        items = list(zip(todo["content_hash"], fresh.matrix, strict=True))
+        cache.put_vectors(items)
+        known.update(items)
+    matrix = np.zeros((len(lemmas), VECTOR_DIM), dtype=np.float32)
+    for row, content_hash in enumerate(lemmas["content_hash"]):
+        matrix[row] = known[content_hash]
+    return ChunkVectors(list(lemmas["chunk_id"]), matrix), reuse
