@@ -9,6 +9,11 @@ export RAG_DATA_DIR
 DAGSTER_HOME ?= $(abspath $(RAG_DATA_DIR))/dagster
 export DAGSTER_HOME
 
+# `make bench` inputs (paths relative to the project root) and synthetic corpus sizes.
+BENCH_NEW ?= ../shared/data/documents-2025.json
+BENCH_OLD ?= ../shared/data/documents-2024-06.json
+BENCH_SCALE ?= 10000,100000
+
 .PHONY: setup run test lint dev bench clean
 
 setup: $(STAMP)
@@ -32,6 +37,9 @@ test: setup
 	$(VENV)/bin/ruff check rag_assets rag_assets_tests
 	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests
 	$(VENV)/bin/pytest
+
+bench: setup
+	$(PY) -m rag_assets.benchmark --new $(BENCH_NEW) --old $(BENCH_OLD) --scale '$(BENCH_SCALE)' --out bench-results.json
 
 lint: setup
 	$(VENV)/bin/ruff check rag_assets rag_assets_tests

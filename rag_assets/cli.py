@@ -103,31 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    search = commands.add_parser("search", help="search the published index")
+    def command(name: str, help: str, func: object, json_output: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        if json_output:
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.set_defaults(func=func)
+        return sub
+
+    search = command("search", "search the published index", cmd_search)
     search.add_argument("query")
     search.add_argument("--course", help="only entries of this course")
     search.add_argument("--k", type=int, default=5, help="number of results (default 5)")
-    search.add_argument("--json", action="store_true", help="print JSON")
-    search.set_defaults(func=cmd_search)
 
-    stats = commands.add_parser("stats", help="what the published index holds")
-    stats.add_argument("--json", action="store_true", help="print JSON")
-    stats.set_defaults(func=cmd_stats)
+    command("stats", "what the published index holds", cmd_stats)
 
-    evaluation = commands.add_parser("eval", help="hit rate and MRR on a ground truth")
+    evaluation = command("eval", "hit rate and MRR on a ground truth", cmd_eval)
     evaluation.add_argument("--documents", required=True, help="source file with entry ids")
     evaluation.add_argument("--ground-truth", required=True, help="CSV: question,course,document")
     evaluation.add_argument("--k", type=int, default=5)
-    evaluation.add_argument("--json", action="store_true", help="print JSON")
-    evaluation.set_defaults(func=cmd_eval)
 
-    versions = commands.add_parser("versions", help="Elasticsearch: the indices kept behind the alias")
-    versions.add_argument("--json", action="store_true", help="print JSON")
-    versions.set_defaults(func=cmd_versions)
-
-    rollback = commands.add_parser("rollback", help="Elasticsearch: point the alias at an earlier index")
+    command("versions", "Elasticsearch: the indices kept behind the alias", cmd_versions)
+    rollback = command("rollback", "Elasticsearch: point the alias at an earlier index", cmd_rollback, False)
     rollback.add_argument("index", nargs="?", help="index to serve (default: the one before the live one)")
-    rollback.set_defaults(func=cmd_rollback)
     return parser
 
 

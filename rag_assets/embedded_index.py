@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_assets.chunking import CHUNK_COLUMNS
 from rag_assets.nlp import VECTOR_DIM
 from rag_assets.ranking import FIELD_WEIGHTS
 from rag_assets.search_backend import (
@@ -29,17 +30,8 @@ from rag_assets.sqlite_tx import immediate_transaction
 
 INDEX_FILENAME = "index.sqlite"
 _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text")
-_STORED_COLUMNS = (
-    "chunk_id",
-    "doc_id",
-    "chunk_index",
-    "course",
-    "section",
-    "question",
-    "text",
-    "content_hash",
-    "row_hash",
-)
+# Everything a chunk row holds but its joined content (only hashed), plus the row's own hash.
+_STORED_COLUMNS = (*(c for c in CHUNK_COLUMNS if c != "content"), "row_hash")
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import spacy
 import Stemmer
+from spacy.attrs import IS_PUNCT, IS_SPACE, IS_STOP, LEMMA, LOWER, ORTH
 from spacy.language import Language
 from spacy.tokens import Doc
 
@@ -66,6 +67,7 @@ class TextTerms:
     words: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def token_terms(lemma: str, lower: str) -> tuple[str, ...]:
     """The Snowball stem of the lemma, and of the surface form when that differs.
 
@@ -74,17 +76,35 @@ def token_terms(lemma: str, lower: str) -> tuple[str, ...]:
     (installing -> "instal" but install -> "install"; "Containers" tagged as a proper noun and
     left unlemmatized). On the evaluation set this beats plain lemmas on MRR (README, Retrieval).
     """
-    lemma_stem = _STEMMER.stemWord(lemma)
+    lemma_stem = _STEMMER.stemWord(lemma.lower().strip())
     surface_stem = _STEMMER.stemWord(lower)
+    if not lemma_stem:
+        return ()
     return (lemma_stem,) if surface_stem == lemma_stem else (lemma_stem, surface_stem)
 
 
+_TERM_ATTRS = [IS_STOP, IS_PUNCT, IS_SPACE, LEMMA, LOWER, ORTH]
+# One str object per distinct word, shared by every text that uses it (memory at 100k chunks).
+_WORDS: dict[int, str] = {}
+
+
 def doc_terms(doc: Doc) -> TextTerms:
-    kept = [t for t in doc if not (t.is_stop or t.is_punct or t.is_space)]
+    """Read the token attributes as one array: the hot loop of every cold build."""
+    if not len(doc):
+        return TextTerms((), ())
+    rows = doc.to_array(_TERM_ATTRS)
+    kept = rows[(rows[:, 0] == 0) & (rows[:, 1] == 0) & (rows[:, 2] == 0)]
+    strings = doc.vocab.strings
+
+    def word(key: int) -> str:
+        if (text := _WORDS.get(key)) is None:
+            text = _WORDS[key] = strings[key]
+        return text
+
     lemmas = tuple(
-        term for t in kept if (lemma := t.lemma_.lower().strip()) for term in token_terms(lemma, t.lower_)
+        term for lemma, lower in kept[:, 3:5].tolist() for term in token_terms(word(lemma), word(lower))
     )
-    return TextTerms(lemmas=lemmas, words=tuple(t.text for t in kept))
+    return TextTerms(lemmas=lemmas, words=tuple(word(orth) for orth in kept[:, 5].tolist()))
 
 
 def default_processes() -> int:

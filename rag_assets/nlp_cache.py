@@ -185,12 +185,13 @@ def cached_lemmas(
     cache: NlpCache,
     settings: NlpSettings = NlpSettings(),
     log: Callable[[str], None] | None = None,
+    block_chunks: int = 10_000,
 ) -> tuple[pd.DataFrame, Reuse]:
     """`lemmatize_chunks` for the chunks whose content is not cached; the model loads only then."""
     known = cache.get_terms(list(chunks["content_hash"]))
     todo, reuse = _misses(chunks, known, cache)
-    if len(todo):
-        fresh = lemmatize_chunks(load_nlp(), todo, settings, log)
+    for start in range(0, len(todo), block_chunks):  # bounded memory, results saved as they come
+        fresh = lemmatize_chunks(load_nlp(), todo.iloc[start : start + block_chunks], settings, log)
         rows = list(fresh[["content_hash", *TERM_FIELDS]].itertuples(index=False, name=None))
         cache.put_terms(rows)
         known.update((row[0], row[1:]) for row in rows)

@@ -52,6 +52,13 @@ def test_a_second_pass_reuses_everything_without_loading_the_model(
     assert np.array_equal(vectors.matrix, embed_chunks(nlp, lemmas).matrix)
 
 
+def test_blocks_give_the_same_result(tmp_path: Path, nlp: Language, chunks: pd.DataFrame) -> None:
+    whole, _ = cached_lemmas(lambda: nlp, chunks, NlpCache(tmp_path / "a", "fp"))
+    blocks, reuse = cached_lemmas(lambda: nlp, chunks, NlpCache(tmp_path / "b", "fp"), block_chunks=7)
+    assert reuse.computed == len(chunks)
+    pd.testing.assert_frame_equal(blocks, whole)
+
+
 def test_only_new_content_is_computed(tmp_path: Path, nlp: Language, chunks: pd.DataFrame) -> None:
     cache = NlpCache(tmp_path, "fp")
     cached_lemmas(lambda: nlp, chunks.head(50), cache)

@@ -1,0 +1,287 @@
+"""`make bench`: real Dagster runs of the refresh job, timed per asset, against spaCy's floor.
+
+Scenarios (each in its own process, so peak RSS is its own):
+- cold: a fresh data directory, the new snapshot; then, in the same process, the floor:
+  `nlp.pipe` over the chunks' field texts with the same model, components and worker count;
+- warm: the cold directory again with the same snapshot (everything cached, nothing to write);
+- delta: a fresh directory built from the old snapshot, then refreshed to the new one; its index
+  is compared with the cold build's (ids, content hashes and search results);
+- scale: synthetic corpora of N chunks grown from the real one (copies with perturbed words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from rag_assets.automation import JOB_NAME
+from rag_assets.chunking import ChunkingConfig, make_chunks
+from rag_assets.definitions import make_definitions
+from rag_assets.embedded_index import EmbeddedIndex
+from rag_assets.features import LEMMA_FIELDS
+from rag_assets.nlp import NlpSettings, default_processes, load_pipeline
+from rag_assets.resources import DocumentSourceResource, NlpResource, QualityResource, SearchIndexResource
+from rag_assets.retrieval import Retriever
+from rag_assets.sources import Fetcher, load_documents
+
+ASSETS = ["raw_documents", "chunks", "lemmas", "embeddings", "es_index"]
+RESULTS = Path("bench-results.json")
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest child (spaCy workers), in MB."""
+    return {
+        "process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def run_job(documents: str, workdir: Path, processes: int) -> dict[str, Any]:
+    """One real run of the refresh job; seconds per asset step and the counts from its metadata."""
+    resources = {
+        "source": DocumentSourceResource(url=documents),
+        "nlp": NlpResource(processes=processes, cache_dir=str(workdir / "cache")),
+        "search_index": SearchIndexResource(data_dir=str(workdir)),
+        "quality_settings": QualityResource(max_entry_drop=1.0),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(workdir / "assets")),
+    }
+    job = make_definitions(resources).resolve_job_def(JOB_NAME)
+    (workdir / "dagster").mkdir(parents=True, exist_ok=True)
+    with dg.DagsterInstance.local_temp(str(workdir / "dagster")) as instance:
+        started = time.perf_counter()
+        result = job.execute_in_process(instance=instance)
+        wall = time.perf_counter() - started
+    seconds = {
+        event.step_key: event.event_specific_data.duration_ms / 1000
+        for event in result.all_events
+        if event.is_step_success and event.step_key in ASSETS
+    }
+    metadata = {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
+    return {
+        "seconds": {asset: round(seconds[asset], 3) for asset in ASSETS},
+        "run_wall_s": round(wall, 3),
+        "chunks": metadata["chunks"]["chunks"],
+        "lemmas_computed": metadata["lemmas"]["computed"],
+        "lemmas_reused": metadata["lemmas"]["reused"],
+        "embeddings_computed": metadata["embeddings"]["computed"],
+        "embeddings_reused": metadata["embeddings"]["reused"],
+        "index_upserted": metadata["es_index"]["upserted"],
+        "index_deleted": metadata["es_index"]["deleted"],
+    }
+
+
+def field_texts(chunks: pd.DataFrame) -> list[str]:
+    return [str(v) for field in LEMMA_FIELDS for v in chunks[field]]
+
+
+def spacy_floor(workdir: Path, processes: int) -> dict[str, Any]:
+    """`nlp.pipe` alone over the chunks' field texts, with the components and workers lemmas uses.
+
+    Runs in a fresh process like the cold run, so neither profits from the other's warm-up; the
+    model is loaded before the clock starts."""
+    chunks = pd.read_pickle(workdir / "assets" / "chunks")
+    texts = field_texts(chunks)
+    nlp = load_pipeline()
+    settings = NlpSettings(processes=processes)
+    workers = max(1, min(processes, len(set(texts)) // settings.min_texts_per_process))
+    floors = {}
+    for name, batch in (("all_texts", texts), ("distinct_texts", list(dict.fromkeys(texts)))):
+        started = time.perf_counter()
+        for _ in nlp.pipe(batch, batch_size=settings.batch_size, n_process=workers):
+            pass
+        floors[name] = {"texts": len(batch), "seconds": round(time.perf_counter() - started, 3)}
+    return {"processes": workers, "components": nlp.pipe_names, **floors}
+
+
+def search_snapshot(workdir: Path, documents: pd.DataFrame) -> list[list[str]]:
+    retriever = Retriever(EmbeddedIndex(workdir), load_pipeline())
+    probes = documents.sample(min(50, len(documents)), random_state=7)
+    return [
+        [h.chunk_id for h in retriever.search(q, course=c)]
+        for q, c in zip(probes.question, probes.course, strict=True)
+    ]
+
+
+def scenario(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(args.workdir)
+    if args.scenario == "cold":
+        started = time.perf_counter()
+        load_pipeline()  # measured on its own: the lemmas step of a new process includes it
+        model_load = round(time.perf_counter() - started, 3)
+        load_pipeline.cache_clear()
+        return {**run_job(args.new, workdir, args.processes), "model_load_s": model_load}
+    if args.scenario == "floor":
+        return spacy_floor(workdir, args.processes)
+    if args.scenario == "warm":
+        return run_job(args.new, workdir, args.processes)
+    if args.scenario == "delta":
+        setup = run_job(args.old, workdir, args.processes)
+        run = run_job(args.new, workdir, args.processes)
+        documents = load_documents(args.new, Fetcher()).frame
+        same_ids = EmbeddedIndex(workdir).chunk_hashes() == EmbeddedIndex(args.compare).chunk_hashes()
+        same_hits = search_snapshot(workdir, documents) == search_snapshot(Path(args.compare), documents)
+        return {
+            **run,
+            "setup_from_old": setup,
+            "identical_to_cold": {"ids_and_hashes": same_ids, "search": same_hits},
+        }
+    if args.scenario == "scale":
+        run = run_job(args.new, workdir, args.processes)
+        nlp_s = run["seconds"]["lemmas"] + run["seconds"]["embeddings"]
+        return {
+            **run,
+            "nlp_ms_per_chunk": round(1000 * nlp_s / run["chunks"], 3),
+            "total_ms_per_chunk": round(1000 * sum(run["seconds"].values()) / run["chunks"], 3),
+        }
+    raise ValueError(args.scenario)
+
+
+def synthetic_corpus(source: str, chunks_wanted: int, path: Path, seed: int = 13) -> None:
+    """Copies of the real entries, each with about one word in six replaced by another word of the
+    corpus, so no two chunks share content and nothing is served from the cache."""
+    documents = load_documents(source, Fetcher()).frame
+    rng = random.Random(seed)
+    vocabulary = " ".join(documents.answer).split()
+    per_entry = len(make_chunks(documents, ChunkingConfig())) / len(documents)
+    entries = []
+    for copy in range(int(chunks_wanted / per_entry) // len(documents) + 1):
+        for doc in documents.itertuples(index=False):
+            words = [rng.choice(vocabulary) if rng.random() < 1 / 6 else w for w in doc.answer.split(" ")]
+            entries.append(
+                {
+                    "course": doc.course,
+                    "section": doc.section,
+                    "question": f"{doc.question} ({copy})",
+                    "answer": " ".join(words),
+                }
+            )
+    entries = entries[: int(chunks_wanted / per_entry)]
+    path.write_text(json.dumps(entries))
+
+
+def run_scenario(name: str, workdir: Path, args: argparse.Namespace, **extra: str) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "rag_assets.benchmark",
+        "--scenario",
+        name,
+        "--workdir",
+        str(workdir),
+        "--new",
+        extra.get("new", args.new),
+        "--old",
+        args.old,
+        "--processes",
+        str(args.processes),
+    ]
+    if "compare" in extra:
+        command += ["--compare", extra["compare"]]
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"scenario {name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, Any]) -> None:
+    rows = [(name, r) for name, r in results["scenarios"].items()]
+    print(
+        f"{'scenario':<14}" + "".join(f"{a:>14}" for a in ASSETS) + f"{'computed':>10}{'reused':>8}"
+        f"{'upserted':>10}{'deleted':>9}{'peak MB':>9}"
+    )
+    for name, r in rows:
+        print(
+            f"{name:<14}"
+            + "".join(f"{r['seconds'][a]:>14.3f}" for a in ASSETS)
+            + f"{r['lemmas_computed']:>10}{r['lemmas_reused']:>8}{r['index_upserted']:>10}"
+            f"{r['index_deleted']:>9}{r['peak_rss_mb']['process']:>9.0f}"
+        )
+    print()
+    for key, value in results["summary"].items():
+        print(f"{key}: {value}")
+
+
+def summarise(scenarios: dict[str, Any]) -> dict[str, Any]:
+    cold, warm, delta = scenarios["cold"], scenarios["warm"], scenarios["delta"]
+    nlp = cold["seconds"]["lemmas"] + cold["seconds"]["embeddings"]
+    floor = cold["floor"]["all_texts"]["seconds"]
+    cold_steps = nlp + cold["seconds"]["es_index"]
+    warm_steps = warm["seconds"]["lemmas"] + warm["seconds"]["embeddings"] + warm["seconds"]["es_index"]
+    summary: dict[str, Any] = {
+        "cold_nlp_steps_s": round(nlp, 3),
+        "cold_model_load_s": cold["model_load_s"],
+        "floor_s (nlp.pipe over all field texts)": floor,
+        "floor_distinct_texts_s": cold["floor"]["distinct_texts"]["seconds"],
+        "cold_ratio_to_floor (target <= 1.2)": round(nlp / floor, 3),
+        "cold_ratio_to_floor_without_model_load": round((nlp - cold["model_load_s"]) / floor, 3),
+        "warm_computed_and_written": warm["lemmas_computed"]
+        + warm["embeddings_computed"]
+        + warm["index_upserted"]
+        + warm["index_deleted"],
+        "warm_share_of_cold (target <= 0.05)": round(warm_steps / cold_steps, 4),
+        "delta_computed": delta["lemmas_computed"],
+        "delta_upserted_deleted": [delta["index_upserted"], delta["index_deleted"]],
+        "delta_identical_to_cold": delta["identical_to_cold"],
+    }
+    scales = sorted((k for k in scenarios if k.startswith("scale_")), key=lambda k: int(k.split("_")[1]))
+    if len(scales) >= 2:
+        small, large = scenarios[scales[0]], scenarios[scales[-1]]
+        summary["scale_time_per_chunk_ratio (target <= 1.2)"] = round(
+            large["total_ms_per_chunk"] / small["total_ms_per_chunk"], 3
+        )
+    if scales:
+        summary["scale_peak_rss_mb (target <= 2048)"] = {
+            k: {m: round(v) for m, v in scenarios[k]["peak_rss_mb"].items()} for k in scales
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rag_assets.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--new", default="../shared/data/documents-2025.json")
+    parser.add_argument("--old", default="../shared/data/documents-2024-06.json")
+    parser.add_argument("--scale", default="10000,100000", help="synthetic chunk counts; empty to skip")
+    parser.add_argument("--processes", type=int, default=default_processes())
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.scenario:
+        print(json.dumps({**scenario(args), "peak_rss_mb": peak_rss_mb()}))
+        return
+    with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
+        root = Path(tmp)
+        scenarios = {"cold": run_scenario("cold", root / "cold", args)}
+        scenarios["cold"]["floor"] = run_scenario("floor", root / "cold", args)
+        scenarios["warm"] = run_scenario("warm", root / "cold", args)
+        scenarios["delta"] = run_scenario("delta", root / "delta", args, compare=str(root / "cold"))
+        for size in [int(s) for s in args.scale.split(",") if s.strip()]:
+            corpus = root / f"synthetic-{size}.json"
+            synthetic_corpus(args.new, size, corpus)
+            scenarios[f"scale_{size}"] = run_scenario("scale", root / f"scale-{size}", args, new=str(corpus))
+    results = {"processes": args.processes, "scenarios": scenarios, "summary": summarise(scenarios)}
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    report(results)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
