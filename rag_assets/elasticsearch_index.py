@@ -15,7 +15,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -138,12 +138,7 @@ class IndexVersion:
     live: bool
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "documents": self.documents,
-            "created_at": self.created_at,
-            "live": self.live,
-        }
+        return asdict(self)
 
 
 class ElasticsearchIndex:

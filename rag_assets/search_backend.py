@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
@@ -95,14 +95,7 @@ class IndexStats:
     published_at: str | None
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "backend": self.backend,
-            "location": self.location,
-            "entries": self.entries,
-            "chunks": self.chunks,
-            "courses": self.courses,
-            "published_at": self.published_at,
-        }
+        return asdict(self)
 
 
 class SearchBackend(Protocol):
