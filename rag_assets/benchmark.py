@@ -1,8 +1,9 @@
 """`make bench`: real Dagster runs of the refresh job, timed per asset, against spaCy's floor.
 
 Scenarios (each in its own process, so peak RSS is its own):
-- cold: a fresh data directory, the new snapshot; then, in the same process, the floor:
-  `nlp.pipe` over the chunks' field texts with the same model, components and worker count;
+- cold: a fresh data directory, the new snapshot;
+- floor: in a fresh process of its own, `nlp.pipe` over the cold run's chunk field texts with the
+  same model, components and worker count (model loaded before the clock starts);
 - warm: the cold directory again with the same snapshot (everything cached, nothing to write);
 - delta: a fresh directory built from the old snapshot, then refreshed to the new one; its index
   is compared with the cold build's (ids, content hashes and search results);

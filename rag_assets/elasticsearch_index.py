@@ -43,49 +43,39 @@ _SOURCE_FIELDS = [*_DISPLAY_FIELDS, "chunk_index", "content_hash", "row_hash", *
 _PAGE = 5000
 
 
+_ANALYSIS = {
+    # The lemma fields hold lemmas already: split like the embedded index's FTS5 unicode61
+    # tokenizer (on anything not a letter or digit), nothing else.
+    "tokenizer": {"lemma_split": {"type": "pattern", "pattern": "[^\\p{L}\\p{N}]+"}},
+    "analyzer": {LEMMA_ANALYZER: {"type": "custom", "tokenizer": "lemma_split", "filter": ["lowercase"]}},
+}
+_STORED = {"type": "text", "index": False}
+_KEYWORD = {"type": "keyword"}
+_PROPERTIES = {
+    "chunk_id": _KEYWORD,
+    "doc_id": _KEYWORD,
+    "course": _KEYWORD,
+    "chunk_index": {"type": "integer"},
+    "content_hash": _KEYWORD,
+    "row_hash": _KEYWORD,
+    "section": _STORED,
+    "question": _STORED,
+    "text": _STORED,
+    **{field: {"type": "text", "analyzer": LEMMA_ANALYZER} for field in LEMMA_FIELD_COLUMNS},
+    "vector": {"type": "dense_vector", "dims": VECTOR_DIM, "index": True, "similarity": "cosine"},
+}
+# Changes whenever the mapping or analysis does, so an index built otherwise is not reused.
+MAPPING_VERSION = stable_hash(json.dumps(_PROPERTIES, sort_keys=True), json.dumps(_ANALYSIS, sort_keys=True))
+
+
 def index_body(shards: int, replicas: int, published_at: str) -> dict[str, Any]:
     """Settings and the explicit mapping of one concrete index."""
-    meta = {"published_at": published_at}
-    if published_at:
-        meta["mapping_version"] = MAPPING_VERSION
-    stored = {"type": "text", "index": False}
-    keyword = {"type": "keyword"}
     return {
-        "settings": {
-            "number_of_shards": shards,
-            "number_of_replicas": replicas,
-            "analysis": {
-                # The lemma fields hold lemmas already: split like the embedded index's FTS5
-                # unicode61 tokenizer (on anything not a letter or digit), nothing else.
-                "tokenizer": {
-                    "lemma_split": {"type": "pattern", "pattern": "[^\\p{L}\\p{N}]+"},
-                },
-                "analyzer": {
-                    LEMMA_ANALYZER: {"type": "custom", "tokenizer": "lemma_split", "filter": ["lowercase"]},
-                },
-            },
-        },
+        "settings": {"number_of_shards": shards, "number_of_replicas": replicas, "analysis": _ANALYSIS},
         "mappings": {
             "dynamic": "strict",
-            "_meta": meta,
-            "properties": {
-                "chunk_id": keyword,
-                "doc_id": keyword,
-                "course": keyword,
-                "chunk_index": {"type": "integer"},
-                "content_hash": keyword,
-                "row_hash": keyword,
-                "section": stored,
-                "question": stored,
-                "text": stored,
-                **{field: {"type": "text", "analyzer": LEMMA_ANALYZER} for field in LEMMA_FIELD_COLUMNS},
-                "vector": {
-                    "type": "dense_vector",
-                    "dims": VECTOR_DIM,
-                    "index": True,
-                    "similarity": "cosine",
-                },
-            },
+            "_meta": {"published_at": published_at, "mapping_version": MAPPING_VERSION},
+            "properties": _PROPERTIES,
         },
     }
 
@@ -114,13 +104,6 @@ def knn_query(vector: np.ndarray, course: str | None, k: int) -> dict[str, Any]:
     if course:
         knn["filter"] = {"term": {"course": course}}
     return {"size": k, "_source": False, "knn": knn}
-
-
-# Changes whenever the mapping or analysis does, so an index built otherwise is not reused.
-MAPPING_VERSION = stable_hash(
-    json.dumps(index_body(1, 0, "")["mappings"]["properties"], sort_keys=True),
-    json.dumps(index_body(1, 0, "")["settings"]["analysis"], sort_keys=True),
-)
 
 
 def chunk_source(row: Any, vector: np.ndarray) -> dict[str, Any]:
@@ -200,14 +183,18 @@ class ElasticsearchIndex:
                 self.client.reindex(
                     source={"index": live}, dest={"index": name}, wait_for_completion=True, refresh=False
                 )
+            wanted = set(changed)
             actions = [
                 {
                     "_op_type": "index",
                     "_index": name,
-                    "_id": rows.chunk_id[i],
-                    "_source": chunk_source(rows.iloc[i], content.vectors[i]),
+                    "_id": row.chunk_id,
+                    "_source": chunk_source(row, vector),
                 }
-                for i in changed
+                for i, (row, vector) in enumerate(
+                    zip(rows.itertuples(index=False), content.vectors, strict=True)
+                )
+                if i in wanted
             ]
             actions.extend({"_op_type": "delete", "_index": name, "_id": cid} for cid in removed)
             self._bulk(actions)
@@ -309,8 +296,8 @@ class ElasticsearchIndex:
 
     def rollback(self, target: str | None = None) -> str:
         """Point the alias at `target`, by default the newest index older than the live one."""
-        live = self.live_index()
         versions = self.versions()
+        live = next((v.name for v in versions if v.live), None)
         names = [v.name for v in versions]
         if target is None:
             older = [v.name for v in versions if live is None or v.name < live]
