@@ -40,6 +40,18 @@ def test_terms_keep_the_lemma_and_the_surface_form_where_they_differ(nlp: Langua
     assert token_terms("instal", "installing") == ("instal",)
 
 
+def test_tokens_made_of_several_words_are_stemmed_word_by_word() -> None:
+    assert token_terms("week_7_projects/datasets.md", "week_7_projects/datasets.md") == (
+        "week",
+        "7",
+        "project",
+        "dataset",
+        "md",
+    )
+    assert token_terms("SPARK_HOME", "spark_home") == ("spark", "home")
+    assert token_terms("-", "-") == ()
+
+
 def test_repeated_texts_are_analysed_once_and_returned_in_order(nlp: Language) -> None:
     logged: list[str] = []
     terms = analyse_texts(nlp, ["Docker images", "Kafka topics", "Docker images"], log=logged.append)
