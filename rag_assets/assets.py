@@ -176,6 +176,8 @@ def es_index(
         f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
         f"{report.deleted} deleted, {report.unchanged} unchanged"
     )
+    for warning in report.warnings:
+        context.log.warning(warning)
     stats = backend.stats()
     return dg.MaterializeResult(
         metadata={
@@ -189,6 +191,7 @@ def es_index(
             "unchanged": report.unchanged,
             "index_version": report.version or "",
             "previous_index": report.previous or "",
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in report.warnings) or "none"),
             "duration_s": round(time.perf_counter() - started, 3),
         },
     )

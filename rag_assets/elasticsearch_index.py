@@ -215,8 +215,7 @@ class ElasticsearchIndex:
         except BaseException:
             self.client.options(ignore_status=404).indices.delete(index=name)
             raise
-        self._delete_old_versions()
-        return replace(report, version=name)
+        return replace(report, version=name, warnings=tuple(self._delete_old_versions()))
 
     def _served_hashes(self, live: str | None) -> dict[str, str]:
         """chunk_id -> row_hash of the live index, or nothing when it cannot seed the next one."""
@@ -256,11 +255,23 @@ class ElasticsearchIndex:
             actions.insert(0, {"remove": {"index": live, "alias": self.alias}})
         self.client.indices.update_aliases(actions=actions)
 
-    def _delete_old_versions(self) -> None:
-        versions = self.versions()
-        older = [v.name for v in versions if not v.live]
-        for name in older[self.keep_previous :]:
-            self.client.options(ignore_status=404).indices.delete(index=name)
+    def _delete_old_versions(self) -> list[str]:
+        """Retention runs after the swap: a failure here leaves a spare index, not a broken one.
+
+        So it is reported as a warning (the next publish tries again) instead of failing a run
+        whose index is already served.
+        """
+        try:
+            older = [v.name for v in self.versions() if not v.live][self.keep_previous :]
+        except (ApiError, TransportError) as exc:
+            return [f"could not list old versions of {self.alias} for retention: {describe_error(exc)}"]
+        warnings = []
+        for name in older:
+            try:
+                self.client.options(ignore_status=404).indices.delete(index=name)
+            except (ApiError, TransportError) as exc:
+                warnings.append(f"could not delete old version {name}: {describe_error(exc)}")
+        return warnings
 
     # -- versions ---------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class PublishReport:
     unchanged: int
     version: str | None = None  # the concrete index now served, where the backend keeps versions
     previous: str | None = None
+    warnings: tuple[str, ...] = ()  # problems after the new index was served (e.g. retention)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ It answers the few endpoints `ElasticsearchIndex` uses, in the shapes Elasticsea
 just enough state (indices, aliases, documents) for publishes to be followed through, and records
 every request so tests can assert exactly what the real client sent. Its "search" is a crude
 term-overlap and cosine scorer: good for checking filters and plumbing, not Elasticsearch's ranking.
-Failures can be injected: rejected bulk items, 429 throttling, a wrong count, a failing alias swap.
+Failures can be injected: rejected bulk items, 429 throttling, a wrong count, a failing alias swap,
+failing index deletions.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FakeElasticsearch:
         self.throttle_items = 0  # this many bulk items answer 429 before any succeeds
         self.count_offset = 0  # added to every _count answer
         self.fail_alias_swap = False
+        self.undeletable: set[str] = set()  # DELETE of these indices fails with a 500
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -152,6 +154,8 @@ class FakeElasticsearch:
         return 200, {"acknowledged": True, "shards_acknowledged": True, "index": name}
 
     def delete(self, name: str) -> tuple[int, Any]:
+        if name in self.undeletable:
+            return self.error(500, "exception", f"deleting [{name}] failed on purpose")
         if name not in self.indices:
             return self.error(404, "index_not_found_exception", f"no such index [{name}]")
         del self.indices[name]

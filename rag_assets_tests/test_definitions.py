@@ -129,6 +129,7 @@ def test_es_index_publishes_to_elasticsearch_with_the_key_from_the_environment(
         assert metadata["backend"].value == "elasticsearch"
         assert metadata["index_version"].value == fake.aliases["faq"]
         assert metadata["chunks"].value == 30
+        assert metadata["warnings"].value == "none"
         assert all(r.headers["authorization"] == f"ApiKey {secret}" for r in fake.requests)
         logged = " ".join(str(event) for event in result.all_events)
         assert secret not in logged

@@ -184,6 +184,23 @@ def test_old_versions_beyond_the_retention_are_deleted(
     assert [r.path for r in fake.calls("DELETE")] == [f"/{names[0]}"]
 
 
+def test_a_failed_retention_delete_is_a_warning_not_a_failed_publish(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake, keep_previous=0)
+    [first] = publish_revisions(es, content, 1)
+    fake.undeletable.add(first)
+    report = es.publish(content)  # differs from revision 0, so a new version is built and served
+    assert live(fake) == report.version and set(fake.indices) == {first, report.version}
+    assert report.warnings == (
+        f"could not delete old version {first}: "
+        f"Elasticsearch answered 500: deleting [{first}] failed on purpose",
+    )
+    fake.undeletable.clear()
+    [third] = publish_revisions(es, content, 1)  # the next publish retries the retention
+    assert set(fake.indices) == {third}
+
+
 def test_retention_never_touches_indices_it_did_not_create(
     fake: FakeElasticsearch, content: IndexContent
 ) -> None:
