@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -22,8 +23,15 @@ from rag_assets.sources import SourceError
 
 
 def _print_json(value: object) -> None:
-    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
+    """JSON on stdout; the result dataclasses (hits, stats, versions, metrics) become objects."""
+    json.dump(value, sys.stdout, indent=2, ensure_ascii=False, default=_dataclass_fields)
     sys.stdout.write("\n")
+
+
+def _dataclass_fields(value: object) -> dict[str, object]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _print_hits(hits: list[Hit]) -> None:
@@ -38,7 +46,7 @@ def _print_hits(hits: list[Hit]) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     hits = default_retriever().search(args.query, course=args.course, k=args.k)
     if args.json:
-        _print_json([hit.to_dict() for hit in hits])
+        _print_json(hits)
     else:
         _print_hits(hits)
 
@@ -46,7 +54,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_stats(args: argparse.Namespace) -> None:
     stats = default_retriever().backend.stats()
     if args.json:
-        _print_json(stats.to_dict())
+        _print_json(stats)
         return
     print(f"backend:      {stats.backend}")
     print(f"location:     {stats.location}")
@@ -66,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result = evaluate(Retriever(index, nlp), ground_truth, k=args.k, log=log)
         index.close()
     if args.json:
-        _print_json(result.to_dict())
+        _print_json(result)
     else:
         print(f"questions: {result.questions}")
         print(f"hit rate@{args.k}: {result.hit_rate:.4f}")
@@ -87,7 +95,7 @@ def _versioned_backend() -> ElasticsearchIndex:
 def cmd_versions(args: argparse.Namespace) -> None:
     versions = _versioned_backend().versions()
     if args.json:
-        _print_json([v.to_dict() for v in versions])
+        _print_json(versions)
         return
     for v in versions:
         print(f"{'*' if v.live else ' '} {v.name}  {v.documents} chunks  created {v.created_at}")

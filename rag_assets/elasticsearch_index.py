@@ -15,7 +15,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,9 +119,6 @@ class IndexVersion:
     documents: int
     created_at: str
     live: bool
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class ElasticsearchIndex:

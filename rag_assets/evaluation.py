@@ -6,7 +6,7 @@ import csv
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from spacy.language import Language
@@ -34,9 +34,6 @@ class EvalResult:
     mrr: float
     questions: int
     p50_ms: float
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def read_ground_truth(path: Path | str) -> list[GroundTruth]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -195,4 +195,4 @@ def check_retrieval(
         )
         if value < minimum
     ]
-    return Verdict(problems, {**metrics.to_dict(), "min_hit_rate": min_hit_rate, "min_mrr": min_mrr, "k": k})
+    return Verdict(problems, {**asdict(metrics), "min_hit_rate": min_hit_rate, "min_mrr": min_mrr, "k": k})

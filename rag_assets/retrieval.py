@@ -24,9 +24,6 @@ class Hit:
     text: str
     score: float
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 def rank_entries(
     rankings: dict[str, list[str]], chunks: dict[str, StoredChunk]

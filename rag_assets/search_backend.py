@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -94,9 +94,6 @@ class IndexStats:
     chunks: int
     courses: dict[str, int]
     published_at: str | None
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class SearchBackend(Protocol):

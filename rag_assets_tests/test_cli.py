@@ -15,13 +15,14 @@ from rag_assets.embedded_index import EmbeddedIndex
 from rag_assets.search_backend import IndexContent
 
 from .conftest import EVAL, eval_slice
+from .fake_elasticsearch import FakeElasticsearch
 
 RAG = shutil.which("rag", path=str(Path(sys.executable).parent)) or "rag"
 HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score"}
 
 
-def rag(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAG_DATA_DIR": str(data_dir)}
+def rag(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAG_DATA_DIR": str(data_dir), **env}
     return subprocess.run([RAG, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -102,3 +103,24 @@ def test_eval_reports_a_bad_ground_truth(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "lacks column(s) course, document, question" in result.stderr
+
+
+def test_versions_json(tmp_path: Path) -> None:
+    fake = FakeElasticsearch()
+    try:
+        names = ["faq-20261101000000000000-aaaaaa", "faq-20261102000000000000-bbbbbb"]
+        for name in names:
+            fake.create(name, {})
+        fake.aliases["faq"] = names[1]
+        result = rag(
+            "versions", "--json", data_dir=tmp_path, ELASTICSEARCH_URL=fake.url, ELASTICSEARCH_ALIAS="faq"
+        )
+    finally:
+        fake.close()
+    assert result.returncode == 0, result.stderr
+    versions = json.loads(result.stdout)
+    assert [(v["name"], v["live"], v["documents"]) for v in versions] == [
+        (names[1], True, 0),
+        (names[0], False, 0),
+    ]
+    assert all(set(v) == {"name", "documents", "created_at", "live"} for v in versions)

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +128,7 @@ def test_a_publish_that_fails_halfway_leaves_the_old_index(
 def test_a_killed_publish_leaves_the_old_index(
     tmp_path: Path, index: EmbeddedIndex, content_2025: IndexContent, nlp: Language
 ) -> None:
-    before = (index.stats().to_dict(), index.chunk_hashes())
+    before = (asdict(index.stats()), index.chunk_hashes())
     rows = content_2025.rows.copy()
     rows["row_hash"] = "new-analysis"
     payload = tmp_path / "content.pickle"
@@ -152,7 +152,7 @@ def test_a_killed_publish_leaves_the_old_index(
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
     fresh = EmbeddedIndex(tmp_path)
-    assert (fresh.stats().to_dict(), fresh.chunk_hashes()) == before
+    assert (asdict(fresh.stats()), fresh.chunk_hashes()) == before
     # The index is still writable after the crash.
     assert fresh.publish(content_2025).upserted == 0
 
