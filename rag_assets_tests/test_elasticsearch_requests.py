@@ -123,8 +123,7 @@ def test_a_refresh_reindexes_server_side_and_sends_only_the_delta(
 ) -> None:
     es = backend(fake)
     first = es.publish(content).version
-    rows = content.rows.copy()
-    rows.loc[3, "row_hash"] = "edited"
+    rows = edited(content, [3]).rows
     keep = rows.index != 7
     delta = IndexContent(rows=rows[keep].reset_index(drop=True), vectors=content.vectors[keep])
     fake.requests.clear()
@@ -165,13 +164,15 @@ def test_an_index_with_another_mapping_is_not_reused(fake: FakeElasticsearch, co
     assert len(bulk_actions(fake)) == len(content.rows) == report.upserted
 
 
+def edited(content: IndexContent, positions: list[int], row_hash: str = "edited") -> IndexContent:
+    """The same chunks with a new row hash at `positions`, as a changed answer would have."""
+    rows = content.rows.copy()
+    rows.loc[positions, "row_hash"] = row_hash
+    return replace(content, rows=rows)
+
+
 def publish_revisions(es: ElasticsearchIndex, content: IndexContent, n: int) -> list[str]:
-    names = []
-    for revision in range(n):
-        rows = content.rows.copy()
-        rows.loc[0, "row_hash"] = f"revision {revision}"
-        names.append(es.publish(replace(content, rows=rows)).version)
-    return names
+    return [es.publish(edited(content, [0], f"revision {revision}")).version for revision in range(n)]
 
 
 def test_old_versions_beyond_the_retention_are_deleted(
@@ -213,9 +214,7 @@ def test_retention_never_touches_indices_it_did_not_create(
 def test_rollback_moves_the_alias_back_in_one_call(fake: FakeElasticsearch, content: IndexContent) -> None:
     es = backend(fake)
     first = es.publish(content).version
-    rows = content.rows.copy()
-    rows.loc[0, "row_hash"] = "edited"
-    second = es.publish(replace(content, rows=rows)).version
+    second = es.publish(edited(content, [0])).version
     fake.requests.clear()
     assert es.rollback() == first
     [swap] = fake.calls("POST", "^/_aliases$")
@@ -242,13 +241,12 @@ def test_a_bulk_item_error_fails_with_its_reason_and_removes_the_new_index(
 ) -> None:
     es = backend(fake)
     first = es.publish(content).version
-    rows = content.rows.copy()
-    rows.loc[[2, 5], "row_hash"] = "edited"
-    fake.reject_ids = {rows.chunk_id[2], rows.chunk_id[5]}
+    chunk_ids = content.rows.chunk_id
+    fake.reject_ids = {chunk_ids[2], chunk_ids[5]}
     with pytest.raises(PublishError) as error:
-        es.publish(replace(content, rows=rows))
+        es.publish(edited(content, [2, 5]))
     assert str(error.value).startswith("2 of 2 bulk actions failed; first: index ")
-    assert f"failed to parse field [vector] of {rows.chunk_id[2]}" in str(error.value)
+    assert f"failed to parse field [vector] of {chunk_ids[2]}" in str(error.value)
     assert_failed_publish_left_everything(fake, first)
 
 
@@ -267,12 +265,10 @@ def test_a_count_mismatch_fails_before_the_swap(fake: FakeElasticsearch, content
 def test_a_failed_swap_keeps_the_old_alias(fake: FakeElasticsearch, content: IndexContent) -> None:
     es = backend(fake, max_retries=0)
     first = es.publish(content).version
-    rows = content.rows.copy()
-    rows.loc[0, "row_hash"] = "edited"
     fake.fail_alias_swap = True
     message = "moving alias faq to faq-.* failed .Elasticsearch answered 500: alias swap failed on purpose.; "
     with pytest.raises(PublishError, match=message + f"it still points at {first}"):
-        es.publish(replace(content, rows=rows))
+        es.publish(edited(content, [0]))
     assert_failed_publish_left_everything(fake, first)
 
 
