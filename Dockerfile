@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/dagster/app
 COPY pyproject.toml README.md ./
 COPY rag_assets ./rag_assets
-RUN pip install --no-cache-dir '.[deploy]'
+# Editable: the defs loader reads [tool.dg] from pyproject.toml beside the package.
+RUN pip install --no-cache-dir -e '.[deploy]'
 COPY workspace.yaml ./
 COPY deploy/dagster.yaml ${DAGSTER_HOME}/dagster.yaml
 

@@ -34,16 +34,16 @@ dev: setup $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 test: setup
-	$(VENV)/bin/ruff check rag_assets rag_assets_tests
-	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests
+	$(VENV)/bin/ruff check rag_assets rag_assets_tests benchmarks
+	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests benchmarks
 	$(VENV)/bin/pytest
 
 bench: setup
-	$(PY) -m rag_assets.benchmark --new $(BENCH_NEW) --old $(BENCH_OLD) --scale '$(BENCH_SCALE)' --out bench-results.json
+	$(PY) benchmarks/refresh.py --new $(BENCH_NEW) --old $(BENCH_OLD) --scale '$(BENCH_SCALE)' --out bench-results.json
 
 lint: setup
-	$(VENV)/bin/ruff check rag_assets rag_assets_tests
-	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests
+	$(VENV)/bin/ruff check rag_assets rag_assets_tests benchmarks
+	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

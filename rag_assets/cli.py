@@ -13,13 +13,12 @@ from pathlib import Path
 
 from elasticsearch import ApiError, TransportError
 
-from rag_assets import config
-from rag_assets.elasticsearch_index import ElasticsearchIndex, describe_error
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
-from rag_assets.nlp import load_pipeline
+from rag_assets.index.backend import RagError
+from rag_assets.index.elasticsearch import ElasticsearchIndex, describe_error
+from rag_assets.ingest.sources import SourceError
+from rag_assets.nlp.analysis import load_pipeline
 from rag_assets.retrieval import Hit, Retriever, default_retriever
-from rag_assets.search_backend import RagError
-from rag_assets.sources import SourceError
 
 
 def _print_json(value: object) -> None:
@@ -66,7 +65,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    nlp = load_pipeline(config.nlp_resource().model)
+    nlp = load_pipeline()
     ground_truth = read_ground_truth(args.ground_truth)
     log = None if args.json else print
     with tempfile.TemporaryDirectory(prefix="rag-eval-") as tmp:

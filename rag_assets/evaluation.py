@@ -11,14 +11,14 @@ from pathlib import Path
 
 from spacy.language import Language
 
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.features import embed_chunks, lemmatize_chunks
-from rag_assets.nlp import NlpSettings, model_fingerprint
-from rag_assets.progress import Progress
+from rag_assets.common.progress import Progress
+from rag_assets.index.backend import IndexContent, RagError
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.ingest.sources import Fetcher, load_documents
+from rag_assets.nlp.analysis import NlpSettings, model_fingerprint
+from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
 from rag_assets.retrieval import Retriever
-from rag_assets.search_backend import IndexContent, RagError
-from rag_assets.sources import Fetcher, load_documents
 
 
 @dataclass(frozen=True)

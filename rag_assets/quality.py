@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from rag_assets.chunking import CHUNK_COLUMNS
 from rag_assets.evaluation import GroundTruth, evaluate
-from rag_assets.features import LEMMA_COLUMNS, LEMMA_FIELDS, ChunkVectors
-from rag_assets.nlp import VECTOR_DIM
+from rag_assets.ingest.chunking import CHUNK_COLUMNS
+from rag_assets.ingest.sources import DOCUMENT_COLUMNS
+from rag_assets.nlp.analysis import VECTOR_DIM
+from rag_assets.nlp.features import LEMMA_COLUMNS, LEMMA_FIELDS, ChunkVectors
 from rag_assets.retrieval import Retriever
-from rag_assets.sources import DOCUMENT_COLUMNS
 
 
 @dataclass

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from spacy.language import Language
 
-from rag_assets import config
-from rag_assets.nlp import analyse_query, load_pipeline
-from rag_assets.ranking import FusionSettings, reciprocal_rank_fusion
-from rag_assets.search_backend import RagError, SearchBackend, StoredChunk, UnknownCourseError
+from rag_assets import settings
+from rag_assets.index.backend import RagError, SearchBackend, StoredChunk, UnknownCourseError
+from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
+from rag_assets.nlp.analysis import analyse_query, load_pipeline
 
 
 @dataclass(frozen=True)
@@ -88,4 +88,4 @@ class Retriever:
 @functools.cache
 def default_retriever() -> Retriever:
     """The retriever for the index configured by the environment (RAG_DATA_DIR, ...)."""
-    return Retriever(config.search_index().backend(), load_pipeline(config.nlp_resource().model))
+    return Retriever(settings.open_backend(), load_pipeline())

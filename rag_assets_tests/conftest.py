@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.features import embed_chunks, lemmatize_chunks
-from rag_assets.nlp import load_pipeline, model_fingerprint
-from rag_assets.search_backend import IndexContent
-from rag_assets.sources import Fetcher, load_documents
+from rag_assets.index.backend import IndexContent
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.ingest.sources import Fetcher, load_documents
+from rag_assets.nlp.analysis import load_pipeline, model_fingerprint
+from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"

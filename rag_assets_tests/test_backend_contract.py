@@ -7,6 +7,7 @@ ELASTICSEARCH_URL is set.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,10 +18,10 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets import config
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.resources import ElasticsearchResource
-from rag_assets.search_backend import IndexContent, IndexNotFoundError, SearchBackend
+from rag_assets import settings
+from rag_assets.defs.resources import ElasticsearchResource
+from rag_assets.index.backend import IndexContent, IndexNotFoundError, SearchBackend
+from rag_assets.index.embedded import EmbeddedIndex
 
 from .conftest import index_content
 from .fake_elasticsearch import FakeElasticsearch
@@ -55,10 +56,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SearchBa
         yield ElasticsearchResource(url=fake.url, alias="contract").index()
         fake.close()
     else:
-        resource = config.elasticsearch(os.environ, for_dagster=False)
-        assert resource is not None
+        cluster = settings.elasticsearch(os.environ)
+        assert cluster is not None
         alias = f"rag-contract-{uuid.uuid4().hex[:8]}"
-        index = resource.model_copy(update={"alias": alias}).index()
+        index = dataclasses.replace(cluster, alias=alias).open_index()
         yield index
         for version in index.versions():  # clusters refuse wildcard deletes by default
             index.client.options(ignore_status=404).indices.delete(index=version.name)

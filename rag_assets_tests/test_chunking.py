@@ -7,7 +7,7 @@ import itertools
 import pandas as pd
 import pytest
 
-from rag_assets.chunking import CHUNK_COLUMNS, ChunkingConfig, make_chunks, split_answer
+from rag_assets.ingest.chunking import CHUNK_COLUMNS, ChunkingConfig, make_chunks, split_answer
 
 
 def words(n: int) -> str:

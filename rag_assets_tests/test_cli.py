@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.search_backend import IndexContent
+from rag_assets.index.backend import IndexContent
+from rag_assets.index.embedded import EmbeddedIndex
 
 from .conftest import EVAL, eval_slice
 from .fake_elasticsearch import FakeElasticsearch

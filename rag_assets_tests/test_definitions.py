@@ -8,11 +8,16 @@ import dagster as dg
 import pytest
 from spacy.language import Language
 
-from rag_assets import config
-from rag_assets.automation import JOB_NAME
-from rag_assets.definitions import defs, make_definitions
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.resources import DocumentSourceResource, NlpResource, QualityResource, SearchIndexResource
+from rag_assets.definitions import load_definitions, with_resources
+from rag_assets.defs.automation import JOB_NAME
+from rag_assets.defs.resources import (
+    DocumentSourceResource,
+    NlpResource,
+    QualityResource,
+    SearchIndexResource,
+    environment_resources,
+)
+from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.retrieval import Retriever
 
 from .conftest import DATA, entry, write_json
@@ -37,11 +42,12 @@ def materialize(
     source: str, data_dir: Path, instance: dg.DagsterInstance, **overrides: object
 ) -> dg.ExecuteInJobResult:
     """A real run of the project's refresh job (assets and checks) with test resources."""
-    definitions = make_definitions(run_resources(source, data_dir, **overrides))
+    definitions = with_resources(load_definitions(), run_resources(source, data_dir, **overrides))
     return definitions.resolve_job_def(JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
 
 
 def test_definitions_load_with_every_asset() -> None:
+    defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSET_KEYS
@@ -116,7 +122,7 @@ def test_es_index_publishes_to_elasticsearch_with_the_key_from_the_environment(
     fake = FakeElasticsearch()
     try:
         env["ELASTICSEARCH_URL"] = fake.url
-        search_index = config.search_index({**env, "RAG_DATA_DIR": str(tmp_path)}, for_dagster=True)
+        search_index = environment_resources({**env, "RAG_DATA_DIR": str(tmp_path)})["search_index"]
         assert search_index.elasticsearch is not None
         assert isinstance(search_index.elasticsearch.api_key, dg.EnvVar)
         source = write_json(

@@ -96,7 +96,7 @@ def test_the_client_major_matches_the_server_image(compose: dict[str, Any]) -> N
 
 
 def test_the_deployment_uses_the_elasticsearch_variables_the_code_reads(compose: dict[str, Any]) -> None:
-    from rag_assets.config import ELASTICSEARCH_SETTINGS
+    from rag_assets.settings import ELASTICSEARCH_SETTINGS
 
     environment = compose["services"]["daemon"]["environment"]
     used = {name for name in environment if name.startswith("ELASTICSEARCH_")}

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.elasticsearch_index import (
+from rag_assets.defs.resources import ElasticsearchResource
+from rag_assets.index.backend import IndexContent, IndexNotFoundError, PublishError, RagError
+from rag_assets.index.elasticsearch import (
     LEMMA_ANALYZER,
     MAPPING_VERSION,
     ElasticsearchIndex,
     knn_query,
     lexical_query,
 )
-from rag_assets.resources import ElasticsearchResource
-from rag_assets.search_backend import IndexContent, IndexNotFoundError, PublishError, RagError
 
 from .conftest import index_content
 from .fake_elasticsearch import FakeElasticsearch

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.embedded_index import EmbeddedIndex, fts_query
-from rag_assets.nlp import analyse_query
-from rag_assets.search_backend import IndexContent, IndexNotFoundError
+from rag_assets.index.backend import IndexContent, IndexNotFoundError
+from rag_assets.index.embedded import EmbeddedIndex, fts_query
+from rag_assets.nlp.analysis import analyse_query
 
 from .conftest import index_content
 
@@ -136,7 +136,7 @@ def test_a_killed_publish_leaves_the_old_index(
     script = textwrap.dedent(
         f"""
         import os, pickle, signal
-        from rag_assets.embedded_index import EmbeddedIndex
+        from rag_assets.index.embedded import EmbeddedIndex
         insert = EmbeddedIndex._insert_row
         count = 0
         def killing_insert(db, row, vector):

@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.features import embed_chunks, lemmatize_chunks
-from rag_assets.nlp import model_fingerprint
-from rag_assets.nlp_cache import CACHE_FILENAME, NlpCache, cached_lemmas, cached_vectors
-from rag_assets.resources import ElasticsearchResource
+from rag_assets.defs.resources import ElasticsearchResource
+from rag_assets.index.backend import IndexContent, SearchBackend
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.nlp.analysis import model_fingerprint
+from rag_assets.nlp.cache import CACHE_FILENAME, NlpCache, cached_lemmas, cached_vectors
+from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
 from rag_assets.retrieval import Retriever
-from rag_assets.search_backend import IndexContent, SearchBackend
 
 from .conftest import DATA, load_file
 from .fake_elasticsearch import FakeElasticsearch

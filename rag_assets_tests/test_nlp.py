@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 from spacy.language import Language
 
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.features import LEMMA_COLUMNS, embed_chunks, lemmatize_chunks
-from rag_assets.nlp import (
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.nlp.analysis import (
     UNUSED_COMPONENTS,
     VECTOR_DIM,
     analyse_query,
@@ -17,6 +16,7 @@ from rag_assets.nlp import (
     model_fingerprint,
     token_terms,
 )
+from rag_assets.nlp.features import LEMMA_COLUMNS, embed_chunks, lemmatize_chunks
 
 
 def test_pipeline_is_the_real_model_without_unused_components(nlp: Language) -> None:

@@ -18,20 +18,21 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._daemon.monitoring import run_monitoring
 from spacy.language import Language
 
-from rag_assets import config, quality
-from rag_assets.automation import JOB_NAME, daily_document_refresh, initial_index_build
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.definitions import defs
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.features import ChunkVectors, embed_chunks, lemmatize_chunks
-from rag_assets.resources import QualityResource
+from rag_assets import quality, settings
+from rag_assets.definitions import load_definitions
+from rag_assets.defs.automation import JOB_NAME, daily_document_refresh, initial_index_build
+from rag_assets.defs.resources import QualityResource, environment_resources
+from rag_assets.index.backend import IndexContent
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.nlp.features import ChunkVectors, embed_chunks, lemmatize_chunks
 from rag_assets.retrieval import Retriever
-from rag_assets.search_backend import IndexContent
 
 from .conftest import DATA, eval_slice, write_json
 from .test_definitions import materialize
 
 ROOT = Path(__file__).resolve().parents[1]
+defs = load_definitions()
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_schedule_settings_come_from_the_environment() -> None:
         "RAG_SCHEDULE_TIMEZONE": "Europe/Berlin",
         "RAG_MAX_RUNTIME_S": "900",
     }
-    assert (config.schedule_cron(env), config.schedule_timezone(env), config.max_runtime_s(env)) == (
+    assert (settings.schedule_cron(env), settings.schedule_timezone(env), settings.max_runtime_s(env)) == (
         "30 4 * * *",
         "Europe/Berlin",
         900,
@@ -151,12 +152,12 @@ def test_freshness_policies_on_the_source_and_the_served_index() -> None:
         assert policy.warn_window.to_timedelta() == timedelta(hours=25)
         assert policy.fail_window.to_timedelta() == timedelta(hours=37)
     assert graph.get(dg.AssetKey("lemmas")).freshness_policy is None
-    assert config.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "2", "RAG_FRESHNESS_FAIL_HOURS": "3"}) == (
+    assert settings.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "2", "RAG_FRESHNESS_FAIL_HOURS": "3"}) == (
         2,
         3,
     )
     with pytest.raises(ValueError, match="must exceed"):
-        config.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "5", "RAG_FRESHNESS_FAIL_HOURS": "3"})
+        settings.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "5", "RAG_FRESHNESS_FAIL_HOURS": "3"})
 
 
 # -- checks on good and bad data ------------------------------------------------------------
@@ -291,16 +292,24 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
 
 
 def test_the_retrieval_quality_check_runs_only_when_configured(tmp_path: Path) -> None:
-    from rag_assets.checks import all_checks
+    from rag_assets.defs.checks import all_checks
 
     assert "es_index_retrieval_quality" not in {c.check_key.name for c in all_checks(QualityResource())}
     configured = all_checks(QualityResource(ground_truth="gt.csv"))
     assert "es_index_retrieval_quality" in {c.check_key.name for c in configured}
-    assert config.quality({"RAG_GROUND_TRUTH": "gt.csv", "RAG_EVAL_MIN_MRR": "0.85"}).min_mrr == 0.85
+    assert (
+        environment_resources({"RAG_GROUND_TRUTH": "gt.csv", "RAG_EVAL_MIN_MRR": "0.85"})[
+            "quality_settings"
+        ].min_mrr
+        == 0.85
+    )
 
 
-def test_the_retrieval_quality_check_measures_the_served_index(tmp_path: Path) -> None:
+def test_the_retrieval_quality_check_measures_the_served_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     documents, ground_truth = eval_slice(tmp_path)
+    monkeypatch.setenv("RAG_GROUND_TRUTH", str(ground_truth))  # the check exists only when set
     settings = QualityResource(ground_truth=str(ground_truth), min_hit_rate=0.8, min_mrr=0.6)
     run = materialize(
         str(documents), tmp_path / "data", dg.DagsterInstance.ephemeral(), quality_settings=settings

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.embedded_index import EmbeddedIndex
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
-from rag_assets.nlp import analyse_query
-from rag_assets.ranking import FIELD_WEIGHTS, FusionSettings
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.index.ranking import FIELD_WEIGHTS, FusionSettings
+from rag_assets.nlp.analysis import analyse_query
 from rag_assets.retrieval import Retriever
 
 from .conftest import EVAL, index_content

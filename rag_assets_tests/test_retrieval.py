@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from spacy.language import Language
 
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.ranking import FusionSettings, reciprocal_rank_fusion
-from rag_assets.retrieval import Retriever, rank_entries
-from rag_assets.search_backend import (
+from rag_assets.index.backend import (
     IndexContent,
     IndexNotFoundError,
     RagError,
     StoredChunk,
     UnknownCourseError,
 )
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
+from rag_assets.retrieval import Retriever, rank_entries
 
 DE = "data-engineering-zoomcamp"
 

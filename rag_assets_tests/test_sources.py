@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_assets.sources import (
+from rag_assets.ingest.sources import (
     DOCUMENT_COLUMNS,
     Fetcher,
     SourceError,

@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.config import freshness_hours
-from rag_assets.features import LEMMA_FIELDS, ChunkVectors
-from rag_assets.nlp import VECTOR_DIM, model_fingerprint
-from rag_assets.nlp_cache import cached_lemmas, cached_vectors
-from rag_assets.resources import DocumentSourceResource, NlpResource, SearchIndexResource
-from rag_assets.search_backend import IndexContent
-from rag_assets.sources import SourceError
+from rag_assets.defs.resources import DocumentSourceResource, NlpResource, SearchIndexResource
+from rag_assets.index.backend import IndexContent
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.ingest.sources import SourceError
+from rag_assets.nlp.analysis import VECTOR_DIM, model_fingerprint
+from rag_assets.nlp.cache import cached_lemmas, cached_vectors
+from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors
+from rag_assets.settings import freshness_hours
 
 GROUP = "faq_index"
 PREVIEW_ROWS = 5

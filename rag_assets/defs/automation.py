@@ -9,8 +9,8 @@ the `initial_index_build` sensor, which asks for a run as soon as the daemon see
 
 import dagster as dg
 
-from rag_assets import config
-from rag_assets.assets import GROUP
+from rag_assets import settings
+from rag_assets.defs.assets import GROUP
 
 JOB_NAME = "faq_index_refresh"
 IN_FLIGHT = [
@@ -25,7 +25,7 @@ refresh_job = dg.define_asset_job(
     JOB_NAME,
     selection=dg.AssetSelection.groups(GROUP),
     description="Fetch the FAQ, rebuild what changed and publish the index.",
-    tags={"dagster/max_runtime": str(config.max_runtime_s())},
+    tags={"dagster/max_runtime": str(settings.max_runtime_s())},
 )
 
 
@@ -37,8 +37,8 @@ def run_in_flight(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
 @dg.schedule(
     name="daily_document_refresh",
     job=refresh_job,
-    cron_schedule=config.schedule_cron(),
-    execution_timezone=config.schedule_timezone(),
+    cron_schedule=settings.schedule_cron(),
+    execution_timezone=settings.schedule_timezone(),
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Refreshes the index every day; skips a tick while an earlier refresh is queued or running.",
 )

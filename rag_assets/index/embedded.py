@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_assets.chunking import CHUNK_COLUMNS
-from rag_assets.nlp import VECTOR_DIM
-from rag_assets.ranking import FIELD_WEIGHTS
-from rag_assets.search_backend import (
+from rag_assets.common.sqlite import immediate_transaction
+from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
     IndexContent,
     IndexNotFoundError,
@@ -26,7 +24,9 @@ from rag_assets.search_backend import (
     PublishReport,
     StoredChunk,
 )
-from rag_assets.sqlite_tx import immediate_transaction
+from rag_assets.index.ranking import FIELD_WEIGHTS
+from rag_assets.ingest.chunking import CHUNK_COLUMNS
+from rag_assets.nlp.analysis import VECTOR_DIM
 
 INDEX_FILENAME = "index.sqlite"
 _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text")

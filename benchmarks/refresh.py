@@ -26,15 +26,20 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from rag_assets.automation import JOB_NAME
-from rag_assets.chunking import ChunkingConfig, make_chunks
-from rag_assets.definitions import make_definitions
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.features import LEMMA_FIELDS
-from rag_assets.nlp import NlpSettings, default_processes, load_pipeline
-from rag_assets.resources import DocumentSourceResource, NlpResource, QualityResource, SearchIndexResource
+from rag_assets.definitions import load_definitions, with_resources
+from rag_assets.defs.automation import JOB_NAME
+from rag_assets.defs.resources import (
+    DocumentSourceResource,
+    NlpResource,
+    QualityResource,
+    SearchIndexResource,
+)
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.ingest.sources import Fetcher, load_documents
+from rag_assets.nlp.analysis import NlpSettings, default_processes, load_pipeline
+from rag_assets.nlp.features import LEMMA_FIELDS
 from rag_assets.retrieval import Retriever
-from rag_assets.sources import Fetcher, load_documents
 
 ASSETS = ["raw_documents", "chunks", "lemmas", "embeddings", "es_index"]
 RESULTS = Path("bench-results.json")
@@ -57,7 +62,7 @@ def run_job(documents: str, workdir: Path, processes: int) -> dict[str, Any]:
         "quality_settings": QualityResource(max_entry_drop=1.0),
         "io_manager": dg.FilesystemIOManager(base_dir=str(workdir / "assets")),
     }
-    job = make_definitions(resources).resolve_job_def(JOB_NAME)
+    job = with_resources(load_definitions(), resources).resolve_job_def(JOB_NAME)
     (workdir / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.local_temp(str(workdir / "dagster")) as instance:
         started = time.perf_counter()

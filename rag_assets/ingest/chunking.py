@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from rag_assets.sources import stable_hash
+from rag_assets.ingest.sources import stable_hash
 
 CHUNK_COLUMNS = [
     "chunk_id",

@@ -22,8 +22,8 @@ from spacy.attrs import IS_PUNCT, IS_SPACE, IS_STOP, LEMMA, LOWER, ORTH
 from spacy.language import Language
 from spacy.tokens import Doc
 
-from rag_assets.progress import Progress
-from rag_assets.sources import stable_hash
+from rag_assets.common.progress import Progress
+from rag_assets.ingest.sources import stable_hash
 
 MODEL_NAME = "en_core_web_md"
 VECTOR_DIM = 300

@@ -1,4 +1,4 @@
-"""One helper for the write transactions of the two SQLite files (the index and the NLP cache)."""
+"""Helpers for the two SQLite files this project writes (the index and the NLP cache)."""
 
 from __future__ import annotations
 

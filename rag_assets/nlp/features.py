@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from spacy.language import Language
 
-from rag_assets.nlp import VECTOR_DIM, NlpSettings, analyse_texts, embed_words
+from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings, analyse_texts, embed_words
 
 # The chunk fields searched lexically, each kept as its own lemma field.
 LEMMA_FIELDS = ("question", "text", "section")

@@ -15,17 +15,16 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import pydantic
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 from elasticsearch.helpers import streaming_bulk
 
-from rag_assets.nlp import VECTOR_DIM
-from rag_assets.ranking import FIELD_WEIGHTS
-from rag_assets.search_backend import (
+from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
     IndexContent,
     IndexNotFoundError,
@@ -35,7 +34,9 @@ from rag_assets.search_backend import (
     RagError,
     StoredChunk,
 )
-from rag_assets.sources import stable_hash
+from rag_assets.index.ranking import FIELD_WEIGHTS
+from rag_assets.ingest.sources import redact, stable_hash
+from rag_assets.nlp.analysis import VECTOR_DIM
 
 LEMMA_ANALYZER = "lemma_tokens"
 _DISPLAY_FIELDS = ["chunk_id", "doc_id", "course", "section", "question", "text"]
@@ -111,6 +112,60 @@ def chunk_source(row: Any, vector: np.ndarray) -> dict[str, Any]:
     source["chunk_index"] = int(source["chunk_index"])
     source["vector"] = [float(x) for x in vector]
     return source
+
+
+@dataclass(frozen=True)
+class ElasticsearchSettings:
+    """How to reach the cluster and lay out the indices; the Dagster resource mirrors these fields."""
+
+    url: str
+    api_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    verify_certs: bool = True
+    ca_certs: str | None = None
+    request_timeout_s: float = 30.0
+    max_retries: int = 3
+    alias: str = "faq-chunks"
+    shards: int = 1
+    replicas: int = 0
+    keep_previous: int = 2
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> ElasticsearchSettings:
+        """From strings (environment variables): "false", "30", ... become the field types."""
+        return pydantic.TypeAdapter(cls).validate_python(values)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def client(self) -> Elasticsearch:
+        auth: dict[str, object] = {}
+        if self.api_key:
+            auth["api_key"] = self.api_key
+        elif self.username:
+            auth["basic_auth"] = (self.username, self.password or "")
+        return Elasticsearch(
+            self.url,
+            verify_certs=self.verify_certs,
+            ca_certs=self.ca_certs,
+            request_timeout=self.request_timeout_s,
+            max_retries=self.max_retries,
+            retry_on_timeout=True,
+            retry_on_status=(429, 502, 503, 504),
+            **auth,
+        )
+
+    def open_index(self) -> ElasticsearchIndex:
+        return ElasticsearchIndex(
+            self.client(),
+            self.alias,
+            url=redact(self.url),
+            shards=self.shards,
+            replicas=self.replicas,
+            keep_previous=self.keep_previous,
+        )
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from spacy.language import Language
 
-from rag_assets.features import LEMMA_COLUMNS, ChunkVectors, embed_chunks, lemmatize_chunks
-from rag_assets.nlp import VECTOR_DIM, NlpSettings
-from rag_assets.sqlite_tx import immediate_transaction
+from rag_assets.common.sqlite import immediate_transaction
+from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings
+from rag_assets.nlp.features import LEMMA_COLUMNS, ChunkVectors, embed_chunks, lemmatize_chunks
 
 CACHE_FILENAME = "nlp-cache.sqlite"
 TERM_FIELDS = tuple(LEMMA_COLUMNS[2:])  # everything `lemmas` holds besides the two ids

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-from elasticsearch import Elasticsearch
 from pydantic import Field
 from spacy.language import Language
 
-from rag_assets.elasticsearch_index import ElasticsearchIndex
-from rag_assets.embedded_index import EmbeddedIndex
-from rag_assets.nlp import MODEL_NAME, NlpSettings, default_processes, load_pipeline, model_fingerprint
-from rag_assets.nlp_cache import NlpCache
-from rag_assets.search_backend import SearchBackend
-from rag_assets.sources import DEFAULT_DOCUMENTS_URL, Fetcher, LoadedDocuments, load_documents, redact
+from rag_assets import settings
+from rag_assets.index.backend import SearchBackend
+from rag_assets.index.elasticsearch import ElasticsearchIndex, ElasticsearchSettings
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.ingest.sources import DEFAULT_DOCUMENTS_URL, Fetcher, LoadedDocuments, load_documents
+from rag_assets.nlp.analysis import (
+    MODEL_NAME,
+    NlpSettings,
+    default_processes,
+    load_pipeline,
+    model_fingerprint,
+)
+from rag_assets.nlp.cache import NlpCache
 
 
 class DocumentSourceResource(dg.ConfigurableResource):
@@ -59,7 +67,10 @@ class NlpResource(dg.ConfigurableResource):
 
 
 class ElasticsearchResource(dg.ConfigurableResource):
-    """An Elasticsearch cluster; credentials come from the environment (dg.EnvVar), never code."""
+    """An Elasticsearch cluster; credentials come from the environment (dg.EnvVar), never code.
+
+    The fields are those of `ElasticsearchSettings`, which does the work (a test keeps them equal).
+    """
 
     url: str = Field(description="Cluster URL (ELASTICSEARCH_URL)")
     api_key: str | None = Field(default=None, description="API key (ELASTICSEARCH_API_KEY)")
@@ -74,32 +85,13 @@ class ElasticsearchResource(dg.ConfigurableResource):
     replicas: int = Field(default=0, description="Replicas of each new index")
     keep_previous: int = Field(default=2, description="Previous indices kept for rollback")
 
-    def client(self) -> Elasticsearch:
-        auth: dict[str, object] = {}
-        if self.api_key:
-            auth["api_key"] = self.api_key
-        elif self.username:
-            auth["basic_auth"] = (self.username, self.password or "")
-        return Elasticsearch(
-            self.url,
-            verify_certs=self.verify_certs,
-            ca_certs=self.ca_certs,
-            request_timeout=self.request_timeout_s,
-            max_retries=self.max_retries,
-            retry_on_timeout=True,
-            retry_on_status=(429, 502, 503, 504),
-            **auth,
+    def settings(self) -> ElasticsearchSettings:
+        return ElasticsearchSettings(
+            **{name: getattr(self, name) for name in ElasticsearchSettings.field_names()}
         )
 
     def index(self) -> ElasticsearchIndex:
-        return ElasticsearchIndex(
-            self.client(),
-            self.alias,
-            url=redact(self.url),
-            shards=self.shards,
-            replicas=self.replicas,
-            keep_previous=self.keep_previous,
-        )
+        return self.settings().open_index()
 
 
 class SearchIndexResource(dg.ConfigurableResource):
@@ -128,3 +120,35 @@ class QualityResource(dg.ConfigurableResource):
     min_hit_rate: float = Field(default=0.9, description="Retrieval-quality check: minimum hit rate")
     min_mrr: float = Field(default=0.8, description="Retrieval-quality check: minimum MRR")
     eval_k: int = Field(default=5, description="Retrieval-quality check: hits considered per question")
+
+
+def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Resources configured from the environment (see the README's configuration table).
+
+    Secrets stay `dg.EnvVar`s: Dagster resolves them at run time and shows only the variable's
+    name, never its value.
+    """
+    directory = settings.data_dir(env)
+    cluster = None
+    if env.get("ELASTICSEARCH_URL"):
+        cluster = ElasticsearchResource(
+            **{  # pydantic converts "false", "30", ... to the field types
+                field: dg.EnvVar(name) if name in settings.SECRETS else env[name]
+                for name, field in settings.ELASTICSEARCH_SETTINGS.items()
+                if env.get(name)
+            }
+        )
+    return {
+        "source": DocumentSourceResource(url=env.get("DOCUMENTS_URL") or DEFAULT_DOCUMENTS_URL),
+        "nlp": NlpResource(
+            cache_dir=str(directory / "cache"), **settings.present(env, settings.NLP_SETTINGS)
+        ),
+        "search_index": SearchIndexResource(data_dir=str(directory), elasticsearch=cluster),
+        "quality_settings": QualityResource(**settings.present(env, settings.QUALITY_SETTINGS)),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(directory / "assets")),
+    }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources=environment_resources())

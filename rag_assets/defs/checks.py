@@ -5,10 +5,11 @@ served."""
 import dagster as dg
 import pandas as pd
 
-from rag_assets import assets, quality
+from rag_assets import quality
+from rag_assets.defs import assets
+from rag_assets.defs.resources import NlpResource, QualityResource, SearchIndexResource, environment_resources
 from rag_assets.evaluation import read_ground_truth
-from rag_assets.features import ChunkVectors
-from rag_assets.resources import NlpResource, QualityResource, SearchIndexResource
+from rag_assets.nlp.features import ChunkVectors
 from rag_assets.retrieval import Retriever
 
 CHUNKS = {"chunks": dg.AssetIn(key="chunks")}
@@ -119,3 +120,8 @@ STRUCTURAL_CHECKS = [
 def all_checks(quality_settings: QualityResource) -> list[dg.AssetChecksDefinition]:
     """The retrieval-quality check exists only when a ground truth is configured."""
     return STRUCTURAL_CHECKS + ([es_index_retrieval_quality] if quality_settings.ground_truth else [])
+
+
+@dg.definitions
+def asset_checks() -> dg.Definitions:
+    return dg.Definitions(asset_checks=all_checks(environment_resources()["quality_settings"]))

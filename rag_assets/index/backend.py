@@ -9,9 +9,9 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from rag_assets.chunking import CHUNK_COLUMNS
-from rag_assets.features import LEMMA_FIELDS, ChunkVectors
-from rag_assets.sources import stable_hash
+from rag_assets.ingest.chunking import CHUNK_COLUMNS
+from rag_assets.ingest.sources import stable_hash
+from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors
 
 LEMMA_FIELD_COLUMNS = [f"{f}_lemmas" for f in LEMMA_FIELDS]
 INDEX_COLUMNS = [*CHUNK_COLUMNS, *LEMMA_FIELD_COLUMNS, "row_hash"]

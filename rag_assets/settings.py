@@ -1,0 +1,88 @@
+"""Configuration from the environment, read in one place for the Dagster layer and the CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from rag_assets.index.backend import SearchBackend
+from rag_assets.index.elasticsearch import ElasticsearchSettings
+from rag_assets.index.embedded import EmbeddedIndex
+
+DEFAULT_DATA_DIR = ".rag"
+# ELASTICSEARCH_* variable -> ElasticsearchSettings field; only variables that are set are used.
+ELASTICSEARCH_SETTINGS = {
+    "ELASTICSEARCH_URL": "url",
+    "ELASTICSEARCH_API_KEY": "api_key",
+    "ELASTICSEARCH_USERNAME": "username",
+    "ELASTICSEARCH_PASSWORD": "password",
+    "ELASTICSEARCH_VERIFY_CERTS": "verify_certs",
+    "ELASTICSEARCH_CA_CERTS": "ca_certs",
+    "ELASTICSEARCH_TIMEOUT_S": "request_timeout_s",
+    "ELASTICSEARCH_MAX_RETRIES": "max_retries",
+    "ELASTICSEARCH_ALIAS": "alias",
+    "ELASTICSEARCH_SHARDS": "shards",
+    "ELASTICSEARCH_REPLICAS": "replicas",
+    "ELASTICSEARCH_KEEP_PREVIOUS": "keep_previous",
+}
+SECRETS = {"ELASTICSEARCH_API_KEY", "ELASTICSEARCH_PASSWORD"}
+NLP_SETTINGS = {
+    "RAG_NLP_PROCESSES": "processes",
+    "RAG_NLP_BATCH_SIZE": "batch_size",
+    "RAG_NLP_MIN_TEXTS_PER_PROCESS": "min_texts_per_process",
+    "RAG_NLP_CACHE_TTL_DAYS": "cache_ttl_days",
+}
+QUALITY_SETTINGS = {
+    "RAG_MAX_ENTRY_DROP": "max_entry_drop",
+    "RAG_MAX_ZERO_VECTOR_SHARE": "max_zero_vector_share",
+    "RAG_MAX_EMPTY_LEMMA_SHARE": "max_empty_lemma_share",
+    "RAG_GROUND_TRUTH": "ground_truth",
+    "RAG_EVAL_MIN_HIT_RATE": "min_hit_rate",
+    "RAG_EVAL_MIN_MRR": "min_mrr",
+    "RAG_EVAL_K": "eval_k",
+}
+
+
+def present(env: Mapping[str, str], table: Mapping[str, str]) -> dict[str, str]:
+    """field -> value for the variables of `table` that are set and not empty."""
+    return {field: env[name] for name, field in table.items() if env.get(name)}
+
+
+def data_dir(env: Mapping[str, str] = os.environ) -> Path:
+    return Path(env.get("RAG_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def elasticsearch(env: Mapping[str, str] = os.environ) -> ElasticsearchSettings | None:
+    """None unless ELASTICSEARCH_URL is set."""
+    if not env.get("ELASTICSEARCH_URL"):
+        return None
+    return ElasticsearchSettings.parse(present(env, ELASTICSEARCH_SETTINGS))
+
+
+def open_backend(env: Mapping[str, str] = os.environ) -> SearchBackend:
+    """The index the environment points at: Elasticsearch when configured, else the embedded one."""
+    cluster = elasticsearch(env)
+    return cluster.open_index() if cluster is not None else EmbeddedIndex(data_dir(env))
+
+
+def schedule_cron(env: Mapping[str, str] = os.environ) -> str:
+    return env.get("RAG_SCHEDULE_CRON") or "0 0 * * *"
+
+
+def schedule_timezone(env: Mapping[str, str] = os.environ) -> str:
+    return env.get("RAG_SCHEDULE_TIMEZONE") or "UTC"
+
+
+def max_runtime_s(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get("RAG_MAX_RUNTIME_S") or 3600)
+
+
+def freshness_hours(env: Mapping[str, str] = os.environ) -> tuple[float, float]:
+    """(warn, fail): warn once a daily refresh was missed (24 h plus an hour for the run itself),
+    fail after a further margin."""
+    warn = float(env.get("RAG_FRESHNESS_WARN_HOURS") or 25)
+    fail = float(env.get("RAG_FRESHNESS_FAIL_HOURS") or 37)
+    if fail <= warn:
+        raise ValueError(f"RAG_FRESHNESS_FAIL_HOURS ({fail}) must exceed RAG_FRESHNESS_WARN_HOURS ({warn})")
+    return warn, fail
