@@ -13,8 +13,8 @@ from pathlib import Path
 
 from elasticsearch import ApiError, TransportError
 
+from rag_assets.common.errors import RagError
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
-from rag_assets.index.backend import RagError
 from rag_assets.index.elasticsearch import ElasticsearchIndex, describe_error
 from rag_assets.ingest.sources import SourceError
 from rag_assets.nlp.analysis import load_pipeline

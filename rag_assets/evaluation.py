@@ -11,8 +11,9 @@ from pathlib import Path
 
 from spacy.language import Language
 
+from rag_assets.common.errors import RagError
 from rag_assets.common.progress import Progress
-from rag_assets.index.backend import IndexContent, RagError
+from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import Fetcher, load_documents

@@ -9,7 +9,8 @@ import numpy as np
 from spacy.language import Language
 
 from rag_assets import settings
-from rag_assets.index.backend import RagError, SearchBackend, StoredChunk, UnknownCourseError
+from rag_assets.common.errors import RagError
+from rag_assets.index.backend import SearchBackend, StoredChunk, UnknownCourseError
 from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
 from rag_assets.nlp.analysis import analyse_query, load_pipeline
 

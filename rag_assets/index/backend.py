@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+from rag_assets.common.errors import RagError
 from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.ingest.sources import stable_hash
 from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors
@@ -17,12 +19,12 @@ LEMMA_FIELD_COLUMNS = [f"{f}_lemmas" for f in LEMMA_FIELDS]
 INDEX_COLUMNS = [*CHUNK_COLUMNS, *LEMMA_FIELD_COLUMNS, "row_hash"]
 
 
-class RagError(Exception):
-    """An error a user can act on; the CLI prints its message without a traceback."""
-
-
 class IndexNotFoundError(RagError):
     pass
+
+
+class IndexDamagedError(RagError):
+    """The served index cannot be read; the next publish replaces it."""
 
 
 class UnknownCourseError(RagError):
@@ -31,6 +33,29 @@ class UnknownCourseError(RagError):
 
 class PublishError(RagError):
     pass
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """Whether a new version may replace the live one, and the figures of both."""
+
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class PublishRefusedError(PublishError):
+    """The publish gate found the new version worse than the live one; nothing was served."""
+
+    def __init__(self, verdict: GateVerdict) -> None:
+        super().__init__(f"publish refused, the served index is unchanged: {verdict.description}")
+        self.verdict = verdict
+
+
+class PublishGate(Protocol):
+    def __call__(self, candidate: SearchBackend, live: SearchBackend | None) -> GateVerdict:
+        """Compare the new version (built, not yet served) with the live one (None: none yet)."""
+        ...
 
 
 @dataclass
@@ -73,7 +98,8 @@ class PublishReport:
     unchanged: int
     version: str | None = None  # the concrete index now served, where the backend keeps versions
     previous: str | None = None
-    warnings: tuple[str, ...] = ()  # problems after the new index was served (e.g. retention)
+    warnings: tuple[str, ...] = ()  # problems that did not stop the publish (retention, a damaged file)
+    gate: GateVerdict | None = None  # the publish gate's comparison, when it ran
 
 
 @dataclass(frozen=True)
@@ -93,15 +119,24 @@ class IndexStats:
     entries: int
     chunks: int
     courses: dict[str, int]
-    published_at: str | None
+    published_at: str | None  # when the content last changed
+    confirmed_at: str | None  # when a refresh last found it current (changed or not)
 
 
 class SearchBackend(Protocol):
     kind: str
     location: str
 
-    def publish(self, content: IndexContent) -> PublishReport:
-        """Make the index hold exactly `content`, all at once or not at all."""
+    def publish(self, content: IndexContent, gate: PublishGate | None = None) -> PublishReport:
+        """Make the index hold exactly `content`, all at once or not at all.
+
+        When content changed and a gate is given, the new version is built, shown to the gate
+        beside the live one, and served only if the gate passes (else PublishRefusedError).
+        """
+        ...
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads inside see one version of the index, even if a publish completes meanwhile."""
         ...
 
     def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[str]:

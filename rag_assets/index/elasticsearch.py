@@ -24,6 +24,7 @@ import pydantic
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 from elasticsearch.helpers import streaming_bulk
 
+from rag_assets.common.errors import RagError
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
     IndexContent,
@@ -31,7 +32,6 @@ from rag_assets.index.backend import (
     IndexStats,
     PublishError,
     PublishReport,
-    RagError,
     StoredChunk,
 )
 from rag_assets.index.ranking import FIELD_WEIGHTS
