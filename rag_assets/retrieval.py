@@ -43,6 +43,19 @@ def rank_entries(
     return entry_rankings, shown
 
 
+def check_query(query: str, k: int) -> None:
+    """Refuse what no search can answer, naming the parameter."""
+    if not query or not query.strip():
+        raise RagError("the query is empty")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Command-line arguments with invalid UTF-8 bytes arrive as lone surrogates.
+        raise RagError(f"the query is not valid UTF-8 (character {exc.start + 1} of {len(query)})") from None
+    if k < 1:
+        raise RagError(f"k must be at least 1, got {k}")
+
+
 class Retriever:
     def __init__(
         self,
@@ -55,22 +68,20 @@ class Retriever:
         self.fusion = fusion
 
     def search(self, query: str, course: str | None = None, k: int = 5) -> list[Hit]:
-        if not query or not query.strip():
-            raise RagError("the query is empty")
-        if k < 1:
-            raise RagError(f"k must be at least 1, got {k}")
+        check_query(query, k)
         terms = analyse_query(self.nlp, query)
         depth = max(self.fusion.candidates, k)
-        rankings: dict[str, list[str]] = {}
-        if self.fusion.weights.get("lexical", 0) > 0:
-            rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
-        if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
-            rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
-        candidates = list(dict.fromkeys(c for ranking in rankings.values() for c in ranking))
-        if not candidates:
-            self._check_course(course)
-            return []
-        chunks = self.backend.fetch(candidates)
+        with self.backend.snapshot():  # ranking and fetching read the same version
+            rankings: dict[str, list[str]] = {}
+            if self.fusion.weights.get("lexical", 0) > 0:
+                rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
+            if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
+                rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
+            candidates = list(dict.fromkeys(c for ranking in rankings.values() for c in ranking))
+            if not candidates:
+                self._check_course(course)
+                return []
+            chunks = self.backend.fetch(candidates)
         entry_rankings, shown = rank_entries(rankings, chunks)
         fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)
         return [Hit(**asdict(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused[:k]]

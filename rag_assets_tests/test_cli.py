@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,12 @@ RAG = shutil.which("rag", path=str(Path(sys.executable).parent)) or "rag"
 HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score"}
 
 
-def rag(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def rag(
+    *args: str, data_dir: Path, prefix: Sequence[str] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`rag ARGS` in a subprocess; `prefix` runs it through another command (e.g. as another user)."""
     env = {**os.environ, "RAG_DATA_DIR": str(data_dir), **env}
-    return subprocess.run([RAG, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([*prefix, RAG, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

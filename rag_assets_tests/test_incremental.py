@@ -88,7 +88,7 @@ def test_a_corrupt_cache_file_costs_time_not_correctness(
     frame, reuse = cached_lemmas(lambda: nlp, chunks, cache)
     assert reuse.computed == len(chunks)
     pd.testing.assert_frame_equal(frame, expected)
-    assert "is unreadable" in warnings[0]
+    assert "is damaged" in warnings[0]
     assert list(tmp_path.glob(f"{CACHE_FILENAME}.corrupt-*"))
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from spacy.language import Language
 
+from rag_assets.common import sqlite
 from rag_assets.common.sqlite import immediate_transaction
 from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings
 from rag_assets.nlp.features import LEMMA_COLUMNS, ChunkVectors, embed_chunks, lemmatize_chunks
@@ -59,12 +60,20 @@ class NlpCache:
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            self._log(f"NLP cache {self.path} is unreadable ({exc}); moved to {aside.name}, starting afresh")
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            return self._connect()
+            return self._start_afresh(exc)
+
+    def _start_afresh(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        aside = sqlite.set_aside(self.path)
+        self._log(f"NLP cache {self.path} is damaged ({exc}); moved to {aside.name}, starting afresh")
+        return self._connect()
+
+    def _failed(self, action: str, exc: sqlite3.DatabaseError) -> None:
+        """A damaged file is set aside once, so later runs do not pay for it again."""
+        if sqlite.is_damaged(exc):
+            self._db.close()
+            self._db = self._start_afresh(exc)
+        else:
+            self._log(f"NLP cache {self.path} failed {action} ({exc})")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None)
@@ -91,7 +100,7 @@ class NlpCache:
                 )
                 found.update((row[0], row[1:]) for row in rows)
         except sqlite3.DatabaseError as exc:
-            self._log(f"NLP cache {self.path} failed a read ({exc}); recomputing")
+            self._failed("a read; recomputing", exc)
             return {}
         return found
 
@@ -118,7 +127,7 @@ class NlpCache:
             with immediate_transaction(self._db):
                 self._db.executemany(sql, ((self.fingerprint, *row, now) for row in rows))
         except sqlite3.DatabaseError as exc:
-            self._log(f"NLP cache {self.path} failed a write ({exc}); results are not cached")
+            self._failed("a write; results are not cached", exc)
 
     def put_terms(self, rows: Iterable[tuple[str, ...]]) -> None:
         """Rows of (content_hash, question_lemmas, text_lemmas, section_lemmas, vector_words)."""
@@ -142,7 +151,7 @@ class NlpCache:
                             [now, self.fingerprint, *batch],
                         )
         except sqlite3.DatabaseError as exc:
-            self._log(f"NLP cache {self.path} failed to record use ({exc})")
+            self._failed("to record use", exc)
 
     def prune(self) -> int:
         """Drop entries unused for `ttl_days` (any fingerprint); returns how many."""
@@ -155,7 +164,7 @@ class NlpCache:
                         f"DELETE FROM {table} WHERE last_used < ?", (cutoff,)
                     ).rowcount
         except sqlite3.DatabaseError as exc:
-            self._log(f"NLP cache {self.path} failed to prune ({exc})")
+            self._failed("to prune", exc)
         return removed
 
     def close(self) -> None:
