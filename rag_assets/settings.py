@@ -27,6 +27,13 @@ ELASTICSEARCH_SETTINGS = {
     "ELASTICSEARCH_KEEP_PREVIOUS": "keep_previous",
 }
 SECRETS = {"ELASTICSEARCH_API_KEY", "ELASTICSEARCH_PASSWORD"}
+SOURCE_SETTINGS = {
+    "RAG_FETCH_TIMEOUT_S": "timeout_s",
+    "RAG_FETCH_RETRIES": "retries",
+    "RAG_FETCH_DEADLINE_S": "deadline_s",
+    "RAG_FETCH_MAX_RETRY_AFTER_S": "max_retry_after_s",
+    "RAG_MAX_ENTRY_CHARS": "max_entry_chars",
+}
 NLP_SETTINGS = {
     "RAG_NLP_PROCESSES": "processes",
     "RAG_NLP_BATCH_SIZE": "batch_size",

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -183,3 +189,107 @@ def test_credentials_never_reach_messages() -> None:
 def test_faq_base_url() -> None:
     assert faq_base_url("https://datatalks.club/faq/json/courses.json") == "https://datatalks.club/faq"
     assert faq_base_url("/data/faq-api/json/courses.json") == "/data/faq-api"
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/documents.json"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """One byte every 0.25 s: each read is quick, the whole body takes a minute."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "240")
+        self.end_headers()
+        try:
+            for _ in range(240):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.25)
+        except OSError:
+            pass  # the client gave up
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_trickling_server_fails_at_the_fetch_deadline() -> None:
+    with serving(Trickle) as url:
+        started = time.monotonic()
+        with pytest.raises(SourceError) as raised:
+            Fetcher(timeout_s=5, deadline_s=2).read_json(url)
+        elapsed = time.monotonic() - started
+    assert elapsed < 6
+    assert f"{url}: not read within the fetch deadline of 2 s (RAG_FETCH_DEADLINE_S" in str(raised.value)
+
+
+class SlowDown(BaseHTTPRequestHandler):
+    """503 with Retry-After: 30 once, then the documents."""
+
+    answered: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        SlowDown.answered += 1
+        if SlowDown.answered == 1:
+            self.send_response(503)
+            self.send_header("Retry-After", "30")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps([entry("c", "Why?", "Because.")]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_retry_after_is_capped() -> None:
+    with serving(SlowDown) as url:
+        started = time.monotonic()
+        payload = Fetcher(max_retry_after_s=1).read_json(url)
+        elapsed = time.monotonic() - started
+    assert payload[0]["question"] == "Why?"
+    assert SlowDown.answered == 2
+    assert 0.9 < elapsed < 10  # waited the cap, not the 30 s asked for
+
+
+def test_a_malformed_first_entry_is_dropped_not_the_source(tmp_path: Path) -> None:
+    entries = [{"text": "no question here"}, *(entry("c", f"Question {n}?", "Answer.") for n in range(3))]
+    loaded = load_documents(str(write_json(tmp_path / "flat.json", entries)), Fetcher())
+    assert loaded.shape == "flat"
+    assert len(loaded.frame) == 3
+    assert [(d.position, d.reason) for d in loaded.dropped] == [(0, "missing field 'section'")]
+
+
+def test_renaming_a_repeated_id_never_takes_an_existing_id(tmp_path: Path) -> None:
+    entries = [
+        entry("c", "First?", "a", id="X"),
+        entry("c", "Second?", "b", id="X"),
+        entry("c", "Third?", "c", id="X~2"),
+    ]
+    loaded = load_documents(str(write_json(tmp_path / "flat.json", entries)), Fetcher())
+    assert list(loaded.frame["doc_id"]) == ["X", "X~3", "X~2"]
+    assert loaded.renamed_ids == ["X~3"]
+
+
+def test_an_oversized_entry_is_dropped_and_counted(tmp_path: Path) -> None:
+    entries = [entry("c", "Huge?", "word " * 30_000), entry("c", "Small?", "Fine.")]
+    loaded = load_documents(
+        str(write_json(tmp_path / "flat.json", entries)), Fetcher(), max_entry_chars=100_000
+    )
+    assert list(loaded.frame["question"]) == ["Small?"]
+    [dropped] = loaded.dropped
+    assert dropped.position == 0
+    assert dropped.reason == "150,012 characters, more than the limit of 100,000 (RAG_MAX_ENTRY_CHARS)"

@@ -15,7 +15,13 @@ from rag_assets import settings
 from rag_assets.index.backend import SearchBackend
 from rag_assets.index.elasticsearch import ElasticsearchIndex, ElasticsearchSettings
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets.ingest.sources import DEFAULT_DOCUMENTS_URL, Fetcher, LoadedDocuments, load_documents
+from rag_assets.ingest.sources import (
+    DEFAULT_DOCUMENTS_URL,
+    DEFAULT_MAX_ENTRY_CHARS,
+    Fetcher,
+    LoadedDocuments,
+    load_documents,
+)
 from rag_assets.nlp.analysis import (
     MODEL_NAME,
     NlpSettings,
@@ -30,11 +36,22 @@ class DocumentSourceResource(dg.ConfigurableResource):
     """Where the FAQ comes from: http(s)://, file:// or a plain path."""
 
     url: str = Field(default=DEFAULT_DOCUMENTS_URL, description="Source URL or path (DOCUMENTS_URL)")
-    timeout_s: float = Field(default=30.0, description="Per-request timeout in seconds")
+    timeout_s: float = Field(default=30.0, description="Per-read timeout in seconds")
     retries: int = Field(default=3, description="Retries for connection errors and HTTP 429/5xx")
+    deadline_s: float = Field(default=300.0, description="Longest time one URL may take, retries included")
+    max_retry_after_s: float = Field(default=60.0, description="Longest Retry-After wait honoured")
+    max_entry_chars: int = Field(
+        default=DEFAULT_MAX_ENTRY_CHARS, description="Longer entries are dropped and counted"
+    )
 
     def load(self) -> LoadedDocuments:
-        return load_documents(self.url, Fetcher(timeout_s=self.timeout_s, retries=self.retries))
+        fetcher = Fetcher(
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            deadline_s=self.deadline_s,
+            max_retry_after_s=self.max_retry_after_s,
+        )
+        return load_documents(self.url, fetcher, self.max_entry_chars)
 
 
 class NlpResource(dg.ConfigurableResource):
@@ -139,7 +156,10 @@ def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]
             }
         )
     return {
-        "source": DocumentSourceResource(url=env.get("DOCUMENTS_URL") or DEFAULT_DOCUMENTS_URL),
+        "source": DocumentSourceResource(
+            url=env.get("DOCUMENTS_URL") or DEFAULT_DOCUMENTS_URL,
+            **settings.present(env, settings.SOURCE_SETTINGS),
+        ),
         "nlp": NlpResource(
             cache_dir=str(directory / "cache"), **settings.present(env, settings.NLP_SETTINGS)
         ),

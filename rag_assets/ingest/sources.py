@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,11 +18,15 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 DEFAULT_DOCUMENTS_URL = "https://datatalks.club/faq/json/courses.json"
 FAQ_INDEX_SUFFIX = "/json/courses.json"
+# The key that marks an item of each shape.
+_SHAPE_KEYS = {"documents": "zoomcamp", "question": "flat", "path": "faq_api"}
+DEFAULT_MAX_ENTRY_CHARS = 100_000
 DOCUMENT_COLUMNS = ["doc_id", "course", "section", "question", "answer", "content_hash"]
 
 
@@ -40,17 +45,51 @@ def redact(location: str) -> str:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
-class Fetcher:
-    """Reads JSON from http(s)://, file:// or a plain path, with a timeout and retries for HTTP."""
+class CappedRetry(Retry):
+    """urllib3's Retry, honouring `Retry-After` only up to `max_retry_after_s`.
 
-    def __init__(self, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5) -> None:
+    An upstream asking for ten minutes between attempts would otherwise hold the run for half
+    an hour; capped, the retries stay within the fetch deadline.
+    """
+
+    def __init__(self, *args: Any, max_retry_after_s: float = 60.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_retry_after_s = max_retry_after_s
+
+    def new(self, **kwargs: Any) -> CappedRetry:
+        retry = super().new(**kwargs)
+        retry.max_retry_after_s = self.max_retry_after_s
+        return retry
+
+    def get_retry_after(self, response: Any) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, self.max_retry_after_s)
+
+
+class Fetcher:
+    """Reads JSON from http(s)://, file:// or a plain path.
+
+    HTTP has a per-read timeout, retries (connection errors, 429, 5xx, `Retry-After` capped) and
+    an overall deadline per URL, so neither a stalled nor a trickling server can hold a run.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        deadline_s: float = 300.0,
+        max_retry_after_s: float = 60.0,
+    ) -> None:
         self.timeout_s = timeout_s
-        retry = Retry(
+        self.deadline_s = deadline_s
+        retry = CappedRetry(
             total=retries,
             backoff_factor=backoff_s,
             status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=frozenset({"GET"}),
             raise_on_status=False,
+            max_retry_after_s=max_retry_after_s,
         )
         self._session = requests.Session()
         adapter = HTTPAdapter(max_retries=retry)
@@ -75,13 +114,25 @@ class Fetcher:
         return _read_file(Path(location), location)
 
     def _read_http(self, url: str) -> bytes:
+        started = time.monotonic()
         try:
-            response = self._session.get(url, timeout=self.timeout_s)
-        except requests.RequestException as exc:
+            with self._session.get(url, timeout=self.timeout_s, stream=True) as response:
+                if response.status_code != 200:
+                    raise SourceError(f"{redact(url)} answered HTTP {response.status_code}")
+                body = bytearray()
+                # read1 returns what one read of the socket brings, so the deadline is checked
+                # however slowly the bytes come.
+                while chunk := response.raw.read1(1 << 16, decode_content=True):
+                    body += chunk
+                    if time.monotonic() - started > self.deadline_s:
+                        elapsed = time.monotonic() - started
+                        raise SourceError(
+                            f"{redact(url)}: not read within the fetch deadline of {self.deadline_s:g} s "
+                            f"(RAG_FETCH_DEADLINE_S; {len(body):,} bytes in {elapsed:.0f} s)"
+                        )
+                return bytes(body)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise SourceError(f"could not fetch {redact(url)}: {exc}") from exc
-        if response.status_code != 200:
-            raise SourceError(f"{redact(url)} answered HTTP {response.status_code}")
-        return response.content
 
 
 def _read_file(path: Path, location: str) -> bytes:
@@ -114,7 +165,9 @@ class LoadedDocuments:
     renamed_ids: list[str] = field(default_factory=list)
 
 
-def load_documents(location: str, fetcher: Fetcher) -> LoadedDocuments:
+def load_documents(
+    location: str, fetcher: Fetcher, max_entry_chars: int = DEFAULT_MAX_ENTRY_CHARS
+) -> LoadedDocuments:
     payload = fetcher.read_json(location)
     shape = detect_shape(payload, location)
     locations = [location]
@@ -134,7 +187,7 @@ def load_documents(location: str, fetcher: Fetcher) -> LoadedDocuments:
             entries.extend(_raw_entries(course_payload, redact(course_location), course))
     else:
         entries = _raw_entries(payload, redact(location), None)
-    return build_documents(entries, shape, locations)
+    return build_documents(entries, shape, locations, max_entry_chars)
 
 
 def detect_shape(payload: Any, location: str) -> str:
@@ -142,19 +195,18 @@ def detect_shape(payload: Any, location: str) -> str:
     where = redact(location)
     if not isinstance(payload, list):
         raise SourceError(f"{where}: expected a JSON list at the top level, got {type(payload).__name__}")
-    first = next((item for item in payload if isinstance(item, dict)), None)
-    if first is None:
+    objects = [item for item in payload if isinstance(item, dict)]
+    if not objects:
         raise SourceError(f"{where}: contains no entries")
-    if "documents" in first:
-        return "zoomcamp"
-    if "question" in first:
-        return "flat"
-    if "path" in first:
-        return "faq_api"
-    raise SourceError(
-        f"{where}: unrecognised shape; expected course groups with 'documents', a FAQ API index "
-        f"with 'path', or entries with 'question' (first item has keys {sorted(first)})"
-    )
+    # Each item votes by its marker key, so one malformed item (even the first) cannot decide the
+    # shape; it is dropped later as a bad entry instead.
+    votes = Counter(shape for item in objects for key, shape in _SHAPE_KEYS.items() if key in item)
+    if not votes:
+        raise SourceError(
+            f"{where}: unrecognised shape; expected course groups with 'documents', a FAQ API index "
+            f"with 'path', or entries with 'question' (first item has keys {sorted(objects[0])})"
+        )
+    return votes.most_common(1)[0][0]
 
 
 def faq_base_url(index_location: str) -> str:
@@ -212,7 +264,7 @@ def _required_text(item: dict[str, Any], *names: str) -> str:
     raise ValueError(f"missing field '{' or '.join(names)}'")
 
 
-def _entry_fields(raw: _RawEntry) -> dict[str, Any]:
+def _entry_fields(raw: _RawEntry, max_entry_chars: int) -> dict[str, Any]:
     item = raw.item
     if not isinstance(item, dict):
         raise ValueError(f"entry is {type(item).__name__}, not an object")
@@ -223,6 +275,16 @@ def _entry_fields(raw: _RawEntry) -> dict[str, Any]:
     source_id = item.get("id")
     if source_id is not None and not isinstance(source_id, str | int):
         raise ValueError(f"field 'id' is {type(source_id).__name__}")
+    size = sum(
+        len(v)
+        for v in (section, *(item.get(k) for k in ("question", "answer", "text")))
+        if isinstance(v, str)
+    )
+    if size > max_entry_chars:
+        # One huge entry would become thousands of chunks and crowd every ranking.
+        raise ValueError(
+            f"{size:,} characters, more than the limit of {max_entry_chars:,} (RAG_MAX_ENTRY_CHARS)"
+        )
     return {
         "course": _required_text({"course": course}, "course"),
         "section": section.strip(),
@@ -232,12 +294,17 @@ def _entry_fields(raw: _RawEntry) -> dict[str, Any]:
     }
 
 
-def build_documents(entries: list[_RawEntry], shape: str, locations: list[str]) -> LoadedDocuments:
+def build_documents(
+    entries: list[_RawEntry],
+    shape: str,
+    locations: list[str],
+    max_entry_chars: int = DEFAULT_MAX_ENTRY_CHARS,
+) -> LoadedDocuments:
     rows: list[dict[str, Any]] = []
     dropped: list[DroppedEntry] = []
     for raw in entries:
         try:
-            rows.append(_entry_fields(raw))
+            rows.append(_entry_fields(raw, max_entry_chars))
         except ValueError as exc:
             dropped.append(DroppedEntry(raw.location, raw.position, str(exc)))
     if not rows:
@@ -270,21 +337,27 @@ def assign_doc_ids(frame: pd.DataFrame) -> list[str]:
 
     Keying on the question rather than the answer keeps an entry's id when its answer is edited,
     so a refresh updates it in place; the occurrence number keeps repeated questions apart.
-    Repeated source ids get a `~n` suffix; the renamed ids are returned.
+    A repeated source id gets the first free `~n` suffix, one that no entry of the source has as
+    its own id; the renamed ids are returned.
     """
     occurrences: Counter[tuple[str, str]] = Counter()
-    seen_ids: Counter[str] = Counter()
+    taken = {source_id for source_id in frame.source_id if source_id}
+    seen_ids: set[str] = set()
     doc_ids: list[str] = []
     renamed: list[str] = []
     for course, question, source_id in zip(frame.course, frame.question, frame.source_id, strict=True):
         occurrences[(course, question)] += 1
-        if source_id:
-            seen_ids[source_id] += 1
-            doc_id = source_id if seen_ids[source_id] == 1 else f"{source_id}~{seen_ids[source_id]}"
-            if doc_id != source_id:
-                renamed.append(doc_id)
-        else:
+        if not source_id:
             doc_id = stable_hash(course, question, str(occurrences[(course, question)]))
+        elif source_id not in seen_ids:
+            doc_id = source_id
+        else:
+            suffix = 2
+            while (doc_id := f"{source_id}~{suffix}") in taken:
+                suffix += 1
+            taken.add(doc_id)
+            renamed.append(doc_id)
+        seen_ids.add(doc_id)
         doc_ids.append(doc_id)
     frame["doc_id"] = doc_ids
     return renamed
