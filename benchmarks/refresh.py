@@ -32,6 +32,7 @@ from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
     QualityResource,
+    RefreshLockResource,
     SearchIndexResource,
 )
 from rag_assets.index.embedded import EmbeddedIndex
@@ -61,6 +62,7 @@ def run_job(documents: str, workdir: Path, processes: int) -> dict[str, Any]:
         "search_index": SearchIndexResource(data_dir=str(workdir)),
         "quality_settings": QualityResource(max_entry_drop=1.0),
         "io_manager": dg.FilesystemIOManager(base_dir=str(workdir / "assets")),
+        "refresh_lock": RefreshLockResource(data_dir=str(workdir)),
     }
     job = with_resources(load_definitions(), resources).resolve_job_def(JOB_NAME)
     (workdir / "dagster").mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,8 @@ def cmd_versions(args: argparse.Namespace) -> None:
         _print_json(versions)
         return
     for v in versions:
-        print(f"{'*' if v.live else ' '} {v.name}  {v.documents} chunks  created {v.created_at}")
+        state = "" if v.complete else "  (incomplete: not a rollback target)"
+        print(f"{'*' if v.live else ' '} {v.name}  {v.documents} chunks  created {v.created_at}{state}")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:

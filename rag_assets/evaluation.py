@@ -13,7 +13,7 @@ from spacy.language import Language
 
 from rag_assets.common.errors import RagError
 from rag_assets.common.progress import Progress
-from rag_assets.index.backend import IndexContent
+from rag_assets.index.backend import IndexContent, UnknownCourseError
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import Fetcher, load_documents
@@ -77,7 +77,10 @@ def evaluate(
     progress = Progress("evaluate", len(ground_truth), log)
     for row in ground_truth:
         started = time.perf_counter()
-        hits = retriever.search(row.question, course=row.course, k=k)
+        try:
+            hits = retriever.search(row.question, course=row.course, k=k)
+        except UnknownCourseError:  # an index without the course answers nothing about it
+            hits = []
         latencies_ms.append((time.perf_counter() - started) * 1000)
         ranks = [rank for rank, hit in enumerate(hits, start=1) if hit.doc_id == row.document]
         reciprocal_ranks.append(1.0 / ranks[0] if ranks else 0.0)

@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+from spacy.language import Language
 
 from rag_assets.evaluation import GroundTruth, evaluate
+from rag_assets.index.backend import GateVerdict, SearchBackend
 from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.ingest.sources import DOCUMENT_COLUMNS
 from rag_assets.nlp.analysis import VECTOR_DIM
@@ -162,6 +164,59 @@ def check_index_matches(served: Mapping[str, str], chunks: pd.DataFrame) -> Verd
             "stale": len(stale),
         },
     )
+
+
+def smoke_probes(chunks: pd.DataFrame, limit: int) -> list[GroundTruth]:
+    """Entries asked their own question (questions asked only once), spread over the source."""
+    firsts = chunks[chunks["chunk_index"] == 0].drop_duplicates(["course", "question"], keep=False)
+    step = max(1, len(firsts) // max(limit, 1))
+    return [
+        GroundTruth(row.question, row.course, row.doc_id)
+        for row in firsts.iloc[::step].head(limit).itertuples(index=False)
+    ]
+
+
+class RetrievalGate:
+    """Refuses a new version that answers worse than the live one (see `PublishGate`).
+
+    Both versions are asked the same questions: the new version's entries their own questions
+    (hit rate in the first 3) and, when configured, the ground truth (hit rate and MRR at `eval_k`).
+    A figure lower than the live one's by more than `max_drop` refuses the publish.
+    """
+
+    def __init__(
+        self,
+        nlp: Language,
+        probes: list[GroundTruth],
+        ground_truth: list[GroundTruth],
+        eval_k: int = 5,
+        max_drop: float = 0.02,
+    ) -> None:
+        self.nlp = nlp
+        self.question_sets = {"smoke": (probes, 3), "ground_truth": (ground_truth, eval_k)}
+        self.max_drop = max_drop
+
+    def __call__(self, candidate: SearchBackend, live: SearchBackend | None) -> GateVerdict:
+        figures: dict[str, float] = {}
+        problems: list[str] = []
+        for name, (questions, k) in self.question_sets.items():
+            if not questions:
+                continue
+            new = evaluate(Retriever(candidate, self.nlp), questions, k=k)
+            old = None if live is None else evaluate(Retriever(live, self.nlp), questions, k=k)
+            for metric in ("hit_rate", "mrr"):
+                figures[f"gate_{name}_{metric}_new"] = getattr(new, metric)
+                if old is None:
+                    continue
+                figures[f"gate_{name}_{metric}_served"] = getattr(old, metric)
+                if getattr(new, metric) < getattr(old, metric) - self.max_drop:
+                    problems.append(
+                        f"{name.replace('_', ' ')} {metric.replace('_', ' ')} would fall from "
+                        f"{getattr(old, metric):.4f} (served) to {getattr(new, metric):.4f} (new), "
+                        f"more than the allowed {self.max_drop:g} (RAG_MAX_QUALITY_DROP)"
+                    )
+        summary = ", ".join(f"{key.removeprefix('gate_')} {value:.4f}" for key, value in figures.items())
+        return GateVerdict(not problems, "; ".join(problems) or f"passed: {summary}", figures)
 
 
 def check_smoke_query(retriever: Retriever, chunks: pd.DataFrame, top: int = 3) -> Verdict:

@@ -48,6 +48,8 @@ QUALITY_SETTINGS = {
     "RAG_EVAL_MIN_HIT_RATE": "min_hit_rate",
     "RAG_EVAL_MIN_MRR": "min_mrr",
     "RAG_EVAL_K": "eval_k",
+    "RAG_MAX_QUALITY_DROP": "max_quality_drop",
+    "RAG_GATE_PROBES": "gate_probes",
 }
 
 

@@ -5,11 +5,14 @@ just enough state (indices, aliases, documents) for publishes to be followed thr
 every request so tests can assert exactly what the real client sent. Its "search" is a crude
 term-overlap and cosine scorer: good for checking filters and plumbing, not Elasticsearch's ranking.
 Failures can be injected: rejected bulk items, 429 throttling, a wrong count, a failing alias swap,
-failing index deletions.
+failing index deletions, any endpoint answering 503, and late requests: answered after the client
+gave up, then carried out anyway, as a timed-out bulk request is (re-creating a deleted index by
+auto-create, without our mapping, holding just that request's documents).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -50,6 +53,10 @@ class FakeElasticsearch:
         self.count_offset = 0  # added to every _count answer
         self.fail_alias_swap = False
         self.undeletable: set[str] = set()  # DELETE of these indices fails with a 500
+        self.unavailable: str | None = None  # requests whose "METHOD /path" matches answer 503
+        self.late: str | None = None  # requests whose "METHOD /path" matches wait late_s, then run
+        self.late_s = 0.0
+        self._late_running = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -63,6 +70,14 @@ class FakeElasticsearch:
         return [
             r for r in self.requests if (method is None or r.method == method) and re.search(pattern, r.path)
         ]
+
+    def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait until every late request has been carried out."""
+        deadline = time.monotonic() + timeout_s
+        while self._late_running:
+            if time.monotonic() > deadline:
+                raise TimeoutError("late requests still running")
+            time.sleep(0.01)
 
     # -- HTTP plumbing ------------------------------------------------------------------------
 
@@ -78,25 +93,28 @@ class FakeElasticsearch:
                 else:
                     body = json.loads(raw) if raw else None
                 params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                request = Recorded(
+                    self.command, parts.path, params, body, {k.lower(): v for k, v in self.headers.items()}
+                )
                 with fake._lock:
-                    fake.requests.append(
-                        Recorded(
-                            self.command,
-                            parts.path,
-                            params,
-                            body,
-                            {k.lower(): v for k, v in self.headers.items()},
-                        )
-                    )
-                    status, answer = fake.route(self.command, parts.path, params, body)
+                    fake.requests.append(request)
+                    late = int(fake.matches(fake.late, request))
+                    fake._late_running += late
+                time.sleep(fake.late_s * late)  # the client may give up meanwhile; the request still runs
+                with fake._lock:
+                    status, answer = fake.answer(request)
+                    fake._late_running -= late
                 payload = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("X-Elastic-Product", "Elasticsearch")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", CONTENT_TYPE)
+                    self.send_header("X-Elastic-Product", "Elasticsearch")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a late answer: the client has closed the connection
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
@@ -111,6 +129,15 @@ class FakeElasticsearch:
 
     def resolve(self, name: str) -> str | None:
         return self.aliases.get(name, name if name in self.indices else None)
+
+    @staticmethod
+    def matches(pattern: str | None, request: Recorded) -> bool:
+        return pattern is not None and re.search(pattern, f"{request.method} {request.path}") is not None
+
+    def answer(self, request: Recorded) -> tuple[int, Any]:
+        if self.matches(self.unavailable, request):
+            return self.error(503, "unavailable_shards_exception", "unavailable on purpose")
+        return self.route(request.method, request.path, request.params, request.body)
 
     def route(self, method: str, path: str, params: dict[str, str], body: Any) -> tuple[int, Any]:
         segments = [s for s in path.split("/") if s]
@@ -137,6 +164,8 @@ class FakeElasticsearch:
                 return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
             if action == "_count":
                 return 200, {"count": len(self.indices[index].docs) + self.count_offset}
+            if action == "_mapping" and method == "PUT":
+                return self.put_mapping(index, body)
             if action == "_mapping":
                 return 200, {index: {"mappings": self.indices[index].body.get("mappings", {})}}
             if action == "_mget":
@@ -152,6 +181,13 @@ class FakeElasticsearch:
             return self.error(400, "resource_already_exists_exception", f"index [{name}] already exists")
         self.indices[name] = FakeIndex(body=body, created_ms=int(time.time() * 1000))
         return 200, {"acknowledged": True, "shards_acknowledged": True, "index": name}
+
+    def put_mapping(self, index: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """Only `_meta`, which Elasticsearch replaces as a whole."""
+        if set(body) != {"_meta"}:
+            return self.error(400, "unsupported", f"the fake only updates _meta, not {sorted(body)}")
+        self.indices[index].body.setdefault("mappings", {})["_meta"] = copy.deepcopy(body["_meta"])
+        return 200, {"acknowledged": True}
 
     def delete(self, name: str) -> tuple[int, Any]:
         if name in self.undeletable:
@@ -210,7 +246,10 @@ class FakeElasticsearch:
             [(op, meta)] = lines[position].items()
             source = lines[position + 1] if op in ("index", "create") else None
             position += 2 if source is not None else 1
-            doc_id, index = meta["_id"], self.indices.get(meta["_index"])
+            doc_id = meta["_id"]
+            if op != "delete" and meta["_index"] not in self.indices:
+                self.create(meta["_index"], {})  # auto-create: no mapping of ours, no _meta
+            index = self.indices.get(meta["_index"])
             if self.throttle_items > 0:
                 self.throttle_items -= 1
                 items.append(

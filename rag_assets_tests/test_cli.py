@@ -127,4 +127,5 @@ def test_versions_json(tmp_path: Path) -> None:
         (names[1], True, 0),
         (names[0], False, 0),
     ]
-    assert all(set(v) == {"name", "documents", "created_at", "live"} for v in versions)
+    keys = {"name", "documents", "created_at", "live", "complete", "completed_documents"}
+    assert all(set(v) == keys for v in versions)

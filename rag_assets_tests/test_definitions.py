@@ -14,6 +14,7 @@ from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
     QualityResource,
+    RefreshLockResource,
     SearchIndexResource,
     environment_resources,
 )
@@ -34,6 +35,7 @@ def run_resources(source: str, data_dir: Path, **overrides: object) -> dict[str,
         "search_index": SearchIndexResource(data_dir=str(data_dir)),
         "quality_settings": QualityResource(),
         "io_manager": dg.FilesystemIOManager(base_dir=str(data_dir / "assets")),
+        "refresh_lock": RefreshLockResource(data_dir=str(data_dir)),
         **overrides,
     }
 

@@ -11,7 +11,15 @@ import pytest
 from spacy.language import Language
 
 from rag_assets.defs.resources import ElasticsearchResource
-from rag_assets.index.backend import IndexContent, IndexNotFoundError, PublishError, RagError
+from rag_assets.index.backend import (
+    GateVerdict,
+    IndexContent,
+    IndexNotFoundError,
+    PublishError,
+    PublishRefusedError,
+    RagError,
+    SearchBackend,
+)
 from rag_assets.index.elasticsearch import (
     LEMMA_ANALYZER,
     MAPPING_VERSION,
@@ -144,14 +152,40 @@ def test_a_refresh_reindexes_server_side_and_sends_only_the_delta(
     assert es.chunk_hashes() == dict(zip(delta.rows.chunk_id, delta.rows.content_hash, strict=True))
 
 
-def test_an_unchanged_source_writes_nothing(fake: FakeElasticsearch, content: IndexContent) -> None:
+def test_an_unchanged_source_writes_nothing_but_the_confirmation(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
     es = backend(fake)
     first = es.publish(content).version
     fake.requests.clear()
     report = es.publish(content)
     assert (report.upserted, report.deleted, report.version) == (0, 0, first)
-    assert {r.method for r in fake.requests} <= {"GET", "POST"}
-    assert not fake.calls("PUT") and not fake.calls(pattern="_bulk|_aliases|_reindex")
+    assert {r.method for r in fake.requests} <= {"GET", "POST", "PUT"}
+    assert [r.path for r in fake.calls("PUT")] == [f"/{first}/_mapping"]
+    assert not fake.calls(pattern="_bulk|_aliases|_reindex")
+
+
+def test_a_publish_that_changed_nothing_moves_confirmed_at_not_published_at(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake)
+    first = es.publish(content).version
+    stats = es.stats()
+    assert stats.published_at and stats.confirmed_at == stats.published_at
+    meta = fake.indices[first].body["mappings"]["_meta"]
+    last_night = "2000-01-01T00:00:00+00:00"
+    meta.update(published_at=last_night, confirmed_at=last_night)
+    fake.requests.clear()
+    assert es.publish(content).warnings == ()
+    [confirm] = fake.calls("PUT", f"^/{first}/_mapping$")
+    assert confirm.body["_meta"] == {**meta, "confirmed_at": confirm.body["_meta"]["confirmed_at"]}
+    stats = es.stats()
+    assert stats.published_at == last_night and stats.confirmed_at > last_night
+
+    fake.unavailable = "^PUT "  # a read-only cluster: the served index is fine, the run is not failed
+    assert es.publish(content).warnings == (
+        f"could not record that {first} is current: Elasticsearch answered 503: unavailable on purpose",
+    )
 
 
 def test_an_index_with_another_mapping_is_not_reused(fake: FakeElasticsearch, content: IndexContent) -> None:
@@ -173,6 +207,71 @@ def edited(content: IndexContent, positions: list[int], row_hash: str = "edited"
 
 def publish_revisions(es: ElasticsearchIndex, content: IndexContent, n: int) -> list[str]:
     return [es.publish(edited(content, [0], f"revision {revision}")).version for revision in range(n)]
+
+
+def strand_partial_index(fake: FakeElasticsearch, content: IndexContent) -> str:
+    """The incident: a publish's bulk request times out, the cleanup deletes the new index, then the
+    server carries the request out, re-creating the index by auto-create with its 2 documents."""
+    before = live(fake)
+    fake.late, fake.late_s = r"^(PUT|POST) /_bulk$", 1.0
+    with pytest.raises(PublishError) as error:
+        backend(fake, request_timeout_s=0.3, max_retries=0).publish(edited(content, [0, 1], "lost"))
+    fake.settle()
+    fake.late = None
+    name = fake.calls("PUT", VERSION_NAME)[-1].path.lstrip("/")
+    assert str(error.value) == (
+        f"publishing {name} failed while sending the bulk actions (Elasticsearch did not answer in time: "
+        f"Connection timed out during request); the alias faq still points at {before}"
+    )
+    assert len(fake.indices[name].docs) == 2 and "_meta" not in fake.indices[name].body.get("mappings", {})
+    return name
+
+
+def test_a_partial_index_left_by_a_late_bulk_does_not_count_for_retention_or_rollback(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake, keep_previous=1)
+    first = es.publish(content).version
+    partial = strand_partial_index(fake, content)
+    third = es.publish(edited(content, [3])).version
+    assert set(fake.indices) == {first, partial, third}  # the partial one is young: it may be in use
+    versions = [(v.name, v.live, v.complete) for v in es.versions()]
+    assert versions == [(third, True, True), (partial, False, False), (first, False, True)]
+    assert es.rollback() == first
+
+
+def test_rollback_refuses_an_incomplete_version_or_one_that_lost_documents(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake)
+    first = es.publish(content).version
+    partial = strand_partial_index(fake, content)
+    es.publish(edited(content, [3]))
+    with pytest.raises(RagError) as incomplete:
+        es.rollback(partial)
+    assert str(incomplete.value) == (
+        f"not rolling back to {partial}: it was never marked complete (it holds 2 documents)"
+    )
+    fake.indices[first].docs.popitem()
+    n = len(content.rows)
+    with pytest.raises(RagError) as damaged:
+        es.rollback()
+    assert str(damaged.value) == (
+        f"not rolling back to {first}: it holds {n - 1} documents, {n} when it was marked complete"
+    )
+
+
+def test_retention_deletes_orphans_once_no_run_can_still_write_them(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake, keep_previous=5)
+    es.publish(content)
+    partial = strand_partial_index(fake, content)
+    es.publish(edited(content, [3]))
+    assert partial in fake.indices
+    es.orphan_age_s = 0
+    es.publish(edited(content, [4]))
+    assert partial not in fake.indices and len(fake.indices) == 3
 
 
 def test_old_versions_beyond_the_retention_are_deleted(
@@ -245,7 +344,8 @@ def test_a_bulk_item_error_fails_with_its_reason_and_removes_the_new_index(
     fake.reject_ids = {chunk_ids[2], chunk_ids[5]}
     with pytest.raises(PublishError) as error:
         es.publish(edited(content, [2, 5]))
-    assert str(error.value).startswith("2 of 2 bulk actions failed; first: index ")
+    assert "failed while sending the bulk actions (2 of 2 failed; first: index " in str(error.value)
+    assert str(error.value).endswith(f"; the alias faq still points at {first}")
     assert f"failed to parse field [vector] of {chunk_ids[2]}" in str(error.value)
     assert_failed_publish_left_everything(fake, first)
 
@@ -254,8 +354,8 @@ def test_a_count_mismatch_fails_before_the_swap(fake: FakeElasticsearch, content
     fake.count_offset = -1
     with pytest.raises(
         PublishError,
-        match=rf"holds {len(content.rows) - 1} documents after loading, "
-        rf"expected {len(content.rows)}; the alias faq was not moved",
+        match=rf"failed while counting its documents \(it holds {len(content.rows) - 1}, "
+        rf"expected {len(content.rows)}\); the alias faq still points at nothing$",
     ):
         backend(fake).publish(content)
     assert_failed_publish_left_everything(fake, None)
@@ -266,10 +366,112 @@ def test_a_failed_swap_keeps_the_old_alias(fake: FakeElasticsearch, content: Ind
     es = backend(fake, max_retries=0)
     first = es.publish(content).version
     fake.fail_alias_swap = True
-    message = "moving alias faq to faq-.* failed .Elasticsearch answered 500: alias swap failed on purpose.; "
-    with pytest.raises(PublishError, match=message + f"it still points at {first}"):
+    message = (
+        r"failed while moving the alias to it \(Elasticsearch answered 500: alias swap failed on purpose\); "
+    )
+    with pytest.raises(PublishError, match=message + f"the alias faq still points at {first}$"):
         es.publish(edited(content, [0]))
     assert_failed_publish_left_everything(fake, first)
+
+
+@pytest.mark.parametrize(
+    ("failing", "step"),
+    [
+        (r"^PUT /faq-[^/]+$", "creating it"),
+        (r"^POST /_reindex$", "copying {first} into it"),
+        (r"^(PUT|POST) /_bulk$", "sending the bulk actions"),
+        (r"^POST /faq-[^/]+/_refresh$", "refreshing it"),
+        (r"^POST /faq-[^/]+/_count$", "counting its documents"),
+        (r"^PUT /faq-[^/]+/_mapping$", "marking it complete"),
+    ],
+)
+def test_a_failed_build_step_says_in_one_line_what_failed_and_where_the_alias_points(
+    fake: FakeElasticsearch, content: IndexContent, failing: str, step: str
+) -> None:
+    es = backend(fake, max_retries=0)
+    first = es.publish(content).version
+    fake.unavailable = failing
+    with pytest.raises(PublishError) as error:
+        es.publish(edited(content, [0]))
+    name = fake.calls("PUT", VERSION_NAME)[-1].path.lstrip("/")
+    assert str(error.value) == (
+        f"publishing {name} failed while {step.format(first=first)} "
+        f"(Elasticsearch answered 503: unavailable on purpose); the alias faq still points at {first}"
+    )
+    assert_failed_publish_left_everything(fake, first)
+
+
+def test_a_refusing_gate_leaves_the_alias_and_deletes_the_new_version(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake)
+    first = es.publish(content).version
+    verdict = GateVerdict(passed=False, description="hit rate 0.50 < 0.90", metadata={"hit_rate": 0.5})
+    with pytest.raises(PublishRefusedError) as error:
+        es.publish(edited(content, [0]), gate=lambda candidate, live: verdict)
+    assert error.value.verdict is verdict
+    assert_failed_publish_left_everything(fake, first)
+
+
+def test_a_passing_gate_reads_the_new_version_beside_the_live_one(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake)
+    seen: list[tuple[SearchBackend | None, list[str]]] = []
+    verdict = GateVerdict(passed=True, description="hit rate 0.95 >= 0.90")
+
+    def gate(candidate: SearchBackend, served: SearchBackend | None) -> GateVerdict:
+        start = len(fake.requests)
+        candidate.lexical_search(["docker"], None, 3)
+        candidate.vector_search(content.vectors[0], None, 3)
+        candidate.fetch([content.rows.chunk_id[0]])
+        assert candidate.stats().chunks == len(content.rows)
+        if served is not None:
+            served.lexical_search(["docker"], None, 3)
+        seen.append((served, [r.path for r in fake.requests[start:] if "_alias" not in r.path]))
+        return verdict
+
+    first = es.publish(content, gate=gate)
+    second = es.publish(edited(content, [0]), gate=gate)
+    es.publish(edited(content, [0]), gate=gate)  # changes nothing: no gate
+    assert first.gate == second.gate == verdict
+    (none, first_reads), (served, second_reads) = seen
+    assert none is None and served is es
+    assert first_reads[:3] == [
+        f"/{first.version}/_search",
+        f"/{first.version}/_search",
+        f"/{first.version}/_mget",
+    ]
+    assert second_reads[:3] == [
+        f"/{second.version}/_search",
+        f"/{second.version}/_search",
+        f"/{second.version}/_mget",
+    ]
+    assert second_reads[-1] == f"/{ALIAS}/_search"
+    assert fake.aliases[ALIAS] == second.version
+
+
+def test_reads_inside_a_snapshot_stay_on_one_version_while_a_publish_moves_the_alias(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake)
+    first = es.publish(content).version
+    gone = content.rows.chunk_id[7]
+    keep = (content.rows.chunk_id != gone).to_numpy()
+    without = IndexContent(rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep])
+    with es.snapshot():
+        hits = es.lexical_search(content.rows.question_lemmas[7].split(), None, 5)
+        second = backend(fake).publish(without).version
+        lookups = len(fake.calls("GET", "^/_alias/"))
+        with es.snapshot():
+            fetched = es.fetch(hits)
+        stats = es.stats()
+        assert len(fake.calls("GET", "^/_alias/")) == lookups  # resolved once, by the outer snapshot
+    assert live(fake) == second and gone in hits and gone in fetched
+    assert stats.chunks == len(content.rows) and stats.location.endswith(f"-> {first}")
+    assert not fake.calls(pattern=rf"^/{ALIAS}/")
+    assert gone not in es.fetch(hits)  # outside a snapshot the alias is read again
+    assert fake.requests[-1].path == f"/{ALIAS}/_mget"
 
 
 def test_throttled_bulk_items_are_retried(fake: FakeElasticsearch, content: IndexContent) -> None:

@@ -43,8 +43,10 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
         yield real_instance
 
 
-def add_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus) -> dg.DagsterRun:
-    """A run of the refresh job in the given state, as the daemon would have stored it."""
+def add_run(
+    instance: dg.DagsterInstance, status: dg.DagsterRunStatus, job_name: str = JOB_NAME
+) -> dg.DagsterRun:
+    """A run of a job (by default the refresh job) in the given state, as the daemon would store it."""
     origin = RemoteJobOrigin(
         repository_origin=RemoteRepositoryOrigin(
             code_location_origin=InProcessCodeLocationOrigin(
@@ -52,11 +54,11 @@ def add_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus) -> dg.Dag
             ),
             repository_name="__repository__",
         ),
-        job_name=JOB_NAME,
+        job_name=job_name,
     )
     tags = dict(defs.resolve_job_def(JOB_NAME).tags)
     return create_run_for_test(
-        instance, job_name=JOB_NAME, status=status, tags=tags, remote_job_origin=origin
+        instance, job_name=job_name, status=status, tags=tags, remote_job_origin=origin
     )
 
 
@@ -105,6 +107,13 @@ def test_schedule_skips_while_a_run_is_in_flight(
     assert skip.skip_message == (
         f"run {run.run_id} of {JOB_NAME} is still {status.value.lower()}; skipping this tick"
     )
+
+
+def test_schedule_skips_while_a_materialization_from_the_ui_runs(instance: dg.DagsterInstance) -> None:
+    run = add_run(instance, dg.DagsterRunStatus.STARTED, job_name="__ASSET_JOB")
+    skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
+    assert isinstance(skip, dg.SkipReason)
+    assert skip.skip_message == f"run {run.run_id} of __ASSET_JOB is still started; skipping this tick"
 
 
 def test_initial_build_runs_at_once_when_no_index_exists(instance: dg.DagsterInstance) -> None:
@@ -279,16 +288,19 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
     for group in documents:
         group["documents"] = group["documents"][: len(group["documents"]) // 2]
     halved = write_json(tmp_path / "halved.json", documents)
-    second = materialize(str(halved), data, instance)
+    # A new instance (DAGSTER_HOME lost or never set) knows no earlier run: the guard asks the index.
+    fresh = dg.DagsterInstance.ephemeral()
+    second = materialize(str(halved), data, fresh)
     assert not second.success
     guard = check_results(second)["raw_documents_count_guard"]
     assert not guard.passed
-    assert guard.description == (
-        "entries dropped from 948 (served index) to 473 (50.1%), more than the allowed 20%"
-    )
+    reason = "entries dropped from 948 (served index) to 473 (50.1%), more than the allowed 20%"
+    assert guard.description == reason
     assert guard.metadata["served_entries"].value == 948
     assert not second.asset_materializations_for_node("es_index")
     assert EmbeddedIndex(data).stats().entries == 948
+    errors = [e.user_message for e in fresh.all_logs(second.run_id) if e.level == logging.ERROR]
+    assert f"raw_documents_count_guard failed: {reason}" in errors
 
 
 def test_the_retrieval_quality_check_runs_only_when_configured(tmp_path: Path) -> None:

@@ -12,8 +12,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from rag_assets.defs.resources import DocumentSourceResource, NlpResource, SearchIndexResource
-from rag_assets.index.backend import IndexContent
+from rag_assets.defs.resources import (
+    DocumentSourceResource,
+    NlpResource,
+    QualityResource,
+    RefreshLockResource,
+    SearchIndexResource,
+)
+from rag_assets.index.backend import IndexContent, PublishError, PublishRefusedError
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import SourceError
 from rag_assets.nlp.analysis import VECTOR_DIM, model_fingerprint
@@ -47,7 +53,9 @@ def per_course(frame: pd.DataFrame) -> dict[str, int]:
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "pandas"}, freshness_policy=FRESHNESS)
-def raw_documents(context: dg.AssetExecutionContext, source: DocumentSourceResource) -> dg.MaterializeResult:
+def raw_documents(
+    context: dg.AssetExecutionContext, refresh_lock: RefreshLockResource, source: DocumentSourceResource
+) -> dg.MaterializeResult:
     """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has."""
     started = time.perf_counter()
     try:
@@ -87,7 +95,9 @@ class ChunksConfig(dg.Config):
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "pandas"})
-def chunks(config: ChunksConfig, raw_documents: pd.DataFrame) -> dg.MaterializeResult:
+def chunks(
+    refresh_lock: RefreshLockResource, config: ChunksConfig, raw_documents: pd.DataFrame
+) -> dg.MaterializeResult:
     """Searchable units: one per entry, long answers cut into overlapping windows."""
     started = time.perf_counter()
     chunking = ChunkingConfig(config.max_chars, config.overlap_chars)
@@ -109,7 +119,12 @@ def chunks(config: ChunksConfig, raw_documents: pd.DataFrame) -> dg.MaterializeR
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION)
-def lemmas(context: dg.AssetExecutionContext, nlp: NlpResource, chunks: pd.DataFrame) -> dg.MaterializeResult:
+def lemmas(
+    context: dg.AssetExecutionContext,
+    refresh_lock: RefreshLockResource,
+    nlp: NlpResource,
+    chunks: pd.DataFrame,
+) -> dg.MaterializeResult:
     """Stemmed lemmas of each searched field, without stop words, punctuation or spaces.
 
     Only chunks whose content is not in the NLP cache are analysed; the model loads only then.
@@ -139,12 +154,24 @@ def lemmas(context: dg.AssetExecutionContext, nlp: NlpResource, chunks: pd.DataF
 
 @dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION)
 def embeddings(
-    context: dg.AssetExecutionContext, nlp: NlpResource, lemmas: pd.DataFrame
+    context: dg.AssetExecutionContext,
+    refresh_lock: RefreshLockResource,
+    nlp: NlpResource,
+    lemmas: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """A unit-length word-vector mean per chunk, from the content words found by `lemmas`."""
     started = time.perf_counter()
     vectors, reuse = cached_vectors(nlp.pipeline, lemmas, nlp.cache(context.log.warning))
     zero = int((~np.any(vectors.matrix, axis=1)).sum())
+    shown = pd.DataFrame(
+        {
+            "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
+            "content words": lemmas["vector_words"].head(PREVIEW_ROWS).to_numpy(),
+            "first components": [
+                " ".join(f"{x:+.3f}" for x in row[:4]) + " …" for row in vectors.matrix[:PREVIEW_ROWS]
+            ],
+        }
+    )
     return dg.MaterializeResult(
         value=vectors,
         metadata={
@@ -154,6 +181,7 @@ def embeddings(
             "dimensions": VECTOR_DIM,
             "zero_vectors": zero,
             "duration_s": round(time.perf_counter() - started, 3),
+            "preview": preview(shown, list(shown.columns)),
         },
     )
 
@@ -161,17 +189,24 @@ def embeddings(
 @dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"}, freshness_policy=FRESHNESS)
 def es_index(
     context: dg.AssetExecutionContext,
+    refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     nlp: NlpResource,
+    quality_settings: QualityResource,
     chunks: pd.DataFrame,
     lemmas: pd.DataFrame,
     embeddings: ChunkVectors,
 ) -> dg.MaterializeResult:
-    """The served search index: exactly the current chunks, published all at once."""
+    """The served search index: exactly the current chunks, published all at once, and only if
+    the new version answers the probe questions (and the ground truth) no worse than the live one."""
     started = time.perf_counter()
-    backend = search_index.backend()
+    backend = search_index.backend(context.log.warning)
     content = IndexContent.assemble(chunks, lemmas, embeddings, nlp.fingerprint())
-    report = backend.publish(content)
+    gate = quality_settings.gate(nlp.pipeline(), chunks)
+    try:
+        report = backend.publish(content, gate)
+    except PublishError as exc:
+        raise dg.Failure(description=str(exc), metadata=_gate_metadata(exc), allow_retries=False) from exc
     context.log.info(
         f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
         f"{report.deleted} deleted, {report.unchanged} unchanged"
@@ -179,8 +214,13 @@ def es_index(
     for warning in report.warnings:
         context.log.warning(warning)
     stats = backend.stats()
+    courses = pd.DataFrame({"course": list(stats.courses), "entries": list(stats.courses.values())})
     return dg.MaterializeResult(
         metadata={
+            **({} if report.gate is None else report.gate.metadata),
+            "published_at": stats.published_at or "",
+            "confirmed_at": stats.confirmed_at or "",
+            "preview": preview(courses, ["course", "entries"]),
             "backend": backend.kind,
             "location": report.location,
             "entries": stats.entries,
@@ -195,3 +235,7 @@ def es_index(
             "duration_s": round(time.perf_counter() - started, 3),
         },
     )
+
+
+def _gate_metadata(exc: PublishError) -> dict[str, object]:
+    return exc.verdict.metadata if isinstance(exc, PublishRefusedError) else {}

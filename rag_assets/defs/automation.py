@@ -30,7 +30,9 @@ refresh_job = dg.define_asset_job(
 
 
 def run_in_flight(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=JOB_NAME, statuses=IN_FLIGHT), limit=1)
+    """Any run of this code location that has not finished: the refresh job, but also a
+    materialization started from the UI or the CLI (`__ASSET_JOB`), since both write the index."""
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=1)
     return runs[0] if runs else None
 
 
@@ -46,7 +48,7 @@ def daily_document_refresh(context: dg.ScheduleEvaluationContext) -> dg.RunReque
     busy = run_in_flight(context.instance)
     if busy is not None:
         return dg.SkipReason(
-            f"run {busy.run_id} of {JOB_NAME} is still {busy.status.value.lower()}; skipping this tick"
+            f"run {busy.run_id} of {busy.job_name} is still {busy.status.value.lower()}; skipping this tick"
         )
     return dg.RunRequest(tags={"rag/trigger": "schedule"})
 
@@ -63,6 +65,6 @@ def initial_index_build(context: dg.SensorEvaluationContext) -> dg.RunRequest | 
         return dg.SkipReason("the index has been published; the daily schedule keeps it fresh")
     busy = run_in_flight(context.instance)
     if busy is not None:
-        return dg.SkipReason(f"run {busy.run_id} of {JOB_NAME} is already building the index")
+        return dg.SkipReason(f"run {busy.run_id} of {busy.job_name} is already building the index")
     # One run key: the daemon never requests the initial build twice.
     return dg.RunRequest(run_key="initial-index-build", tags={"rag/trigger": "initial-build"})

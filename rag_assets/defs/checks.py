@@ -1,21 +1,32 @@
 """Asset checks: the rules of `quality.py` in Dagster. The checks up to `embeddings` are blocking,
 so bad data stops the run before `es_index` publishes it; the `es_index` checks verify what is
-served."""
+served. Each check holds the data directory's lock like the assets (`refresh_lock`)."""
 
 import dagster as dg
 import pandas as pd
 
 from rag_assets import quality
 from rag_assets.defs import assets
-from rag_assets.defs.resources import NlpResource, QualityResource, SearchIndexResource, environment_resources
+from rag_assets.defs.resources import (
+    NlpResource,
+    QualityResource,
+    RefreshLockResource,
+    SearchIndexResource,
+    environment_resources,
+)
 from rag_assets.evaluation import read_ground_truth
+from rag_assets.index.backend import IndexNotFoundError
 from rag_assets.nlp.features import ChunkVectors
 from rag_assets.retrieval import Retriever
 
 CHUNKS = {"chunks": dg.AssetIn(key="chunks")}
+Context = dg.AssetCheckExecutionContext
 
 
-def result(verdict: quality.Verdict) -> dg.AssetCheckResult:
+def result(context: Context, verdict: quality.Verdict) -> dg.AssetCheckResult:
+    """The check's result; a failure is also logged as an ERROR line, where a user looks first."""
+    if not verdict.passed:
+        context.log.error(f"{context.check_specs[0].key.name} failed: {verdict.description}")
     return dg.AssetCheckResult(
         passed=verdict.passed, description=verdict.description, metadata=dict(verdict.metadata)
     )
@@ -30,68 +41,109 @@ def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str) -> objec
 
 
 @dg.asset_check(asset=assets.raw_documents, blocking=True)
-def raw_documents_well_formed(raw_documents: pd.DataFrame) -> dg.AssetCheckResult:
+def raw_documents_well_formed(
+    context: Context, refresh_lock: RefreshLockResource, raw_documents: pd.DataFrame
+) -> dg.AssetCheckResult:
     """Entries exist, have every field, and their doc ids are unique."""
-    return result(quality.check_documents(raw_documents))
+    return result(context, quality.check_documents(raw_documents))
 
 
 @dg.asset_check(asset=assets.raw_documents, blocking=True)
 def raw_documents_count_guard(
-    context: dg.AssetCheckExecutionContext, quality_settings: QualityResource, raw_documents: pd.DataFrame
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    search_index: SearchIndexResource,
+    quality_settings: QualityResource,
+    raw_documents: pd.DataFrame,
 ) -> dg.AssetCheckResult:
-    """The source did not lose more than the allowed share of the entries being served."""
-    served = latest_metadata(context.instance, "es_index", "entries")
+    """The source did not lose more than the allowed share of the entries being served.
+
+    Compared with what the backend serves, not with run history, so a new or lost Dagster
+    instance cannot let a shrunk source through.
+    """
+    try:
+        served: int | None = search_index.backend().stats().entries
+    except IndexNotFoundError:
+        served = None
     return result(
-        quality.check_entry_drop(
-            len(raw_documents), None if served is None else int(served), quality_settings.max_entry_drop
-        )
+        context, quality.check_entry_drop(len(raw_documents), served, quality_settings.max_entry_drop)
     )
 
 
 @dg.asset_check(asset=assets.chunks, blocking=True)
-def chunks_well_formed(context: dg.AssetCheckExecutionContext, chunks: pd.DataFrame) -> dg.AssetCheckResult:
+def chunks_well_formed(
+    context: Context, refresh_lock: RefreshLockResource, chunks: pd.DataFrame
+) -> dg.AssetCheckResult:
     """Chunk ids unique, texts present and no longer than the configured window."""
-    max_chars = latest_metadata(context.instance, "chunks", "max_chars")
-    return result(quality.check_chunks(chunks, int(max_chars or assets.ChunkingConfig.max_chars)))
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("chunks"))
+    max_chars = (
+        event and event.asset_materialization and event.asset_materialization.metadata.get("max_chars")
+    )
+    limit = int(max_chars.value) if max_chars else assets.ChunkingConfig.max_chars
+    return result(context, quality.check_chunks(chunks, limit))
 
 
 @dg.asset_check(asset=assets.lemmas, blocking=True, additional_ins=CHUNKS)
 def lemmas_well_formed(
-    quality_settings: QualityResource, lemmas: pd.DataFrame, chunks: pd.DataFrame
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    quality_settings: QualityResource,
+    lemmas: pd.DataFrame,
+    chunks: pd.DataFrame,
 ) -> dg.AssetCheckResult:
     """One lemma row per chunk, and few chunks without any lemma."""
     return result(
-        quality.check_lemmas(lemmas, list(chunks["chunk_id"]), quality_settings.max_empty_lemma_share)
+        context,
+        quality.check_lemmas(lemmas, list(chunks["chunk_id"]), quality_settings.max_empty_lemma_share),
     )
 
 
 @dg.asset_check(asset=assets.embeddings, blocking=True, additional_ins=CHUNKS)
 def embeddings_well_formed(
-    quality_settings: QualityResource, embeddings: ChunkVectors, chunks: pd.DataFrame
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    quality_settings: QualityResource,
+    embeddings: ChunkVectors,
+    chunks: pd.DataFrame,
 ) -> dg.AssetCheckResult:
     """300 dimensions, unit length, no NaN, a bounded share of zero vectors."""
     return result(
-        quality.check_vectors(embeddings, list(chunks["chunk_id"]), quality_settings.max_zero_vector_share)
+        context,
+        quality.check_vectors(embeddings, list(chunks["chunk_id"]), quality_settings.max_zero_vector_share),
     )
 
 
 @dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
-def es_index_matches_chunks(search_index: SearchIndexResource, chunks: pd.DataFrame) -> dg.AssetCheckResult:
+def es_index_matches_chunks(
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    search_index: SearchIndexResource,
+    chunks: pd.DataFrame,
+) -> dg.AssetCheckResult:
     """The served index holds exactly the current chunks."""
-    return result(quality.check_index_matches(search_index.backend().chunk_hashes(), chunks))
+    return result(context, quality.check_index_matches(search_index.backend().chunk_hashes(), chunks))
 
 
 @dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
 def es_index_smoke_query(
-    search_index: SearchIndexResource, nlp: NlpResource, chunks: pd.DataFrame
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    search_index: SearchIndexResource,
+    nlp: NlpResource,
+    chunks: pd.DataFrame,
 ) -> dg.AssetCheckResult:
     """Asking an entry's own question finds that entry among the first three hits."""
-    return result(quality.check_smoke_query(Retriever(search_index.backend(), nlp.pipeline()), chunks))
+    retriever = Retriever(search_index.backend(), nlp.pipeline())
+    return result(context, quality.check_smoke_query(retriever, chunks))
 
 
 @dg.asset_check(asset=assets.es_index)
 def es_index_retrieval_quality(
-    search_index: SearchIndexResource, nlp: NlpResource, quality_settings: QualityResource
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    search_index: SearchIndexResource,
+    nlp: NlpResource,
+    quality_settings: QualityResource,
 ) -> dg.AssetCheckResult:
     """Hit rate and MRR of the served index on the configured ground truth (RAG_GROUND_TRUTH)."""
     settings = quality_settings
@@ -103,7 +155,7 @@ def es_index_retrieval_quality(
         settings.min_mrr,
     )
     verdict.metadata["ground_truth"] = str(settings.ground_truth)
-    return result(verdict)
+    return result(context, verdict)
 
 
 STRUCTURAL_CHECKS = [

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 from spacy.language import Language
 
 from rag_assets import settings
+from rag_assets.common.lock import DirectoryBusyError, DirectoryLock
+from rag_assets.evaluation import read_ground_truth
 from rag_assets.index.backend import SearchBackend
 from rag_assets.index.elasticsearch import ElasticsearchIndex, ElasticsearchSettings
 from rag_assets.index.embedded import EmbeddedIndex
@@ -30,6 +34,7 @@ from rag_assets.nlp.analysis import (
     model_fingerprint,
 )
 from rag_assets.nlp.cache import NlpCache
+from rag_assets.quality import RetrievalGate, smoke_probes
 
 
 class DocumentSourceResource(dg.ConfigurableResource):
@@ -117,10 +122,34 @@ class SearchIndexResource(dg.ConfigurableResource):
     data_dir: str = Field(default=".rag", description="Embedded index directory (RAG_DATA_DIR)")
     elasticsearch: ElasticsearchResource | None = None
 
-    def backend(self) -> SearchBackend:
+    def backend(self, log: Callable[[str], None] | None = None) -> SearchBackend:
         if self.elasticsearch is not None:
             return self.elasticsearch.index()
-        return EmbeddedIndex(Path(self.data_dir))
+        return EmbeddedIndex(Path(self.data_dir), log)
+
+
+class RefreshLockResource(dg.ConfigurableResource):
+    """Holds the data directory for the whole run, so two refreshes never mix their data.
+
+    Runs launched through the daemon could be serialised by the run queue, but `dagster asset
+    materialize`, `dagster job execute` and `make run` execute in process and bypass it; a lock
+    taken when the run's resources are set up covers every entry point. With the in-process
+    executor that is once per run, before the first step, released after the last.
+    """
+
+    data_dir: str = Field(default=".rag", description="The data directory to hold (RAG_DATA_DIR)")
+
+    @contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[RefreshLockResource]:
+        lock = DirectoryLock(self.data_dir)
+        try:
+            lock.acquire(holder=context.run.run_id if context.run else "(no run)")
+        except DirectoryBusyError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        try:
+            yield self
+        finally:
+            lock.release()
 
 
 class QualityResource(dg.ConfigurableResource):
@@ -137,6 +166,20 @@ class QualityResource(dg.ConfigurableResource):
     min_hit_rate: float = Field(default=0.9, description="Retrieval-quality check: minimum hit rate")
     min_mrr: float = Field(default=0.8, description="Retrieval-quality check: minimum MRR")
     eval_k: int = Field(default=5, description="Retrieval-quality check: hits considered per question")
+    max_quality_drop: float = Field(
+        default=0.02, description="Publish gate: largest drop in hit rate or MRR against the live index"
+    )
+    gate_probes: int = Field(default=100, description="Publish gate: entries asked their own question")
+
+    def gate(self, nlp: Language, chunks: pd.DataFrame) -> RetrievalGate:
+        """The publish gate for a new version made of `chunks`."""
+        return RetrievalGate(
+            nlp,
+            smoke_probes(chunks, self.gate_probes),
+            read_ground_truth(self.ground_truth) if self.ground_truth else [],
+            eval_k=self.eval_k,
+            max_drop=self.max_quality_drop,
+        )
 
 
 def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -166,6 +209,7 @@ def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]
         "search_index": SearchIndexResource(data_dir=str(directory), elasticsearch=cluster),
         "quality_settings": QualityResource(**settings.present(env, settings.QUALITY_SETTINGS)),
         "io_manager": dg.FilesystemIOManager(base_dir=str(directory / "assets")),
+        "refresh_lock": RefreshLockResource(data_dir=str(directory)),
     }
 
 

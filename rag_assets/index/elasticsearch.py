@@ -3,25 +3,30 @@
 Each publish builds a new concrete index `<alias>-<UTC time to the microsecond>-<random suffix>`.
 When a live index exists it is copied server-side with `_reindex` and only the delta (changed and
 new chunks, deletions) is sent; otherwise everything is bulk-loaded. A source that changed nothing
-writes nothing. The new index is refreshed and its document count
-checked against the chunks before the alias moves to it in one `_aliases` call. Anything failing
-before the swap deletes the new index and leaves the alias where it was. The last `keep_previous`
-indices stay for rollback; older ones are deleted.
+writes nothing but `_meta.confirmed_at` on the live index. The new index is refreshed, its
+document count checked against the chunks, the publish gate (if any) shown it beside the live one,
+and only then is it marked complete in its `_meta` and the alias moved to it in one `_aliases`
+call. Anything failing before the swap deletes the new index and leaves the alias where it was.
+Only complete indices count as versions: the last `keep_previous` stay for rollback, older ones
+are deleted, and incomplete leftovers are deleted once no run can still be writing them. Reads
+inside `snapshot()` go to one concrete index, whatever the alias does meanwhile.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pydantic
-from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
+from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch, NotFoundError, TransportError
 from elasticsearch.helpers import streaming_bulk
 
 from rag_assets.common.errors import RagError
@@ -31,6 +36,8 @@ from rag_assets.index.backend import (
     IndexNotFoundError,
     IndexStats,
     PublishError,
+    PublishGate,
+    PublishRefusedError,
     PublishReport,
     StoredChunk,
 )
@@ -69,15 +76,21 @@ _PROPERTIES = {
 MAPPING_VERSION = stable_hash(json.dumps(_PROPERTIES, sort_keys=True), json.dumps(_ANALYSIS, sort_keys=True))
 
 
-def index_body(shards: int, replicas: int, published_at: str) -> dict[str, Any]:
+def index_meta(published_at: str) -> dict[str, Any]:
+    """The `_meta` a new index starts with: not complete until its publish marks it so."""
+    return {
+        "published_at": published_at,
+        "confirmed_at": published_at,
+        "mapping_version": MAPPING_VERSION,
+        "complete": False,
+    }
+
+
+def index_body(shards: int, replicas: int, meta: dict[str, Any]) -> dict[str, Any]:
     """Settings and the explicit mapping of one concrete index."""
     return {
         "settings": {"number_of_shards": shards, "number_of_replicas": replicas, "analysis": _ANALYSIS},
-        "mappings": {
-            "dynamic": "strict",
-            "_meta": {"published_at": published_at, "mapping_version": MAPPING_VERSION},
-            "properties": _PROPERTIES,
-        },
+        "mappings": {"dynamic": "strict", "_meta": meta, "properties": _PROPERTIES},
     }
 
 
@@ -112,6 +125,22 @@ def chunk_source(row: Any, vector: np.ndarray) -> dict[str, Any]:
     source["chunk_index"] = int(source["chunk_index"])
     source["vector"] = [float(x) for x in vector]
     return source
+
+
+def delta_actions(
+    index: str, content: IndexContent, changed: list[int], removed: list[str]
+) -> list[dict[str, Any]]:
+    """Bulk actions writing the rows at positions `changed` and deleting the `removed` chunk ids."""
+    wanted = set(changed)
+    actions: list[dict[str, Any]] = [
+        {"_op_type": "index", "_index": index, "_id": row.chunk_id, "_source": chunk_source(row, vector)}
+        for i, (row, vector) in enumerate(
+            zip(content.rows.itertuples(index=False), content.vectors, strict=True)
+        )
+        if i in wanted
+    ]
+    actions.extend({"_op_type": "delete", "_index": index, "_id": cid} for cid in removed)
+    return actions
 
 
 @dataclass(frozen=True)
@@ -174,6 +203,12 @@ class IndexVersion:
     documents: int
     created_at: str
     live: bool
+    complete: bool  # loaded, counted and passed the gate; else a leftover, never a rollback target
+    completed_documents: int | None  # the count recorded when it was marked complete
+
+
+class _StepFailed(Exception):
+    """A publish step went wrong without a client error (rejected bulk items, a wrong count)."""
 
 
 class ElasticsearchIndex:
@@ -188,6 +223,7 @@ class ElasticsearchIndex:
         shards: int = 1,
         replicas: int = 0,
         keep_previous: int = 2,
+        orphan_age_s: float = 3600.0,
         bulk_chunk_size: int = 500,
         bulk_max_retries: int = 5,
         bulk_initial_backoff_s: float = 1.0,
@@ -198,15 +234,18 @@ class ElasticsearchIndex:
         self.shards = shards
         self.replicas = replicas
         self.keep_previous = keep_previous
+        self.orphan_age_s = orphan_age_s
         self.bulk_chunk_size = bulk_chunk_size
         self.bulk_max_retries = bulk_max_retries
         self.bulk_initial_backoff_s = bulk_initial_backoff_s
+        self._pinned: str | None = None  # the concrete index reads go to, inside a snapshot
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, content: IndexContent) -> PublishReport:
+    def publish(self, content: IndexContent, gate: PublishGate | None = None) -> PublishReport:
         live = self.live_index()
-        served = self._served_hashes(live)
+        live_meta = self._meta(live) if live is not None else {}
+        served = self._served_hashes(live, live_meta)
         rows = content.rows
         changed = [
             i
@@ -224,59 +263,74 @@ class ElasticsearchIndex:
             previous=live,
         )
         if live is not None and not changed and not removed:
-            return report  # the live index already holds exactly this content
+            # The live index already holds exactly this content: only say it was found current.
+            return replace(report, warnings=tuple(self._confirm(live, live_meta)))
         now = datetime.now(UTC)
         name = f"{self.alias}-{now:%Y%m%d%H%M%S%f}-{uuid.uuid4().hex[:6]}"
-        self.client.indices.create(
-            index=name, **index_body(self.shards, self.replicas, now.isoformat(timespec="seconds"))
-        )
+        meta = index_meta(now.isoformat(timespec="seconds"))
         try:
+            with self._step(name, live, "creating it"):
+                self.client.indices.create(index=name, **index_body(self.shards, self.replicas, meta))
             if served:
-                self.client.reindex(
-                    source={"index": live}, dest={"index": name}, wait_for_completion=True, refresh=False
-                )
-            wanted = set(changed)
-            actions = [
-                {
-                    "_op_type": "index",
-                    "_index": name,
-                    "_id": row.chunk_id,
-                    "_source": chunk_source(row, vector),
-                }
-                for i, (row, vector) in enumerate(
-                    zip(rows.itertuples(index=False), content.vectors, strict=True)
-                )
-                if i in wanted
-            ]
-            actions.extend({"_op_type": "delete", "_index": name, "_id": cid} for cid in removed)
-            self._bulk(actions)
-            self.client.indices.refresh(index=name)
-            count = self.client.count(index=name)["count"]
-            if count != len(rows):
-                raise PublishError(
-                    f"index {name} holds {count} documents after loading, expected {len(rows)}; "
-                    f"the alias {self.alias} was not moved"
-                )
-            try:
+                with self._step(name, live, f"copying {live} into it"):
+                    self.client.reindex(
+                        source={"index": live}, dest={"index": name}, wait_for_completion=True, refresh=False
+                    )
+            with self._step(name, live, "sending the bulk actions"):
+                self._bulk(delta_actions(name, content, changed, removed))
+            with self._step(name, live, "refreshing it"):
+                self.client.indices.refresh(index=name)
+            with self._step(name, live, "counting its documents"):
+                count = self.client.count(index=name)["count"]
+                if count != len(rows):
+                    raise _StepFailed(f"it holds {count}, expected {len(rows)}")
+            verdict = None
+            if gate is not None:
+                verdict = gate(self._reading(name), self if live is not None else None)
+                if not verdict.passed:
+                    raise PublishRefusedError(verdict)
+            with self._step(name, live, "marking it complete"):
+                self._put_meta(name, {**meta, "complete": True, "documents": count})
+            with self._step(name, live, "moving the alias to it"):
                 self._swap(live, name)
-            except ApiError as exc:
-                raise PublishError(
-                    f"moving alias {self.alias} to {name} failed ({describe_error(exc)}); "
-                    f"it still points at {live or 'nothing'}"
-                ) from exc
         except BaseException:
             self.client.options(ignore_status=404).indices.delete(index=name)
             raise
-        return replace(report, version=name, warnings=tuple(self._delete_old_versions()))
+        return replace(report, version=name, gate=verdict, warnings=tuple(self._delete_old_versions()))
 
-    def _served_hashes(self, live: str | None) -> dict[str, str]:
+    @contextmanager
+    def _step(self, name: str, live: str | None, step: str) -> Iterator[None]:
+        """One line saying which step of building `name` failed and that nothing is served from it."""
+        try:
+            yield
+        except (ApiError, TransportError, _StepFailed) as exc:
+            raise PublishError(
+                f"publishing {name} failed while {step} ({describe_error(exc)}); "
+                f"the alias {self.alias} still points at {live or 'nothing'}"
+            ) from exc
+
+    def _served_hashes(self, live: str | None, meta: dict[str, Any]) -> dict[str, str]:
         """chunk_id -> row_hash of the live index, or nothing when it cannot seed the next one."""
         if live is None:
             return {}
-        mapping = self.client.indices.get_mapping(index=live)[live]["mappings"]
-        if mapping.get("_meta", {}).get("mapping_version") != MAPPING_VERSION:
+        if meta.get("mapping_version") != MAPPING_VERSION:
             return {}  # built with another mapping: load everything into the new one
         return {cid: row_hash for cid, (_, row_hash) in self._hashes(live).items()}
+
+    def _confirm(self, live: str, meta: dict[str, Any]) -> list[str]:
+        """Record that a refresh found `live` current; failing to is a warning, `live` is fine."""
+        try:
+            self._put_meta(live, {**meta, "confirmed_at": datetime.now(UTC).isoformat(timespec="seconds")})
+        except (ApiError, TransportError) as exc:
+            return [f"could not record that {live} is current: {describe_error(exc)}"]
+        return []
+
+    def _meta(self, index: str) -> dict[str, Any]:
+        return self.client.indices.get_mapping(index=index)[index]["mappings"].get("_meta", {})
+
+    def _put_meta(self, index: str, meta: dict[str, Any]) -> None:
+        """Elasticsearch replaces `_meta` as a whole: `meta` carries every key to keep."""
+        self.client.indices.put_mapping(index=index, meta=meta)
 
     def _bulk(self, actions: list[dict[str, Any]]) -> None:
         failures: list[str] = []
@@ -297,9 +351,7 @@ class ElasticsearchIndex:
                     reason = error.get("reason", error) if isinstance(error, dict) else error
                     failures.append(f"{op} {result.get('_id')}: {result.get('status')} {reason}")
         if failed:
-            raise PublishError(
-                f"{failed} of {len(actions)} bulk actions failed; first: {'; '.join(failures)}"
-            )
+            raise _StepFailed(f"{failed} of {len(actions)} failed; first: {'; '.join(failures)}")
 
     def _swap(self, live: str | None, name: str) -> None:
         actions: list[dict[str, Any]] = [{"add": {"index": name, "alias": self.alias}}]
@@ -308,17 +360,28 @@ class ElasticsearchIndex:
         self.client.indices.update_aliases(actions=actions)
 
     def _delete_old_versions(self) -> list[str]:
-        """Retention runs after the swap: a failure here leaves a spare index, not a broken one.
+        """Keep the last `keep_previous` complete versions; delete older ones and old leftovers.
 
-        So it is reported as a warning (the next publish tries again) instead of failing a run
-        whose index is already served.
+        An incomplete index (a failed publish whose cleanup failed, or one re-created by a bulk
+        request that ran on after the publish gave up) never counts as a version. It is deleted
+        once older than `orphan_age_s`: the refresh job's maximum runtime (`dagster/max_runtime`,
+        an hour) has passed, so no run can still be writing it; a younger one may be the new index
+        of a publish running now.
+        Retention runs after the swap: a failure here leaves a spare index, not a broken one. So it
+        is reported as a warning (the next publish tries again) instead of failing a run whose
+        index is already served.
         """
         try:
-            older = [v.name for v in self.versions() if not v.live][self.keep_previous :]
+            versions = [v for v in self.versions() if not v.live]
         except (ApiError, TransportError) as exc:
             return [f"could not list old versions of {self.alias} for retention: {describe_error(exc)}"]
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.orphan_age_s)
+        doomed = [v.name for v in versions if v.complete][self.keep_previous :]
+        doomed += [
+            v.name for v in versions if not v.complete and datetime.fromisoformat(v.created_at) <= cutoff
+        ]
         warnings = []
-        for name in older:
+        for name in doomed:
             try:
                 self.client.options(ignore_status=404).indices.delete(index=name)
             except (ApiError, TransportError) as exc:
@@ -338,48 +401,93 @@ class ElasticsearchIndex:
         return names[0]
 
     def versions(self) -> list[IndexVersion]:
-        """The concrete indices this backend created for the alias, newest first."""
+        """The concrete indices named like this backend's own, newest first, complete or not."""
         live = self.live_index()
         indices = self.client.indices.get(index=f"{self.alias}-*", expand_wildcards="open")
         own = re.compile(rf"{re.escape(self.alias)}-\d{{20}}-[0-9a-f]{{6}}")
-        counts = {
-            name: int(self.client.count(index=name)["count"]) for name in indices.body if own.fullmatch(name)
-        }
-        return [
-            IndexVersion(
-                name=name,
-                documents=counts[name],
-                created_at=datetime.fromtimestamp(
-                    int(indices[name]["settings"]["index"]["creation_date"]) / 1000, UTC
-                ).isoformat(timespec="seconds"),
-                live=name == live,
+        versions = []
+        for name in sorted((name for name in indices.body if own.fullmatch(name)), reverse=True):
+            meta = indices[name]["mappings"].get("_meta", {})
+            created_ms = int(indices[name]["settings"]["index"]["creation_date"])
+            versions.append(
+                IndexVersion(
+                    name=name,
+                    documents=int(self.client.count(index=name)["count"]),
+                    created_at=datetime.fromtimestamp(created_ms / 1000, UTC).isoformat(timespec="seconds"),
+                    live=name == live,
+                    complete=meta.get("complete") is True,
+                    completed_documents=meta.get("documents"),
+                )
             )
-            for name in sorted(counts, reverse=True)
-        ]
+        return versions
 
     def rollback(self, target: str | None = None) -> str:
-        """Point the alias at `target`, by default the newest index older than the live one."""
+        """Point the alias at `target`, by default the newest complete index older than the live one.
+
+        An index that was never marked complete, or holds another count than when it was, is
+        refused: it would serve part of the FAQ.
+        """
         versions = self.versions()
         live = next((v.name for v in versions if v.live), None)
-        names = [v.name for v in versions]
+        names = ", ".join(v.name for v in versions) or "none"
         if target is None:
-            older = [v.name for v in versions if live is None or v.name < live]
+            older = [v for v in versions if v.complete and (live is None or v.name < live)]
             if not older:
-                raise RagError(f"no earlier index to roll back to; versions: {', '.join(names) or 'none'}")
-            target = older[0]
-        elif target not in names:
+                raise RagError(f"no earlier index to roll back to; versions: {names}")
+            version = older[0]
+        else:
+            found = [v for v in versions if v.name == target]
+            if not found:
+                raise RagError(f"{target} is not a version of {self.alias}; versions: {names}")
+            version = found[0]
+        if not version.complete:
             raise RagError(
-                f"{target} is not a version of {self.alias}; versions: {', '.join(names) or 'none'}"
+                f"not rolling back to {version.name}: it was never marked complete "
+                f"(it holds {version.documents} documents)"
             )
-        if target != live:
-            self._swap(live, target)
-        return target
+        if version.documents != version.completed_documents:
+            raise RagError(
+                f"not rolling back to {version.name}: it holds {version.documents} documents, "
+                f"{version.completed_documents} when it was marked complete"
+            )
+        if version.name != live:
+            self._swap(live, version.name)
+        return version.name
 
     # -- reading ----------------------------------------------------------------------------
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside go to the concrete index the alias names on entry, not to the alias.
+
+        A search ranks, then fetches; a publish moving the alias in between would make the fetch
+        read another version. Nested snapshots keep the outer one's index.
+        """
+        if self._pinned is not None:
+            yield
+            return
+        self._pinned = self._concrete()
+        try:
+            yield
+        finally:
+            self._pinned = None
+
+    def _reading(self, index: str) -> ElasticsearchIndex:
+        """This backend with every read going to `index`, as inside a snapshot of it."""
+        view = copy.copy(self)
+        view._pinned = index
+        return view
+
+    def _concrete(self) -> str:
+        """The concrete index reads go to: the snapshot's, else the one the alias names now."""
+        index = self._pinned or self.live_index()
+        if index is None:
+            raise self._missing()
+        return index
+
     def _search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            return self.client.search(index=self.alias, **body)["hits"]["hits"]
+            return self.client.search(index=self._pinned or self.alias, **body)["hits"]["hits"]
         except NotFoundError as exc:
             raise self._missing() from exc
 
@@ -400,7 +508,9 @@ class ElasticsearchIndex:
         if not chunk_ids:
             return {}
         try:
-            docs = self.client.mget(index=self.alias, ids=list(chunk_ids), source_includes=_DISPLAY_FIELDS)
+            docs = self.client.mget(
+                index=self._pinned or self.alias, ids=list(chunk_ids), source_includes=_DISPLAY_FIELDS
+            )
         except NotFoundError as exc:
             raise self._missing() from exc
         return {
@@ -410,9 +520,7 @@ class ElasticsearchIndex:
         }
 
     def stats(self) -> IndexStats:
-        live = self.live_index()
-        if live is None:
-            raise self._missing()
+        live = self._concrete()
         result = self.client.search(
             index=live,
             size=0,
@@ -425,7 +533,7 @@ class ElasticsearchIndex:
                 },
             },
         )
-        mapping = self.client.indices.get_mapping(index=live)[live]["mappings"]
+        meta = self._meta(live)
         aggs = result["aggregations"]
         return IndexStats(
             backend=self.kind,
@@ -433,14 +541,13 @@ class ElasticsearchIndex:
             entries=int(aggs["entries"]["value"]),
             chunks=int(result["hits"]["total"]["value"]),
             courses={b["key"]: int(b["entries"]["value"]) for b in aggs["courses"]["buckets"]},
-            published_at=mapping.get("_meta", {}).get("published_at"),
+            published_at=meta.get("published_at"),
+            # Indices published before confirmed_at existed were confirmed when published.
+            confirmed_at=meta.get("confirmed_at", meta.get("published_at")),
         )
 
     def chunk_hashes(self) -> dict[str, str]:
-        live = self.live_index()
-        if live is None:
-            raise self._missing()
-        return {cid: content for cid, (content, _) in self._hashes(live).items()}
+        return {cid: content for cid, (content, _) in self._hashes(self._concrete()).items()}
 
     def _hashes(self, index: str) -> dict[str, tuple[str, str]]:
         """chunk_id -> (content_hash, row_hash), paged with search_after on the chunk id."""
@@ -471,6 +578,8 @@ def describe_error(exc: Exception) -> str:
         error = exc.body.get("error") if isinstance(exc.body, dict) else None
         reason = error.get("reason", exc.message) if isinstance(error, dict) else (error or exc.message)
         return f"Elasticsearch answered {exc.meta.status}: {reason}"
+    if isinstance(exc, ConnectionTimeout):  # reached, but slow: it may still carry the request out
+        return f"Elasticsearch did not answer in time: {exc.message}"
     if isinstance(exc, TransportError):
         return f"cannot reach Elasticsearch: {exc.message}"
     return str(exc)
