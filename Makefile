@@ -27,8 +27,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
+# The job the schedule runs (faq_index_refresh), in process, ending with a summary.
 run: setup $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster asset materialize --select '*' -m rag_assets.definitions
+	$(PY) -m rag_assets.defs.refresh
 
 dev: setup $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml

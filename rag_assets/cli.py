@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from elasticsearch import ApiError, TransportError
 
+from rag_assets import settings
 from rag_assets.common.errors import RagError
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
 from rag_assets.index.elasticsearch import ElasticsearchIndex, describe_error
@@ -43,7 +45,7 @@ def _print_hits(hits: list[Hit]) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    hits = default_retriever().search(args.query, course=args.course, k=args.k)
+    hits = default_retriever().search(" ".join(args.query), course=args.course, k=args.k)
     if args.json:
         _print_json(hits)
     else:
@@ -51,13 +53,14 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    stats = default_retriever().backend.stats()
+    stats = settings.open_backend().stats()
     if args.json:
         _print_json(stats)
         return
     print(f"backend:      {stats.backend}")
     print(f"location:     {stats.location}")
-    print(f"published at: {stats.published_at}")
+    print(f"changed at:   {stats.published_at}  (content last changed)")
+    print(f"confirmed at: {stats.confirmed_at}  (last refresh that found it current)")
     print(f"entries:      {stats.entries}")
     print(f"chunks:       {stats.chunks}")
     for course, count in stats.courses.items():
@@ -69,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ground_truth = read_ground_truth(args.ground_truth)
     log = None if args.json else print
     with tempfile.TemporaryDirectory(prefix="rag-eval-") as tmp:
-        index = build_index(args.documents, Path(tmp), nlp, log=log)
+        index = build_index(args.documents, Path(tmp), nlp, log=log, ground_truth=ground_truth)
         result = evaluate(Retriever(index, nlp), ground_truth, k=args.k, log=log)
         index.close()
     if args.json:
@@ -82,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _versioned_backend() -> ElasticsearchIndex:
-    backend = default_retriever().backend
+    backend = settings.open_backend()
     if not isinstance(backend, ElasticsearchIndex):
         raise RagError(
             "the embedded index keeps one version; versions and rollback need Elasticsearch "
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     search = command("search", "search the published index", cmd_search)
-    search.add_argument("query")
+    search.add_argument("query", nargs="+", help="the question (words starting with - are words too)")
     search.add_argument("--course", help="only entries of this course")
     search.add_argument("--k", type=int, default=5, help="number of results (default 5)")
 
@@ -136,10 +139,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def query_words_last(argv: Sequence[str], options_with_values: set[str], flags: set[str]) -> list[str]:
+    """`search` arguments with every word that is not an option moved behind `--`.
+
+    So a question may start with a dash ("-v flag not working") without the user writing `--`.
+    """
+    options: list[str] = []
+    words: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--":
+            words.extend(tokens)
+        elif token in flags or (token.split("=", 1)[0] in options_with_values and "=" in token):
+            options.append(token)
+        elif token in options_with_values:
+            options.extend([token, next(tokens, "")])
+        else:
+            words.append(token)
+    return [*options, "--", *words]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["search"]:
+        argv = ["search", *query_words_last(argv[1:], {"--course", "--k"}, {"--json", "-h", "--help"})]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:
+        # The reader closed the pipe (`rag search ... | head`): nothing left to say. Point stdout
+        # at /dev/null so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (RagError, SourceError, OSError, ApiError, TransportError) as exc:
         print(f"rag: error: {describe_error(exc)}", file=sys.stderr)
         return 1

@@ -55,15 +55,32 @@ def build_index(
     nlp: Language,
     chunking: ChunkingConfig = ChunkingConfig(),
     log: Callable[[str], None] | None = None,
+    ground_truth: list[GroundTruth] | None = None,
 ) -> EmbeddedIndex:
-    """Index a source file with the same steps as the assets, into a throwaway directory."""
+    """Index a source file with the same steps as the assets, into a throwaway directory.
+
+    With a ground truth, refuse (before the costly analysis) documents whose ids it never names:
+    every answer would count as a miss and the figures would mean nothing.
+    """
     loaded = load_documents(documents, Fetcher())
+    if ground_truth is not None:
+        check_ids_match(ground_truth, set(loaded.frame["doc_id"]), documents)
     chunks = make_chunks(loaded.frame, chunking)
     lemmas = lemmatize_chunks(nlp, chunks, NlpSettings(), log)
     content = IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
     index = EmbeddedIndex(data_dir)
     index.publish(content)
     return index
+
+
+def check_ids_match(ground_truth: list[GroundTruth], doc_ids: set[str], documents: str) -> None:
+    wanted = {row.document for row in ground_truth}
+    if not wanted & doc_ids:
+        example = next(iter(sorted(wanted)))
+        raise RagError(
+            f"none of the {len(wanted)} entry ids in the ground truth (e.g. {example!r}) is an entry of "
+            f"{documents}; its entries need the ids the ground truth was written for (an 'id' field)"
+        )
 
 
 def evaluate(

@@ -58,8 +58,17 @@ def present(env: Mapping[str, str], table: Mapping[str, str]) -> dict[str, str]:
     return {field: env[name] for name, field in table.items() if env.get(name)}
 
 
-def data_dir(env: Mapping[str, str] = os.environ) -> Path:
-    return Path(env.get("RAG_DATA_DIR") or DEFAULT_DATA_DIR)
+def data_dir(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
+    """RAG_DATA_DIR, else the nearest `.rag` in the current directory or above it (as git finds
+    `.git`), so `rag` finds the index `make run` wrote from anywhere in the project; else ./.rag.
+    Always absolute, so every message names the real place."""
+    if env.get("RAG_DATA_DIR"):
+        return Path(env["RAG_DATA_DIR"]).absolute()
+    here = (cwd or Path.cwd()).absolute()
+    found = next(
+        (d / DEFAULT_DATA_DIR for d in (here, *here.parents) if (d / DEFAULT_DATA_DIR).is_dir()), None
+    )
+    return found or here / DEFAULT_DATA_DIR
 
 
 def elasticsearch(env: Mapping[str, str] = os.environ) -> ElasticsearchSettings | None:

@@ -23,11 +23,22 @@ HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "scor
 
 
 def rag(
-    *args: str, data_dir: Path, prefix: Sequence[str] = (), **env: str
+    *args: str | bytes,
+    data_dir: Path | None,
+    prefix: Sequence[str] = (),
+    cwd: Path | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """`rag ARGS` in a subprocess; `prefix` runs it through another command (e.g. as another user)."""
-    env = {**os.environ, "RAG_DATA_DIR": str(data_dir), **env}
-    return subprocess.run([*prefix, RAG, *args], capture_output=True, text=True, env=env, timeout=300)
+    """`rag ARGS` in a subprocess; `prefix` runs it through another command (e.g. `setpriv`).
+
+    `data_dir=None` leaves RAG_DATA_DIR unset, as a user who never set it would.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAG_DATA_DIR"} | env
+    if data_dir is not None:
+        env["RAG_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [*prefix, RAG, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +118,46 @@ def test_eval_reports_a_bad_ground_truth(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "lacks column(s) course, document, question" in result.stderr
+
+
+def test_eval_refuses_documents_without_the_ground_truths_ids(tmp_path: Path) -> None:
+    documents, ground_truth = eval_slice(tmp_path)
+    without_ids = json.loads(documents.read_text())
+    for document in without_ids:
+        del document["id"]
+    documents.write_text(json.dumps(without_ids))
+    result = rag("eval", "--documents", str(documents), "--ground-truth", str(ground_truth), data_dir=None)
+    assert result.returncode == 1
+    assert "none of the" in result.stderr and f"is an entry of {documents}" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_query_may_start_with_a_dash(data_dir: Path) -> None:
+    for argv in (["search", "-v flag", "--k", "1"], ["search", "--k", "1", "-v", "flag"]):
+        result = rag(*argv, data_dir=data_dir)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert result.stdout.startswith("1. [")
+
+
+def test_a_query_with_invalid_utf8_is_refused_in_one_line(data_dir: Path) -> None:
+    result = rag("search", b"caf\xe9 latte", data_dir=data_dir)
+    assert result.returncode == 1
+    assert result.stderr == "rag: error: the query is not valid UTF-8 (character 4 of 10)\n"
+
+
+def test_rag_finds_the_index_from_a_subdirectory_of_the_project(data_dir: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "docs" / "deep").mkdir(parents=True)
+    shutil.copytree(data_dir, project / ".rag")
+    found = rag("stats", "--json", data_dir=None, cwd=project / "docs" / "deep")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["location"] == str(project / ".rag" / "index.sqlite")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    missing = rag("stats", data_dir=None, cwd=elsewhere)
+    assert missing.returncode == 1
+    assert f"no index at {elsewhere / '.rag' / 'index.sqlite'}" in missing.stderr
 
 
 def test_versions_json(tmp_path: Path) -> None:

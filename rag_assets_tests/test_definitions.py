@@ -82,6 +82,10 @@ def test_full_graph_replaces_the_index_and_survives_a_broken_source(tmp_path: Pa
     assert events["es_index"]["deleted"].value == 68  # the removed entries, none of them split
     assert events["chunks"]["chunks"].value == stats.chunks
     assert "| doc_id" in events["raw_documents"]["preview"].value
+    assert all("preview" in metadata for metadata in events.values())
+    # the publish gate asked both versions before serving the new one
+    assert events["es_index"]["gate_smoke_hit_rate_new"].value >= 0.9
+    assert events["es_index"]["gate_smoke_hit_rate_served"].value >= 0.9
 
     broken = tmp_path / "broken.json"
     broken.write_text("[{oops")

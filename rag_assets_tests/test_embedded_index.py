@@ -15,9 +15,11 @@ import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.index.backend import IndexContent, IndexNotFoundError
+from rag_assets.index import embedded
+from rag_assets.index.backend import IndexContent, IndexNotFoundError, PublishRefusedError
 from rag_assets.index.embedded import EmbeddedIndex, fts_query
 from rag_assets.nlp.analysis import analyse_query
+from rag_assets.quality import RetrievalGate, smoke_probes
 
 from .conftest import index_content
 
@@ -200,3 +202,50 @@ def test_small_corpus_from_scratch(tmp_path: Path, nlp: Language) -> None:
     index.publish(index_content(nlp, documents))
     assert lexical(index, nlp, "install kafka") == ["d1-0", "d2-0"]
     assert lexical(index, nlp, "install kafka", course="b") == ["d2-0"]
+
+
+def test_a_refresh_that_changes_nothing_moves_confirmed_at_only(
+    tmp_path: Path, content_2025: IndexContent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter(["2026-11-01T00:00:00+00:00", "2026-11-02T00:00:00+00:00"])
+    monkeypatch.setattr(embedded, "_now", lambda: next(clock))
+    EmbeddedIndex(tmp_path).publish(content_2025)
+    EmbeddedIndex(tmp_path).publish(content_2025)
+    stats = EmbeddedIndex(tmp_path).stats()
+    assert (stats.published_at, stats.confirmed_at) == (
+        "2026-11-01T00:00:00+00:00",
+        "2026-11-02T00:00:00+00:00",
+    )
+
+
+def scrambled(content: IndexContent) -> IndexContent:
+    """The same entries with every chunk's lemma fields taken from another chunk: a broken analysis."""
+    rows = content.rows.copy()
+    for column in ("question_lemmas", "text_lemmas", "section_lemmas"):
+        rows[column] = np.roll(rows[column].to_numpy(), 7)
+    return IndexContent(rows=rows.assign(row_hash=rows["row_hash"] + "x"), vectors=content.vectors)
+
+
+def test_the_publish_gate_refuses_a_version_that_answers_worse(
+    tmp_path: Path, nlp: Language, content_2025: IndexContent
+) -> None:
+    chunks = content_2025.rows
+    gate = RetrievalGate(nlp, smoke_probes(chunks, 100), [], max_drop=0.02)
+    first = EmbeddedIndex(tmp_path).publish(content_2025, gate)
+    assert first.gate is not None and first.gate.passed
+    assert first.gate.metadata["gate_smoke_hit_rate_new"] >= 0.9
+    assert "gate_smoke_hit_rate_served" not in first.gate.metadata  # nothing was served before
+
+    with pytest.raises(PublishRefusedError) as refused:
+        EmbeddedIndex(tmp_path).publish(scrambled(content_2025), gate)
+    verdict = refused.value.verdict
+    served, new = verdict.metadata["gate_smoke_hit_rate_served"], verdict.metadata["gate_smoke_hit_rate_new"]
+    assert new < served - 0.02
+    assert f"smoke hit rate would fall from {served:.4f} (served) to {new:.4f} (new)" in str(refused.value)
+    assert "the served index is unchanged" in str(refused.value)
+    assert EmbeddedIndex(tmp_path).chunk_hashes() == dict(
+        zip(chunks.chunk_id, chunks.content_hash, strict=True)
+    )
+
+    again = EmbeddedIndex(tmp_path).publish(content_2025, gate)  # the same content: nothing to judge
+    assert again.upserted == 0 and again.gate is None

@@ -21,6 +21,7 @@ from spacy.language import Language
 from rag_assets import quality, settings
 from rag_assets.definitions import load_definitions
 from rag_assets.defs.automation import JOB_NAME, daily_document_refresh, initial_index_build
+from rag_assets.defs.refresh import summary
 from rag_assets.defs.resources import QualityResource, environment_resources
 from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
@@ -273,7 +274,7 @@ def check_results(result: dg.ExecuteInJobResult) -> dict[str, dg.AssetCheckEvalu
 
 
 def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_source(
-    tmp_path: Path, instance: dg.DagsterInstance
+    tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
     first = materialize(str(DATA / "documents-2025.json"), data, instance)
@@ -301,6 +302,13 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
     assert EmbeddedIndex(data).stats().entries == 948
     errors = [e.user_message for e in fresh.all_logs(second.run_id) if e.level == logging.ERROR]
     assert f"raw_documents_count_guard failed: {reason}" in errors
+    monkeypatch.setenv("RAG_DATA_DIR", str(data))
+    lines = summary(second)  # how `make run` ends
+    assert lines[:2] == [
+        f"run {second.run_id} did not publish:",
+        f"  blocked by raw_documents_count_guard: {reason}",
+    ]
+    assert len(lines) == 3 and lines[2].startswith(f"the served index is unchanged: 948 entries at {data}")
 
 
 def test_the_retrieval_quality_check_runs_only_when_configured(tmp_path: Path) -> None:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,7 +19,7 @@ from rag_assets.ingest.sources import (
     redact,
 )
 
-from .conftest import DATA, EVAL, DataHandler, entry, write_json
+from .conftest import DATA, EVAL, DataHandler, QuietHandler, entry, serving, write_json
 
 
 def test_zoomcamp_documents_over_http(http_base: str) -> None:
@@ -191,19 +187,7 @@ def test_faq_base_url() -> None:
     assert faq_base_url("/data/faq-api/json/courses.json") == "/data/faq-api"
 
 
-@contextmanager
-def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/documents.json"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class Trickle(BaseHTTPRequestHandler):
+class Trickle(QuietHandler):
     """One byte every 0.25 s: each read is quick, the whole body takes a minute."""
 
     def do_GET(self) -> None:
@@ -218,12 +202,10 @@ class Trickle(BaseHTTPRequestHandler):
         except OSError:
             pass  # the client gave up
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
 
 def test_a_trickling_server_fails_at_the_fetch_deadline() -> None:
-    with serving(Trickle) as url:
+    with serving(Trickle) as base:
+        url = f"{base}/documents.json"
         started = time.monotonic()
         with pytest.raises(SourceError) as raised:
             Fetcher(timeout_s=5, deadline_s=2).read_json(url)
@@ -232,7 +214,7 @@ def test_a_trickling_server_fails_at_the_fetch_deadline() -> None:
     assert f"{url}: not read within the fetch deadline of 2 s (RAG_FETCH_DEADLINE_S" in str(raised.value)
 
 
-class SlowDown(BaseHTTPRequestHandler):
+class SlowDown(QuietHandler):
     """503 with Retry-After: 30 once, then the documents."""
 
     answered: ClassVar[int] = 0
@@ -240,23 +222,14 @@ class SlowDown(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         SlowDown.answered += 1
         if SlowDown.answered == 1:
-            self.send_response(503)
-            self.send_header("Retry-After", "30")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = json.dumps([entry("c", "Why?", "Because.")]).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+            self.send_body(b"", status=503, headers={"Retry-After": "30"})
+        else:
+            self.send_body(json.dumps([entry("c", "Why?", "Because.")]).encode())
 
 
 def test_retry_after_is_capped() -> None:
-    with serving(SlowDown) as url:
+    with serving(SlowDown) as base:
+        url = f"{base}/documents.json"
         started = time.monotonic()
         payload = Fetcher(max_retry_after_s=1).read_json(url)
         elapsed = time.monotonic() - started
