@@ -81,8 +81,8 @@ def check_lemmas(frame: pd.DataFrame, chunk_ids: list[str], max_empty_share: flo
         return Verdict(problems, metadata)
     if list(frame["chunk_id"]) != chunk_ids:
         problems.append("chunk ids differ from the chunks asset")
-    lemma_text = frame[[f"{f}_lemmas" for f in LEMMA_FIELDS]].agg(" ".join, axis=1).str.strip()
-    empty_share = float((lemma_text == "").mean()) if len(frame) else 0.0
+    empty = np.logical_and.reduce([(frame[f"{f}_lemmas"].str.strip() == "").to_numpy() for f in LEMMA_FIELDS])
+    empty_share = float(empty.mean()) if len(frame) else 0.0
     if empty_share > max_empty_share:
         problems.append(f"{empty_share:.1%} of chunks have no lemmas (at most {max_empty_share:.0%} allowed)")
     metadata["empty_share"] = round(empty_share, 4)

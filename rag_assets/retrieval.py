@@ -10,9 +10,10 @@ from spacy.language import Language
 
 from rag_assets import settings
 from rag_assets.common.errors import RagError
-from rag_assets.index.backend import SearchBackend, StoredChunk, UnknownCourseError
+from rag_assets.index.backend import AnalysisMismatchError, SearchBackend, UnknownCourseError
 from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
-from rag_assets.nlp.analysis import analyse_query, load_pipeline
+from rag_assets.ingest.chunking import doc_id_of
+from rag_assets.nlp.analysis import analyse_query, load_pipeline, model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -26,17 +27,16 @@ class Hit:
     score: float
 
 
-def rank_entries(
-    rankings: dict[str, list[str]], chunks: dict[str, StoredChunk]
-) -> tuple[dict[str, list[str]], dict[str, str]]:
+def rank_entries(rankings: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Turn chunk rankings into entry rankings (each entry at its best chunk's rank).
 
     Also returns the chunk shown for each entry: its best chunk in the first ranking that has it.
+    Entries come from the chunk ids themselves, so only the chunks finally shown are fetched.
     """
     shown: dict[str, str] = {}
     entry_rankings: dict[str, list[str]] = {}
     for name, ranking in rankings.items():
-        doc_ids = [chunks[chunk_id].doc_id for chunk_id in ranking]
+        doc_ids = [doc_id_of(chunk_id) for chunk_id in ranking]
         for doc_id, chunk_id in zip(doc_ids, ranking, strict=True):
             shown.setdefault(doc_id, chunk_id)
         entry_rankings[name] = list(dict.fromkeys(doc_ids))
@@ -62,29 +62,41 @@ class Retriever:
         backend: SearchBackend,
         nlp: Language | None = None,
         fusion: FusionSettings = FusionSettings(),
+        fingerprint: str | None = None,
     ) -> None:
         self.backend = backend
         self.nlp = nlp or load_pipeline()
         self.fusion = fusion
+        self.fingerprint = fingerprint or model_fingerprint()
 
     def search(self, query: str, course: str | None = None, k: int = 5) -> list[Hit]:
         check_query(query, k)
         terms = analyse_query(self.nlp, query)
         depth = max(self.fusion.candidates, k)
         with self.backend.snapshot():  # ranking and fetching read the same version
+            self._check_analysis()
             rankings: dict[str, list[str]] = {}
             if self.fusion.weights.get("lexical", 0) > 0:
                 rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
             if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
                 rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
-            candidates = list(dict.fromkeys(c for ranking in rankings.values() for c in ranking))
-            if not candidates:
+            if not any(rankings.values()):
                 self._check_course(course)
                 return []
-            chunks = self.backend.fetch(candidates)
-        entry_rankings, shown = rank_entries(rankings, chunks)
-        fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)
-        return [Hit(**asdict(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused[:k]]
+            entry_rankings, shown = rank_entries(rankings)
+            fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)[:k]
+            chunks = self.backend.fetch([shown[doc_id] for doc_id, _ in fused])
+        return [Hit(**asdict(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused]
+
+    def _check_analysis(self) -> None:
+        """Stems ranked against lemmas would rank quietly wrong: refuse instead."""
+        served = self.backend.analysis_fingerprint()
+        if served != self.fingerprint:
+            raise AnalysisMismatchError(
+                f"the index at {self.backend.location} was analysed as "
+                f"{served or 'an older version that recorded none'}, this query would be analysed as "
+                f"{self.fingerprint}; run the refresh (make run) to rebuild it"
+            )
 
     def _check_course(self, course: str | None) -> None:
         """Tell an unknown course apart from a query that matched nothing."""

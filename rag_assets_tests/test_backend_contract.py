@@ -66,7 +66,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SearchBa
 
 
 def subset(content: IndexContent, keep: np.ndarray) -> IndexContent:
-    return IndexContent(rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep])
+    return dataclasses.replace(
+        content, rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep]
+    )
 
 
 def test_nothing_published_yet(backend: SearchBackend) -> None:
@@ -91,7 +93,7 @@ def test_replace_and_delete(backend: SearchBackend, content: IndexContent) -> No
     removed = rows.doc_id == rows.doc_id[4]
     changed = content.rows.copy()
     changed.loc[0, ["text_lemmas", "row_hash"]] = ["quokka marsupial", "changed"]
-    replacement = subset(IndexContent(rows=changed, vectors=content.vectors), ~removed.to_numpy())
+    replacement = subset(dataclasses.replace(content, rows=changed), ~removed.to_numpy())
     report = backend.publish(replacement)
     assert (report.upserted, report.deleted) == (1, int(removed.sum()))
     assert backend.stats().chunks == len(replacement.rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -133,7 +134,9 @@ def test_a_refresh_reindexes_server_side_and_sends_only_the_delta(
     first = es.publish(content).version
     rows = edited(content, [3]).rows
     keep = rows.index != 7
-    delta = IndexContent(rows=rows[keep].reset_index(drop=True), vectors=content.vectors[keep])
+    delta = dataclasses.replace(
+        content, rows=rows[keep].reset_index(drop=True), vectors=content.vectors[keep]
+    )
     fake.requests.clear()
 
     report = es.publish(delta)
@@ -458,7 +461,9 @@ def test_reads_inside_a_snapshot_stay_on_one_version_while_a_publish_moves_the_a
     first = es.publish(content).version
     gone = content.rows.chunk_id[7]
     keep = (content.rows.chunk_id != gone).to_numpy()
-    without = IndexContent(rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep])
+    without = dataclasses.replace(
+        content, rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep]
+    )
     with es.snapshot():
         hits = es.lexical_search(content.rows.question_lemmas[7].split(), None, 5)
         second = backend(fake).publish(without).version

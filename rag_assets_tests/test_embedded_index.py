@@ -29,7 +29,7 @@ DE = "data-engineering-zoomcamp"
 
 def subset(content: IndexContent, keep: pd.Series) -> IndexContent:
     mask = keep.to_numpy()
-    return IndexContent(rows=content.rows[mask].reset_index(drop=True), vectors=content.vectors[mask])
+    return replace(content, rows=content.rows[mask].reset_index(drop=True), vectors=content.vectors[mask])
 
 
 @pytest.fixture
@@ -108,15 +108,15 @@ def test_a_publish_that_fails_halfway_leaves_the_old_index(
     rows = content_2025.rows.copy()
     rows["row_hash"] = "new-analysis"  # every row must be rewritten
     calls = {"n": 0}
-    insert = EmbeddedIndex._insert_row
+    row_values = EmbeddedIndex._row_values
 
-    def failing_insert(db, row, vector) -> None:  # type: ignore[no-untyped-def]
+    def failing_row(values: tuple, vector: np.ndarray) -> tuple:
         calls["n"] += 1
         if calls["n"] == 300:
             raise RuntimeError("disk on fire")
-        insert(db, row, vector)
+        return row_values(values, vector)
 
-    monkeypatch.setattr(EmbeddedIndex, "_insert_row", staticmethod(failing_insert))
+    monkeypatch.setattr(EmbeddedIndex, "_row_values", staticmethod(failing_row))
     with pytest.raises(RuntimeError, match="disk on fire"):
         index.publish(
             replace(
@@ -139,15 +139,15 @@ def test_a_killed_publish_leaves_the_old_index(
         f"""
         import os, pickle, signal
         from rag_assets.index.embedded import EmbeddedIndex
-        insert = EmbeddedIndex._insert_row
+        row_values = EmbeddedIndex._row_values
         count = 0
-        def killing_insert(db, row, vector):
+        def killing_row(values, vector):
             global count
             count += 1
             if count == 400:
                 os.kill(os.getpid(), signal.SIGKILL)
-            insert(db, row, vector)
-        EmbeddedIndex._insert_row = staticmethod(killing_insert)
+            return row_values(values, vector)
+        EmbeddedIndex._row_values = staticmethod(killing_row)
         EmbeddedIndex({str(tmp_path)!r}).publish(pickle.loads(open({str(payload)!r}, "rb").read()))
         """
     )
@@ -165,7 +165,7 @@ def test_no_index_yet(tmp_path: Path) -> None:
 
 
 def test_a_failed_first_publish_leaves_no_index(tmp_path: Path, content_2025: IndexContent) -> None:
-    broken = IndexContent(rows=content_2025.rows.head(3), vectors=np.zeros((3, 5), dtype=np.float32))
+    broken = replace(content_2025, rows=content_2025.rows.head(3), vectors=np.zeros((3, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="vector has 5 dimensions"):
         EmbeddedIndex(tmp_path).publish(broken)
     with pytest.raises(IndexNotFoundError):
@@ -223,7 +223,7 @@ def scrambled(content: IndexContent) -> IndexContent:
     rows = content.rows.copy()
     for column in ("question_lemmas", "text_lemmas", "section_lemmas"):
         rows[column] = np.roll(rows[column].to_numpy(), 7)
-    return IndexContent(rows=rows.assign(row_hash=rows["row_hash"] + "x"), vectors=content.vectors)
+    return replace(content, rows=rows.assign(row_hash=rows["row_hash"] + "x"))
 
 
 def test_the_publish_gate_refuses_a_version_that_answers_worse(

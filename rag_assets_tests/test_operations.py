@@ -26,6 +26,7 @@ from rag_assets.defs.resources import QualityResource, environment_resources
 from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.nlp.analysis import model_fingerprint
 from rag_assets.nlp.features import ChunkVectors, embed_chunks, lemmatize_chunks
 from rag_assets.retrieval import Retriever
 
@@ -246,7 +247,7 @@ def test_entry_drop_guard() -> None:
 def test_index_checks(tmp_path: Path, nlp: Language, stages: tuple) -> None:
     _, chunks, lemmas, vectors = stages
     index = EmbeddedIndex(tmp_path)
-    index.publish(IndexContent.assemble(chunks, lemmas, vectors, "fp"))
+    index.publish(IndexContent.assemble(chunks, lemmas, vectors, model_fingerprint()))
     assert quality.check_index_matches(index.chunk_hashes(), chunks).passed
     changed = chunks.copy()
     changed.loc[0, "content_hash"] = "new"

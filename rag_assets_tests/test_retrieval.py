@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from spacy.language import Language
 
 from rag_assets.index.backend import (
+    AnalysisMismatchError,
     IndexContent,
     IndexNotFoundError,
     RagError,
-    StoredChunk,
     UnknownCourseError,
 )
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
+from rag_assets.nlp.analysis import model_fingerprint
 from rag_assets.retrieval import Retriever, rank_entries
 
 DE = "data-engineering-zoomcamp"
@@ -65,12 +67,9 @@ def test_reciprocal_rank_fusion() -> None:
 
 
 def test_rank_entries_collapses_chunks_to_their_best_rank() -> None:
-    chunks = {
-        cid: StoredChunk(cid, cid.split("-")[0], "c", "s", "q", "t") for cid in ("a-0", "a-1", "b-0", "c-0")
-    }
-    rankings, shown = rank_entries({"lexical": ["a-1", "b-0", "a-0"], "vector": ["c-0", "a-0"]}, chunks)
-    assert rankings == {"lexical": ["a", "b"], "vector": ["c", "a"]}
-    assert shown == {"a": "a-1", "b": "b-0", "c": "c-0"}
+    rankings, shown = rank_entries({"lexical": ["a-1", "b-0", "a-0"], "vector": ["c-0", "a-0", "x-y-0"]})
+    assert rankings == {"lexical": ["a", "b"], "vector": ["c", "a", "x-y"]}
+    assert shown == {"a": "a-1", "b": "b-0", "c": "c-0", "x-y": "x-y-0"}
 
 
 def test_fusion_weights_decide_which_rankings_count(retriever: Retriever) -> None:
@@ -78,3 +77,19 @@ def test_fusion_weights_decide_which_rankings_count(retriever: Retriever) -> Non
     hits = vector_only.search("kafka streams consumer", course=DE, k=3)
     assert len(hits) == 3
     assert hits != retriever.search("kafka streams consumer", course=DE, k=3)
+
+
+def test_a_query_analysed_otherwise_than_the_index_is_refused(
+    tmp_path: Path, nlp: Language, content_2025: IndexContent
+) -> None:
+    """An index built by another analysis (here: the rule lemmatizer's, under its fingerprint)
+    would rank lookup-lemma stems against other stems: the search says so instead."""
+    EmbeddedIndex(tmp_path).publish(dataclasses.replace(content_2025, fingerprint="0123456789ab"))
+    with pytest.raises(AnalysisMismatchError) as refused:
+        Retriever(EmbeddedIndex(tmp_path), nlp).search("docker")
+    assert str(refused.value) == (
+        f"the index at {tmp_path / 'index.sqlite'} was analysed as 0123456789ab, this query would be "
+        f"analysed as {model_fingerprint()}; run the refresh (make run) to rebuild it"
+    )
+    EmbeddedIndex(tmp_path).publish(content_2025)  # a refresh under the current analysis heals it
+    assert Retriever(EmbeddedIndex(tmp_path), nlp).search("docker")

@@ -112,8 +112,8 @@ class ElasticsearchResource(dg.ConfigurableResource):
             **{name: getattr(self, name) for name in ElasticsearchSettings.field_names()}
         )
 
-    def index(self) -> ElasticsearchIndex:
-        return self.settings().open_index()
+    def index(self, log: Callable[[str], None] | None = None) -> ElasticsearchIndex:
+        return self.settings().open_index(log)
 
 
 class SearchIndexResource(dg.ConfigurableResource):
@@ -124,7 +124,7 @@ class SearchIndexResource(dg.ConfigurableResource):
 
     def backend(self, log: Callable[[str], None] | None = None) -> SearchBackend:
         if self.elasticsearch is not None:
-            return self.elasticsearch.index()
+            return self.elasticsearch.index(log)
         return EmbeddedIndex(Path(self.data_dir), log)
 
 
@@ -169,7 +169,7 @@ class QualityResource(dg.ConfigurableResource):
     max_quality_drop: float = Field(
         default=0.02, description="Publish gate: largest drop in hit rate or MRR against the live index"
     )
-    gate_probes: int = Field(default=100, description="Publish gate: entries asked their own question")
+    gate_probes: int = Field(default=50, description="Publish gate: entries asked their own question")
 
     def gate(self, nlp: Language, chunks: pd.DataFrame) -> RetrievalGate:
         """The publish gate for a new version made of `chunks`."""

@@ -35,6 +35,10 @@ class PublishError(RagError):
     pass
 
 
+class AnalysisMismatchError(RagError):
+    """The query would be analysed differently from the served chunks."""
+
+
 @dataclass(frozen=True)
 class GateVerdict:
     """Whether a new version may replace the live one, and the figures of both."""
@@ -64,6 +68,7 @@ class IndexContent:
 
     rows: pd.DataFrame
     vectors: np.ndarray
+    fingerprint: str  # how the rows were analysed (`model_fingerprint`); recorded by the index
 
     @classmethod
     def assemble(
@@ -86,7 +91,9 @@ class IndexContent:
         for column in LEMMA_FIELD_COLUMNS:
             rows[column] = lemmas[column].to_numpy()
         rows["row_hash"] = [stable_hash(h, fingerprint) for h in rows["content_hash"]]
-        return cls(rows=rows[INDEX_COLUMNS], vectors=np.ascontiguousarray(vectors.matrix))
+        return cls(
+            rows=rows[INDEX_COLUMNS], vectors=np.ascontiguousarray(vectors.matrix), fingerprint=fingerprint
+        )
 
 
 @dataclass(frozen=True)
@@ -155,4 +162,8 @@ class SearchBackend(Protocol):
 
     def chunk_hashes(self) -> dict[str, str]:
         """chunk_id -> content_hash of what is served now."""
+        ...
+
+    def analysis_fingerprint(self) -> str | None:
+        """How the served chunks were analysed (None: an index from before this was recorded)."""
         ...

@@ -18,7 +18,7 @@ import copy
 import json
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -30,6 +30,7 @@ from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch, NotFoundEr
 from elasticsearch.helpers import streaming_bulk
 
 from rag_assets.common.errors import RagError
+from rag_assets.common.progress import Progress
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
     IndexContent,
@@ -76,12 +77,13 @@ _PROPERTIES = {
 MAPPING_VERSION = stable_hash(json.dumps(_PROPERTIES, sort_keys=True), json.dumps(_ANALYSIS, sort_keys=True))
 
 
-def index_meta(published_at: str) -> dict[str, Any]:
+def index_meta(published_at: str, analysis_fingerprint: str) -> dict[str, Any]:
     """The `_meta` a new index starts with: not complete until its publish marks it so."""
     return {
         "published_at": published_at,
         "confirmed_at": published_at,
         "mapping_version": MAPPING_VERSION,
+        "analysis_fingerprint": analysis_fingerprint,
         "complete": False,
     }
 
@@ -129,18 +131,18 @@ def chunk_source(row: Any, vector: np.ndarray) -> dict[str, Any]:
 
 def delta_actions(
     index: str, content: IndexContent, changed: list[int], removed: list[str]
-) -> list[dict[str, Any]]:
-    """Bulk actions writing the rows at positions `changed` and deleting the `removed` chunk ids."""
-    wanted = set(changed)
-    actions: list[dict[str, Any]] = [
-        {"_op_type": "index", "_index": index, "_id": row.chunk_id, "_source": chunk_source(row, vector)}
-        for i, (row, vector) in enumerate(
-            zip(content.rows.itertuples(index=False), content.vectors, strict=True)
-        )
-        if i in wanted
-    ]
-    actions.extend({"_op_type": "delete", "_index": index, "_id": cid} for cid in removed)
-    return actions
+) -> Iterator[dict[str, Any]]:
+    """Bulk actions writing the rows at positions `changed` and deleting the `removed` chunk ids.
+
+    Made one at a time as `streaming_bulk` sends them: a million documents with their vectors as
+    JSON numbers would not fit in memory at once.
+    """
+    rows = content.rows.iloc[changed].itertuples(index=False)
+    for position, row in zip(changed, rows, strict=True):
+        source = chunk_source(row, content.vectors[position])
+        yield {"_op_type": "index", "_index": index, "_id": row.chunk_id, "_source": source}
+    for chunk_id in removed:
+        yield {"_op_type": "delete", "_index": index, "_id": chunk_id}
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class ElasticsearchSettings:
             **auth,
         )
 
-    def open_index(self) -> ElasticsearchIndex:
+    def open_index(self, log: Callable[[str], None] | None = None) -> ElasticsearchIndex:
         return ElasticsearchIndex(
             self.client(),
             self.alias,
@@ -194,6 +196,7 @@ class ElasticsearchSettings:
             shards=self.shards,
             replicas=self.replicas,
             keep_previous=self.keep_previous,
+            log=log,
         )
 
 
@@ -227,6 +230,7 @@ class ElasticsearchIndex:
         bulk_chunk_size: int = 500,
         bulk_max_retries: int = 5,
         bulk_initial_backoff_s: float = 1.0,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.alias = alias
@@ -238,7 +242,9 @@ class ElasticsearchIndex:
         self.bulk_chunk_size = bulk_chunk_size
         self.bulk_max_retries = bulk_max_retries
         self.bulk_initial_backoff_s = bulk_initial_backoff_s
+        self._log = log  # progress of long bulk loads (the Dagster log)
         self._pinned: str | None = None  # the concrete index reads go to, inside a snapshot
+        self._fingerprints: dict[str, str | None] = {}  # concrete index -> its analysis fingerprint
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -262,12 +268,13 @@ class ElasticsearchIndex:
             version=live,
             previous=live,
         )
-        if live is not None and not changed and not removed:
+        same_analysis = live_meta.get("analysis_fingerprint") == content.fingerprint
+        if live is not None and not changed and not removed and same_analysis:
             # The live index already holds exactly this content: only say it was found current.
             return replace(report, warnings=tuple(self._confirm(live, live_meta)))
         now = datetime.now(UTC)
         name = f"{self.alias}-{now:%Y%m%d%H%M%S%f}-{uuid.uuid4().hex[:6]}"
-        meta = index_meta(now.isoformat(timespec="seconds"))
+        meta = index_meta(now.isoformat(timespec="seconds"), content.fingerprint)
         try:
             with self._step(name, live, "creating it"):
                 self.client.indices.create(index=name, **index_body(self.shards, self.replicas, meta))
@@ -277,7 +284,7 @@ class ElasticsearchIndex:
                         source={"index": live}, dest={"index": name}, wait_for_completion=True, refresh=False
                     )
             with self._step(name, live, "sending the bulk actions"):
-                self._bulk(delta_actions(name, content, changed, removed))
+                self._bulk(delta_actions(name, content, changed, removed), len(changed) + len(removed))
             with self._step(name, live, "refreshing it"):
                 self.client.indices.refresh(index=name)
             with self._step(name, live, "counting its documents"):
@@ -332,9 +339,10 @@ class ElasticsearchIndex:
         """Elasticsearch replaces `_meta` as a whole: `meta` carries every key to keep."""
         self.client.indices.put_mapping(index=index, meta=meta)
 
-    def _bulk(self, actions: list[dict[str, Any]]) -> None:
+    def _bulk(self, actions: Iterable[dict[str, Any]], total: int) -> None:
         failures: list[str] = []
         failed = 0
+        progress = Progress("bulk", total, self._log)
         for ok, item in streaming_bulk(
             self.client,
             actions,
@@ -343,6 +351,7 @@ class ElasticsearchIndex:
             initial_backoff=self.bulk_initial_backoff_s,
             raise_on_error=False,
         ):
+            progress.update()
             if not ok:
                 failed += 1
                 if len(failures) < 3:
@@ -350,8 +359,9 @@ class ElasticsearchIndex:
                     error = result.get("error", {})
                     reason = error.get("reason", error) if isinstance(error, dict) else error
                     failures.append(f"{op} {result.get('_id')}: {result.get('status')} {reason}")
+        progress.close()
         if failed:
-            raise _StepFailed(f"{failed} of {len(actions)} failed; first: {'; '.join(failures)}")
+            raise _StepFailed(f"{failed} of {total} failed; first: {'; '.join(failures)}")
 
     def _swap(self, live: str | None, name: str) -> None:
         actions: list[dict[str, Any]] = [{"add": {"index": name, "alias": self.alias}}]
@@ -548,6 +558,13 @@ class ElasticsearchIndex:
 
     def chunk_hashes(self) -> dict[str, str]:
         return {cid: content for cid, (content, _) in self._hashes(self._concrete()).items()}
+
+    def analysis_fingerprint(self) -> str | None:
+        """Read once per concrete index: a new publish is a new index, with its own record."""
+        index = self._concrete()
+        if index not in self._fingerprints:
+            self._fingerprints[index] = self._meta(index).get("analysis_fingerprint")
+        return self._fingerprints[index]
 
     def _hashes(self, index: str) -> dict[str, tuple[str, str]]:
         """chunk_id -> (content_hash, row_hash), paged with search_after on the chunk id."""

@@ -39,8 +39,12 @@ from rag_assets.nlp.analysis import VECTOR_DIM
 
 INDEX_FILENAME = "index.sqlite"
 _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text")
-# Everything a chunk row holds but its joined content (only hashed), plus the row's own hash.
-_STORED_COLUMNS = (*(c for c in CHUNK_COLUMNS if c != "content"), "row_hash")
+# Display fields, ids and hashes, and the lemma fields the full-text index reads.
+_STORED_COLUMNS = (*CHUNK_COLUMNS, "row_hash", *LEMMA_FIELD_COLUMNS)
+_LEMMAS = ", ".join(LEMMA_FIELD_COLUMNS)
+# 2: the full-text index is an external-content FTS5 table over `chunks`, so a publish that
+# rewrites most rows rebuilds it in one pass instead of deleting and inserting row by row.
+SCHEMA_VERSION = "2"
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
@@ -53,14 +57,17 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     row_hash TEXT NOT NULL,
+    {", ".join(f"{c} TEXT NOT NULL" for c in LEMMA_FIELD_COLUMNS)},
     vector BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_course ON chunks (course);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunk_lemmas USING fts5 (
-    {", ".join(LEMMA_FIELD_COLUMNS)}, tokenize = 'unicode61 remove_diacritics 0'
+    {_LEMMAS}, content = 'chunks', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 0'
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Most rows rewritten (a new analysis, a first build): rebuild the full-text index in one pass.
+_REBUILD_SHARE = 0.5
 
 
 def fts_query(lemmas: Sequence[str]) -> str:
@@ -82,7 +89,7 @@ class EmbeddedIndex:
         self._log = log
         self._reader: sqlite3.Connection | None = None
         self._snapshot_depth = 0
-        self._vectors: tuple[str, list[str], np.ndarray, np.ndarray] | None = None
+        self._vectors: tuple[str, list[str], dict[str, slice], np.ndarray] | None = None
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -108,18 +115,25 @@ class EmbeddedIndex:
         try:
             db.execute("PRAGMA journal_mode = WAL")
             with immediate_transaction(db):
-                # One statement at a time: executescript would commit the open transaction.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                self._prepare_schema(db)
                 upserted, deleted = self._write_delta(db, content)
                 meta = self._meta(db)
-                changed = bool(upserted or deleted or "published_at" not in meta)
+                changed = bool(
+                    upserted
+                    or deleted
+                    or "published_at" not in meta
+                    or meta.get("analysis_fingerprint") != content.fingerprint
+                )
                 now = _now()
                 updates = [("confirmed_at", now)]
                 if changed:
                     generation = str(int(meta.get("generation", "0")) + 1)
-                    updates += [("published_at", now), ("generation", generation)]
+                    updates += [
+                        ("published_at", now),
+                        ("generation", generation),
+                        ("analysis_fingerprint", content.fingerprint),
+                        ("schema_version", SCHEMA_VERSION),
+                    ]
                 db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", updates)
                 verdict = None
                 if changed and gate is not None:
@@ -137,23 +151,80 @@ class EmbeddedIndex:
             gate=verdict,
         )
 
+    @staticmethod
+    def _prepare_schema(db: sqlite3.Connection) -> None:
+        """Create the tables; tables of an older layout are dropped first (inside the publish's
+        transaction, so readers keep the old index until the new one commits)."""
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "chunks" in tables:
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if found is None or found[0] != SCHEMA_VERSION:
+                db.execute("DROP TABLE IF EXISTS chunk_lemmas")
+                db.execute("DROP TABLE chunks")
+        # One statement at a time: executescript would commit the open transaction.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+
     def _write_delta(self, db: sqlite3.Connection, content: IndexContent) -> tuple[int, int]:
+        """Write new and changed rows, delete the rest; returns (upserted, deleted)."""
+        if content.vectors.ndim != 2 or content.vectors.shape[1] != VECTOR_DIM:
+            first = content.rows.chunk_id.iloc[0] if len(content.rows) else "-"
+            raise ValueError(f"chunk {first}: vector has {content.vectors.shape[-1]} dimensions")
         existing = {
             chunk_id: (rowid, row_hash)
             for rowid, chunk_id, row_hash in db.execute("SELECT id, chunk_id, row_hash FROM chunks")
         }
-        upserted = 0
-        for position, row in enumerate(content.rows.itertuples(index=False)):
-            current = existing.pop(row.chunk_id, None)
-            if current is not None and current[1] == row.row_hash:
+        fresh: list[int] = []  # positions in `content` to insert
+        gone: list[int] = []  # row ids to delete: changed rows and rows no longer in the source
+        for position, (chunk_id, row_hash) in enumerate(
+            zip(content.rows.chunk_id, content.rows.row_hash, strict=True)
+        ):
+            current = existing.pop(chunk_id, None)
+            if current is not None and current[1] == row_hash:
                 continue
             if current is not None:
-                self._delete_row(db, current[0])
-            self._insert_row(db, row, content.vectors[position])
-            upserted += 1
-        for rowid, _ in existing.values():
-            self._delete_row(db, rowid)
-        return upserted, len(existing)
+                gone.append(current[0])
+            fresh.append(position)
+        deleted = len(existing)
+        gone.extend(rowid for rowid, _ in existing.values())
+        rebuild = len(fresh) + len(gone) > _REBUILD_SHARE * max(len(content.rows), 1)
+        ids = [(rowid,) for rowid in gone]
+        if not rebuild:  # an external-content index forgets a row given its old values
+            db.executemany(
+                f"INSERT INTO chunk_lemmas (chunk_lemmas, rowid, {_LEMMAS}) "
+                f"SELECT 'delete', id, {_LEMMAS} FROM chunks WHERE id = ?",
+                ids,
+            )
+        db.executemany("DELETE FROM chunks WHERE id = ?", ids)
+        (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM chunks").fetchone()
+        new_ids = range(last_id + 1, last_id + 1 + len(fresh))
+        db.executemany(
+            f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}, vector) "
+            f"VALUES (?, {', '.join('?' * len(_STORED_COLUMNS))}, ?)",
+            (
+                (rowid, *self._row_values(values, content.vectors[position]))
+                for rowid, position, values in zip(
+                    new_ids,
+                    fresh,
+                    content.rows.iloc[fresh][list(_STORED_COLUMNS)].itertuples(index=False, name=None),
+                    strict=True,
+                )
+            ),
+        )
+        if rebuild:
+            db.execute("INSERT INTO chunk_lemmas (chunk_lemmas) VALUES ('rebuild')")
+        elif fresh:
+            db.execute(
+                f"INSERT INTO chunk_lemmas (rowid, {_LEMMAS}) SELECT id, {_LEMMAS} FROM chunks WHERE id >= ?",
+                (new_ids.start,),
+            )
+        return len(fresh), deleted
+
+    @staticmethod
+    def _row_values(values: tuple, vector: np.ndarray) -> tuple:
+        """One row's stored values and its vector as a float32 blob."""
+        return (*values, np.asarray(vector, dtype=np.float32).tobytes())
 
     def _view(self, db: sqlite3.Connection) -> EmbeddedIndex:
         """This index as `db` sees it: the new version inside its uncommitted transaction."""
@@ -170,27 +241,6 @@ class EmbeddedIndex:
         except IndexNotFoundError:
             return None
         return live
-
-    @staticmethod
-    def _insert_row(db: sqlite3.Connection, row: object, vector: np.ndarray) -> None:
-        values = [getattr(row, column) for column in _STORED_COLUMNS]
-        blob = np.asarray(vector, dtype=np.float32).tobytes()
-        if len(blob) != VECTOR_DIM * 4:
-            raise ValueError(f"chunk {row.chunk_id}: vector has {len(blob) // 4} dimensions")
-        cursor = db.execute(
-            f"INSERT INTO chunks ({', '.join(_STORED_COLUMNS)}, vector) "
-            f"VALUES ({', '.join('?' * (len(_STORED_COLUMNS) + 1))})",
-            [*values, blob],
-        )
-        db.execute(
-            f"INSERT INTO chunk_lemmas (rowid, {', '.join(LEMMA_FIELD_COLUMNS)}) VALUES (?, ?, ?, ?)",
-            [cursor.lastrowid, *(getattr(row, c) for c in LEMMA_FIELD_COLUMNS)],
-        )
-
-    @staticmethod
-    def _delete_row(db: sqlite3.Connection, rowid: int) -> None:
-        db.execute("DELETE FROM chunk_lemmas WHERE rowid = ?", (rowid,))
-        db.execute("DELETE FROM chunks WHERE id = ?", (rowid,))
 
     @staticmethod
     def _meta(db: sqlite3.Connection) -> dict[str, str]:
@@ -295,28 +345,35 @@ class EmbeddedIndex:
         return [chunk_id for (chunk_id,) in self._query(sql, params)]
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
-        ids, courses, matrix = self._vector_table()
-        scores = matrix @ np.asarray(vector, dtype=np.float32)
-        if course:
-            scores = np.where(courses == course, scores, -np.inf)
-        k = min(k, int(np.isfinite(scores).sum()))
+        ids, spans, matrix = self._vector_table()
+        span = spans.get(course, slice(0, 0)) if course else slice(0, len(ids))
+        scores = matrix[span] @ np.asarray(vector, dtype=np.float32)  # a slice: no copy
+        k = min(k, len(scores))
         if k <= 0:
             return []
         top = np.argpartition(-scores, k - 1)[:k]
-        return [ids[i] for i in top[np.argsort(-scores[top], kind="stable")]]
+        return [ids[span.start + i] for i in top[np.argsort(-scores[top], kind="stable")]]
 
-    def _vector_table(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """All vectors in memory, reloaded only when a publish changed the index."""
-        generation = dict(self._query("SELECT key, value FROM meta")).get("generation", "0")
+    def _vector_table(self) -> tuple[list[str], dict[str, slice], np.ndarray]:
+        """All vectors in one float32 matrix, rows grouped by course so that a course is a slice;
+        reloaded only when a publish changed the index."""
+        found = self._query("SELECT value FROM meta WHERE key = 'generation'")
+        generation = found[0][0] if found else "0"
         if self._vectors is None or self._vectors[0] != generation:
-            rows = self._query("SELECT chunk_id, course, vector FROM chunks ORDER BY id")
-            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
-            self._vectors = (
-                generation,
-                [r[0] for r in rows],
-                np.array([r[1] for r in rows], dtype=object),
-                matrix.reshape(len(rows), VECTOR_DIM),
-            )
+            ((count,),) = self._query("SELECT COUNT(*) FROM chunks")
+            matrix = np.empty((count, VECTOR_DIM), dtype=np.float32)
+            ids: list[str] = []
+            spans: dict[str, slice] = {}
+            try:  # row by row into one matrix: no second copy of every blob
+                cursor = self._db().execute("SELECT chunk_id, course, vector FROM chunks ORDER BY course, id")
+                for row, (chunk_id, course, blob) in enumerate(cursor):
+                    ids.append(chunk_id)
+                    matrix[row] = np.frombuffer(blob, dtype=np.float32)
+                    start = spans[course].start if course in spans else row
+                    spans[course] = slice(start, row + 1)
+            except sqlite3.DatabaseError as exc:
+                raise self._read_error(exc) from exc
+            self._vectors = (generation, ids, spans, matrix)
         return self._vectors[1], self._vectors[2], self._vectors[3]
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
@@ -349,6 +406,10 @@ class EmbeddedIndex:
 
     def chunk_hashes(self) -> dict[str, str]:
         return dict(self._query("SELECT chunk_id, content_hash FROM chunks"))
+
+    def analysis_fingerprint(self) -> str | None:
+        found = self._query("SELECT value FROM meta WHERE key = 'analysis_fingerprint'")
+        return found[0][0] if found else None
 
     def close(self) -> None:
         if self._reader is not None and not self._snapshot_depth:

@@ -21,7 +21,6 @@ CHUNK_COLUMNS = [
     "section",
     "question",
     "text",
-    "content",
     "content_hash",
 ]
 _WORD = re.compile(r"\S+")
@@ -66,6 +65,15 @@ def split_answer(answer: str, config: ChunkingConfig) -> list[str]:
     return windows
 
 
+def chunk_id(doc_id: str, index: int) -> str:
+    return f"{doc_id}-{index}"
+
+
+def doc_id_of(chunk_id: str) -> str:
+    """The entry a chunk belongs to: exact, since the index after the last '-' is a number."""
+    return chunk_id.rpartition("-")[0]
+
+
 def chunk_content(course: str, section: str, question: str, text: str) -> str:
     return "\n".join(part for part in (course, section, question, text) if part)
 
@@ -77,14 +85,13 @@ def make_chunks(documents: pd.DataFrame, config: ChunkingConfig) -> pd.DataFrame
             content = chunk_content(doc.course, doc.section, doc.question, window)
             rows.append(
                 {
-                    "chunk_id": f"{doc.doc_id}-{index}",
+                    "chunk_id": chunk_id(doc.doc_id, index),
                     "doc_id": doc.doc_id,
                     "chunk_index": index,
                     "course": doc.course,
                     "section": doc.section,
                     "question": doc.question,
                     "text": window,
-                    "content": content,
                     "content_hash": stable_hash(content),
                 }
             )

@@ -8,29 +8,37 @@ embedding needs no second pass through the pipeline.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
+import multiprocessing
+import multiprocessing.pool
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import spacy
 import Stemmer
-from spacy.attrs import IS_PUNCT, IS_SPACE, IS_STOP, LEMMA, LOWER, ORTH
+from spacy.attrs import ORTH
 from spacy.language import Language
+from spacy.lookups import Table, load_lookups
 from spacy.tokens import Doc
+from spacy.vectors import Vectors
 
 from rag_assets.common.progress import Progress
 from rag_assets.ingest.sources import stable_hash
 
 MODEL_NAME = "en_core_web_md"
 VECTOR_DIM = 300
-# The rule lemmatizer needs POS tags (tagger + attribute_ruler, fed by tok2vec); nothing else.
-UNUSED_COMPONENTS = ("parser", "ner", "senter")
+# Only the tokenizer (with its stop words) and the static vectors of the model are used; lemmas
+# come from spaCy's lookup lemmatizer table (spacy-lookups-data). The rule lemmatizer's POS tags
+# (tok2vec, tagger, attribute_ruler) cost 85 % of a build and buy no retrieval quality (README).
+UNUSED_COMPONENTS = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter")
+LEMMA_TABLE = "lemma_lookup"
 # Bump when the term or vector rules below change, so caches and the UI see new output.
-ANALYSIS_VERSION = "3"
+ANALYSIS_VERSION = "4"
 _STEMMER = Stemmer.Stemmer("english")
 # Runs of letters and digits: what FTS5's unicode61 and the Elasticsearch pattern tokenizer keep.
 _WORD_RUN = re.compile(r"[^\W_]+")
@@ -49,7 +57,14 @@ def model_location(model: str = MODEL_NAME) -> str:
 
 @functools.cache
 def load_pipeline(model: str = MODEL_NAME) -> Language:
+    """The model's tokenizer, vocabulary and vectors; no pipeline component runs."""
     return spacy.load(model_location(model), exclude=list(UNUSED_COMPONENTS))
+
+
+@functools.cache
+def lemma_table(lang: str = "en") -> Table:
+    """spaCy's lookup-lemmatizer table: token text -> lemma (what `lemmatizer` in lookup mode uses)."""
+    return load_lookups(lang, [LEMMA_TABLE]).get_table(LEMMA_TABLE)
 
 
 def model_fingerprint(model: str = MODEL_NAME) -> str:
@@ -59,7 +74,8 @@ def model_fingerprint(model: str = MODEL_NAME) -> str:
         meta = spacy.util.get_package_version(location) or ""
     else:
         meta = json.loads((Path(location) / "meta.json").read_text()).get("version", "")
-    return stable_hash(model, str(meta), spacy.__version__, ANALYSIS_VERSION, length=12)
+    lookups = importlib.metadata.version("spacy-lookups-data")
+    return stable_hash(model, str(meta), spacy.__version__, lookups, ANALYSIS_VERSION, length=12)
 
 
 @dataclass(frozen=True)
@@ -92,28 +108,32 @@ def _word_stems(token: str) -> tuple[str, ...]:
     return tuple(_STEMMER.stemWords(_WORD_RUN.findall(token)))
 
 
-_TERM_ATTRS = [IS_STOP, IS_PUNCT, IS_SPACE, LEMMA, LOWER, ORTH]
-# One str object per distinct word, shared by every text that uses it (memory at 100k chunks).
-_WORDS: dict[int, str] = {}
+# orth id -> (lemma terms, surface form) of a content word, or None for a stop word, punctuation
+# or space. Everything about a token here depends on its text alone (the lexeme's flags and the
+# lookup lemma), so each distinct token is analysed once, and a text costs its tokenization.
+_CONTENT: dict[int, tuple[tuple[str, ...], str] | None] = {}
+
+
+def _content_word(doc: Doc, orth: int) -> tuple[tuple[str, ...], str] | None:
+    lexeme = doc.vocab[orth]
+    if lexeme.is_stop or lexeme.is_punct or lexeme.is_space:
+        return None
+    text = lexeme.orth_
+    lemma = lemma_table(doc.lang_).get(orth, text)  # exactly spaCy's lookup_lemmatize
+    return token_terms(lemma, lexeme.lower_), text
 
 
 def doc_terms(doc: Doc) -> TextTerms:
-    """Read the token attributes as one array: the hot loop of every cold build."""
-    if not len(doc):
-        return TextTerms((), ())
-    rows = doc.to_array(_TERM_ATTRS)
-    kept = rows[(rows[:, 0] == 0) & (rows[:, 1] == 0) & (rows[:, 2] == 0)]
-    strings = doc.vocab.strings
-
-    def word(key: int) -> str:
-        if (text := _WORDS.get(key)) is None:
-            text = _WORDS[key] = strings[key]
-        return text
-
-    lemmas = tuple(
-        term for lemma, lower in kept[:, 3:5].tolist() for term in token_terms(word(lemma), word(lower))
-    )
-    return TextTerms(lemmas=lemmas, words=tuple(word(orth) for orth in kept[:, 5].tolist()))
+    """The hot loop of every cold build: one dict lookup per token."""
+    lemmas: list[str] = []
+    words: list[str] = []
+    for orth in doc.to_array(ORTH).tolist():
+        if (found := _CONTENT.get(orth, False)) is False:
+            found = _CONTENT[orth] = _content_word(doc, orth)
+        if found is not None:
+            lemmas.extend(found[0])
+            words.append(found[1])
+    return TextTerms(lemmas=tuple(lemmas), words=tuple(words))
 
 
 def default_processes() -> int:
@@ -128,40 +148,121 @@ class NlpSettings:
     min_texts_per_process: int = 1500
 
 
+class TextAnalyser:
+    """Texts -> their terms, each distinct text once.
+
+    On enough texts, forked workers tokenize batches and send back only the terms (far less to
+    pickle than the Docs `nlp.pipe(n_process=...)` ships). The workers live as long as the
+    analyser, so their tokenizer caches and token memo stay warm from one block to the next.
+    """
+
+    def __init__(
+        self, nlp: Language, settings: NlpSettings = NlpSettings(), log: Callable[[str], None] | None = None
+    ) -> None:
+        self.nlp = nlp
+        self.settings = settings
+        self._log = log
+        self._pool: multiprocessing.pool.Pool | None = None
+
+    def __enter__(self) -> TextAnalyser:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def analyse(self, texts: Sequence[str]) -> list[TextTerms]:
+        unique = list(dict.fromkeys(texts))
+        size = self.settings.batch_size
+        batches = [unique[i : i + size] for i in range(0, len(unique), size)]
+        progress = Progress("lemmatize", len(unique), self._log)
+        analysed: dict[str, TextTerms] = {}
+        for batch, terms in zip(batches, self._map(batches, len(unique)), strict=True):
+            analysed.update(zip(batch, terms, strict=True))
+            progress.update(len(batch))
+        progress.close()
+        return [analysed[text] for text in texts]
+
+    def _map(self, batches: list[list[str]], texts: int) -> Iterable[list[TextTerms]]:
+        workers = min(self.settings.processes, texts // self.settings.min_texts_per_process)
+        if workers < 2 and self._pool is None:
+            return (_analyse_batch(batch, self.nlp) for batch in batches)
+        if self._pool is None:
+            global _FORKED_NLP
+            _FORKED_NLP = self.nlp  # inherited by the workers at fork
+            self._pool = multiprocessing.get_context("fork").Pool(self.settings.processes)
+            _FORKED_NLP = None
+        return self._pool.imap(_analyse_batch, batches)
+
+
 def analyse_texts(
     nlp: Language,
     texts: Sequence[str],
     settings: NlpSettings = NlpSettings(),
     log: Callable[[str], None] | None = None,
 ) -> list[TextTerms]:
-    """Analyse each distinct text once (sections and questions repeat across chunks)."""
-    unique = list(dict.fromkeys(texts))
-    processes = max(1, min(settings.processes, len(unique) // settings.min_texts_per_process))
-    progress = Progress("lemmatize", len(unique), log)
-    analysed: dict[str, TextTerms] = {}
-    docs = nlp.pipe(unique, batch_size=settings.batch_size, n_process=processes)
-    for text, doc in zip(unique, docs, strict=True):
-        analysed[text] = doc_terms(doc)
-        progress.update()
-    progress.close()
-    return [analysed[text] for text in texts]
+    with TextAnalyser(nlp, settings, log) as analyser:
+        return analyser.analyse(texts)
+
+
+_FORKED_NLP: Language | None = None
+
+
+def _analyse_batch(batch: list[str], nlp: Language | None = None) -> list[TextTerms]:
+    pipeline = nlp or _FORKED_NLP
+    assert pipeline is not None, "a worker forked without the pipeline"
+    return [doc_terms(doc) for doc in pipeline.tokenizer.pipe(batch)]
+
+
+# id(vectors) -> word -> row of the static vector table (-1: no vector); each word looked up once.
+_VECTOR_ROWS: dict[int, dict[str, int]] = {}
+_EMBED_BLOCK = 512  # texts per matrix product
+
+
+def _vector_rows(vectors: Vectors, words: list[str]) -> np.ndarray:
+    memo = _VECTOR_ROWS.setdefault(id(vectors), {})
+    rows = [memo.get(word) for word in words]
+    for position, row in enumerate(rows):
+        if row is None:
+            word = words[position]
+            row = int(vectors.find(key=word))
+            if row < 0 and word.lower() != word:
+                row = int(vectors.find(key=word.lower()))
+            rows[position] = memo[word] = row
+    return np.array(rows, dtype=np.int64)
+
+
+def embed_texts(nlp: Language, word_lists: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per text, the L2-normalised mean of its words' static vectors (zero when none has one).
+
+    Per block, a word-count matrix over the block's distinct vectors times those vectors: one
+    BLAS product instead of a lookup and a mean per text.
+    """
+    vectors = nlp.vocab.vectors
+    matrix = np.zeros((len(word_lists), VECTOR_DIM), dtype=np.float32)
+    for start in range(0, len(word_lists), _EMBED_BLOCK):
+        block = word_lists[start : start + _EMBED_BLOCK]
+        rows = _vector_rows(vectors, [word for words in block for word in words])
+        text_of = np.repeat(np.arange(len(block)), [len(words) for words in block])
+        found = rows >= 0
+        if not found.any():
+            continue
+        distinct, column = np.unique(rows[found], return_inverse=True)
+        counts = np.bincount(
+            text_of[found] * len(distinct) + column, minlength=len(block) * len(distinct)
+        ).reshape(len(block), len(distinct))
+        # In float64, so a text's vector does not depend on which block it was computed in.
+        sums = counts.astype(np.float64) @ np.asarray(vectors.data[distinct], dtype=np.float64)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)  # the mean's direction is the sum's
+        matrix[start : start + len(block)] = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+    return matrix
 
 
 def embed_words(nlp: Language, words: Sequence[str]) -> np.ndarray:
-    """L2-normalised mean of the words' static vectors (zero when none has a vector)."""
-    vectors = nlp.vocab.vectors
-    if not words:
-        return np.zeros(VECTOR_DIM, dtype=np.float32)
-    rows = vectors.find(keys=list(words))
-    missing = rows < 0
-    if missing.any():
-        rows[missing] = vectors.find(keys=[w.lower() for w, m in zip(words, missing, strict=True) if m])
-    rows = rows[rows >= 0]
-    if rows.size == 0:
-        return np.zeros(VECTOR_DIM, dtype=np.float32)
-    mean = np.asarray(vectors.data[rows], dtype=np.float32).mean(axis=0)
-    norm = float(np.linalg.norm(mean))
-    return (mean / norm).astype(np.float32) if norm > 0 else np.zeros(VECTOR_DIM, dtype=np.float32)
+    """One text's vector (see `embed_texts`)."""
+    return embed_texts(nlp, [words])[0]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from spacy.language import Language
 
-from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings, analyse_texts, embed_words
+from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings, TextAnalyser, embed_texts
 
 # The chunk fields searched lexically, each kept as its own lemma field.
 LEMMA_FIELDS = ("question", "text", "section")
@@ -22,10 +22,15 @@ def lemmatize_chunks(
     settings: NlpSettings = NlpSettings(),
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
+    with TextAnalyser(nlp, settings, log) as analyser:
+        return chunk_terms(analyser, chunks)
+
+
+def chunk_terms(analyser: TextAnalyser, chunks: pd.DataFrame) -> pd.DataFrame:
     """Space-joined lemmas per field, plus the question's and answer's content words for the vector."""
     n = len(chunks)
     texts = [str(v) for field in LEMMA_FIELDS for v in chunks[field]]
-    terms = analyse_texts(nlp, texts, settings, log)
+    terms = analyser.analyse(texts)
     per_field = {field: terms[i * n : (i + 1) * n] for i, field in enumerate(LEMMA_FIELDS)}
     frame = pd.DataFrame(
         {
@@ -56,7 +61,5 @@ class ChunkVectors:
 
 
 def embed_chunks(nlp: Language, lemmas: pd.DataFrame) -> ChunkVectors:
-    matrix = np.zeros((len(lemmas), VECTOR_DIM), dtype=np.float32)
-    for row, words in enumerate(lemmas["vector_words"]):
-        matrix[row] = embed_words(nlp, words.split())
+    matrix = embed_texts(nlp, [words.split() for words in lemmas["vector_words"]])
     return ChunkVectors(chunk_ids=list(lemmas["chunk_id"]), matrix=matrix)
