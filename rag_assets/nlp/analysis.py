@@ -145,7 +145,7 @@ class NlpSettings:
     batch_size: int = 256
     processes: int = 1
     # Below this many texts a worker pool costs more than it saves.
-    min_texts_per_process: int = 1500
+    min_texts_per_process: int = 500
 
 
 class TextAnalyser:
