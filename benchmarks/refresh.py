@@ -301,7 +301,9 @@ def summarise(scenarios: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="benchmarks/refresh.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="benchmarks/refresh.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--new", default="../shared/data/documents-2025.json")
     parser.add_argument("--old", default="../shared/data/documents-2024-06.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -186,24 +186,25 @@ class RetrievalGate:
 
     def __init__(
         self,
-        nlp: Language,
+        nlp: Language | Callable[[], Language],
         probes: list[GroundTruth],
         ground_truth: list[GroundTruth],
         eval_k: int = 5,
         max_drop: float = 0.02,
     ) -> None:
-        self.nlp = nlp
+        self._nlp = nlp  # or how to load it: a publish that changes nothing never needs the model
         self.question_sets = {"smoke": (probes, 3), "ground_truth": (ground_truth, eval_k)}
         self.max_drop = max_drop
 
     def __call__(self, candidate: SearchBackend, live: SearchBackend | None) -> GateVerdict:
+        nlp = self._nlp if isinstance(self._nlp, Language) else self._nlp()
         figures: dict[str, float] = {}
         problems: list[str] = []
         for name, (questions, k) in self.question_sets.items():
             if not questions:
                 continue
-            new = evaluate(Retriever(candidate, self.nlp), questions, k=k)
-            old = None if live is None else evaluate(Retriever(live, self.nlp), questions, k=k)
+            new = evaluate(Retriever(candidate, nlp), questions, k=k)
+            old = None if live is None else evaluate(Retriever(live, nlp), questions, k=k)
             for metric in ("hit_rate", "mrr"):
                 figures[f"gate_{name}_{metric}_new"] = getattr(new, metric)
                 if old is None:

@@ -202,7 +202,7 @@ def es_index(
     started = time.perf_counter()
     backend = search_index.backend(context.log.warning)
     content = IndexContent.assemble(chunks, lemmas, embeddings, nlp.fingerprint())
-    gate = quality_settings.gate(nlp.pipeline(), chunks)
+    gate = quality_settings.gate(nlp.pipeline, chunks)  # loads the model only if it must judge
     try:
         report = backend.publish(content, gate)
     except PublishError as exc:

@@ -171,7 +171,7 @@ class QualityResource(dg.ConfigurableResource):
     )
     gate_probes: int = Field(default=50, description="Publish gate: entries asked their own question")
 
-    def gate(self, nlp: Language, chunks: pd.DataFrame) -> RetrievalGate:
+    def gate(self, nlp: Callable[[], Language], chunks: pd.DataFrame) -> RetrievalGate:
         """The publish gate for a new version made of `chunks`."""
         return RetrievalGate(
             nlp,
