@@ -120,11 +120,13 @@ def check_vectors(vectors: ChunkVectors, chunk_ids: list[str], max_zero_share: f
     )
 
 
-def check_entry_drop(current: int, served: int | None, max_drop: float) -> Verdict:
+def check_entry_drop(
+    current: int, served: int | None, max_drop: float, why_none: str = "none published yet"
+) -> Verdict:
     """Refuse a source that lost more than `max_drop` of the entries the served index has."""
     metadata: dict[str, float | int | str] = {"entries": current, "max_drop": max_drop}
     if served is None:
-        metadata["served_entries"] = "none published yet"
+        metadata["served_entries"] = why_none
         return Verdict([], metadata)
     drop = (served - current) / served if served else 0.0
     metadata.update(served_entries=served, drop=round(drop, 4))

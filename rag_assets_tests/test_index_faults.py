@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 from spacy.language import Language
@@ -21,8 +22,9 @@ from rag_assets.index.embedded import INDEX_FILENAME, EmbeddedIndex
 from rag_assets.nlp.cache import CACHE_FILENAME, NlpCache, cached_lemmas
 from rag_assets.retrieval import Retriever
 
-from .conftest import index_content
+from .conftest import entry, index_content, write_json
 from .test_cli import rag
+from .test_definitions import materialize
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,24 @@ def test_a_damaged_index_is_reported_in_one_line_and_rebuilt_by_the_next_publish
     assert EmbeddedIndex(tmp_path).stats().chunks == len(small.rows)
     assert len(list(tmp_path.glob(f"{INDEX_FILENAME}.corrupt-*"))) == 1
     assert EmbeddedIndex(tmp_path).publish(small).warnings == ()  # healed: nothing set aside again
+
+
+def test_the_next_refresh_heals_a_damaged_index(tmp_path: Path) -> None:
+    """Through the real job: the guard cannot read the damaged index, so it has nothing to compare
+    with, and the publish sets the file aside and builds a complete index."""
+    source = str(
+        write_json(tmp_path / "faq.json", [entry("c", f"Question {n}?", "Answer.") for n in range(40)])
+    )
+    first = materialize(source, tmp_path / "data", dg.DagsterInstance.ephemeral())
+    assert first.success
+    damage(tmp_path / "data" / INDEX_FILENAME, "random bytes")
+    second = materialize(source, tmp_path / "data", dg.DagsterInstance.ephemeral())
+    assert second.success
+    guard = {e.check_name: e for e in second.get_asset_check_evaluations()}["raw_documents_count_guard"]
+    assert guard.passed and guard.metadata["served_entries"].value == "unreadable (damaged)"
+    published = second.asset_materializations_for_node("es_index")[0].metadata
+    assert "set aside as index.sqlite.corrupt-" in published["warnings"].value
+    assert EmbeddedIndex(tmp_path / "data").stats().entries == 40
 
 
 def test_a_cache_with_damaged_pages_is_set_aside_once(

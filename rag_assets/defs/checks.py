@@ -15,7 +15,7 @@ from rag_assets.defs.resources import (
     environment_resources,
 )
 from rag_assets.evaluation import read_ground_truth
-from rag_assets.index.backend import IndexNotFoundError
+from rag_assets.index.backend import IndexDamagedError, IndexNotFoundError
 from rag_assets.nlp.features import ChunkVectors
 from rag_assets.retrieval import Retriever
 
@@ -59,15 +59,19 @@ def raw_documents_count_guard(
     """The source did not lose more than the allowed share of the entries being served.
 
     Compared with what the backend serves, not with run history, so a new or lost Dagster
-    instance cannot let a shrunk source through.
+    instance cannot let a shrunk source through. A damaged index serves nothing either: the
+    publish sets it aside and rebuilds it, so it must not block the run that heals it.
     """
+    served: int | None = None
+    why_none = "none published yet"
     try:
-        served: int | None = search_index.backend().stats().entries
+        served = search_index.backend().stats().entries
+    except IndexDamagedError:
+        why_none = "unreadable (damaged)"
     except IndexNotFoundError:
-        served = None
-    return result(
-        context, quality.check_entry_drop(len(raw_documents), served, quality_settings.max_entry_drop)
-    )
+        pass
+    verdict = quality.check_entry_drop(len(raw_documents), served, quality_settings.max_entry_drop, why_none)
+    return result(context, verdict)
 
 
 @dg.asset_check(asset=assets.chunks, blocking=True)
