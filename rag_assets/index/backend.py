@@ -27,6 +27,11 @@ class IndexDamagedError(RagError):
     """The served index cannot be read; the next publish replaces it."""
 
 
+class IndexUnreadableError(RagError):
+    """The index exists but could not be read now (permissions, I/O): not the same as no index,
+    which would let the shrink guard pass anything."""
+
+
 class UnknownCourseError(RagError):
     pass
 

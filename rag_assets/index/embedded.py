@@ -27,6 +27,7 @@ from rag_assets.index.backend import (
     IndexDamagedError,
     IndexNotFoundError,
     IndexStats,
+    IndexUnreadableError,
     PublishError,
     PublishGate,
     PublishRefusedError,
@@ -237,7 +238,7 @@ class EmbeddedIndex:
         """The version being served (the last commit), or None when nothing was published."""
         live = EmbeddedIndex(self.path.parent)
         try:
-            live.stats()
+            live._db()  # opening checks that something was published; no need to count it
         except IndexNotFoundError:
             return None
         return live
@@ -295,7 +296,7 @@ class EmbeddedIndex:
                 f"the index at {self.path} is damaged ({exc}); "
                 "the next refresh (make run) sets it aside and rebuilds it"
             )
-        return IndexNotFoundError(f"cannot read the index: {sqlite.describe(exc, self.path)}")
+        return IndexUnreadableError(f"cannot read the index: {sqlite.describe(exc, self.path)}")
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -322,13 +323,21 @@ class EmbeddedIndex:
             except sqlite3.Error:
                 self.close()  # a connection stuck in a transaction is not reused
 
-    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> Iterator[tuple]:
+        """Rows as they are read; a damaged file surfaces as IndexDamagedError."""
         try:
-            return self._db().execute(sql, params).fetchall()
+            yield from self._db().execute(sql, params)
         except sqlite3.DatabaseError as exc:
             if sqlite.is_damaged(exc):
                 raise self._read_error(exc) from exc
             raise
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        return list(self._rows(sql, params))
+
+    def _meta_value(self, key: str) -> str | None:
+        found = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return found[0][0] if found else None
 
     def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[str]:
         query = fts_query(lemmas)
@@ -357,22 +366,19 @@ class EmbeddedIndex:
     def _vector_table(self) -> tuple[list[str], dict[str, slice], np.ndarray]:
         """All vectors in one float32 matrix, rows grouped by course so that a course is a slice;
         reloaded only when a publish changed the index."""
-        found = self._query("SELECT value FROM meta WHERE key = 'generation'")
-        generation = found[0][0] if found else "0"
+        generation = self._meta_value("generation") or "0"
         if self._vectors is None or self._vectors[0] != generation:
             ((count,),) = self._query("SELECT COUNT(*) FROM chunks")
             matrix = np.empty((count, VECTOR_DIM), dtype=np.float32)
             ids: list[str] = []
             spans: dict[str, slice] = {}
-            try:  # row by row into one matrix: no second copy of every blob
-                cursor = self._db().execute("SELECT chunk_id, course, vector FROM chunks ORDER BY course, id")
-                for row, (chunk_id, course, blob) in enumerate(cursor):
-                    ids.append(chunk_id)
-                    matrix[row] = np.frombuffer(blob, dtype=np.float32)
-                    start = spans[course].start if course in spans else row
-                    spans[course] = slice(start, row + 1)
-            except sqlite3.DatabaseError as exc:
-                raise self._read_error(exc) from exc
+            # Row by row into one matrix: no second copy of every blob.
+            rows = self._rows("SELECT chunk_id, course, vector FROM chunks ORDER BY course, id")
+            for row, (chunk_id, course, blob) in enumerate(rows):
+                ids.append(chunk_id)
+                matrix[row] = np.frombuffer(blob, dtype=np.float32)
+                start = spans[course].start if course in spans else row
+                spans[course] = slice(start, row + 1)
             self._vectors = (generation, ids, spans, matrix)
         return self._vectors[1], self._vectors[2], self._vectors[3]
 
@@ -408,8 +414,7 @@ class EmbeddedIndex:
         return dict(self._query("SELECT chunk_id, content_hash FROM chunks"))
 
     def analysis_fingerprint(self) -> str | None:
-        found = self._query("SELECT value FROM meta WHERE key = 'analysis_fingerprint'")
-        return found[0][0] if found else None
+        return self._meta_value("analysis_fingerprint")
 
     def close(self) -> None:
         if self._reader is not None and not self._snapshot_depth:
