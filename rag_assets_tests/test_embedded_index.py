@@ -17,7 +17,7 @@ from spacy.language import Language
 
 from rag_assets.index import embedded
 from rag_assets.index.backend import IndexContent, IndexNotFoundError, PublishRefusedError
-from rag_assets.index.embedded import EmbeddedIndex, fts_query
+from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.nlp.analysis import analyse_query
 from rag_assets.quality import RetrievalGate, smoke_probes
 
@@ -108,15 +108,15 @@ def test_a_publish_that_fails_halfway_leaves_the_old_index(
     rows = content_2025.rows.copy()
     rows["row_hash"] = "new-analysis"  # every row must be rewritten
     calls = {"n": 0}
-    row_values = EmbeddedIndex._row_values
+    write_list = EmbeddedIndex._write_vector_list
 
-    def failing_row(values: tuple, vector: np.ndarray) -> tuple:
+    def failing_list(*args: object) -> None:  # rows and postings are written by then
         calls["n"] += 1
-        if calls["n"] == 300:
+        if calls["n"] == 1:
             raise RuntimeError("disk on fire")
-        return row_values(values, vector)
+        write_list(*args)
 
-    monkeypatch.setattr(EmbeddedIndex, "_row_values", staticmethod(failing_row))
+    monkeypatch.setattr(EmbeddedIndex, "_write_vector_list", staticmethod(failing_list))
     with pytest.raises(RuntimeError, match="disk on fire"):
         index.publish(
             replace(
@@ -139,15 +139,9 @@ def test_a_killed_publish_leaves_the_old_index(
         f"""
         import os, pickle, signal
         from rag_assets.index.embedded import EmbeddedIndex
-        row_values = EmbeddedIndex._row_values
-        count = 0
-        def killing_row(values, vector):
-            global count
-            count += 1
-            if count == 400:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return row_values(values, vector)
-        EmbeddedIndex._row_values = staticmethod(killing_row)
+        def killing_list(*args):  # rows and postings are written by then
+            os.kill(os.getpid(), signal.SIGKILL)
+        EmbeddedIndex._write_vector_list = staticmethod(killing_list)
         EmbeddedIndex({str(tmp_path)!r}).publish(pickle.loads(open({str(payload)!r}, "rb").read()))
         """
     )
@@ -170,11 +164,6 @@ def test_a_failed_first_publish_leaves_no_index(tmp_path: Path, content_2025: In
         EmbeddedIndex(tmp_path).publish(broken)
     with pytest.raises(IndexNotFoundError):
         EmbeddedIndex(tmp_path).stats()
-
-
-def test_fts_query_quotes_terms_and_skips_symbols() -> None:
-    assert fts_query(["docker", 'say"hi', "+", "docker", "c++"]) == '"docker" OR "say""hi" OR "c++"'
-    assert fts_query(["--"]) == ""
 
 
 def test_small_corpus_from_scratch(tmp_path: Path, nlp: Language) -> None:

@@ -9,6 +9,7 @@ from spacy.language import Language
 from spacy.lookups import load_lookups
 
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.nlp import analysis
 from rag_assets.nlp.analysis import (
     LEMMA_TABLE,
     UNUSED_COMPONENTS,
@@ -17,7 +18,9 @@ from rag_assets.nlp.analysis import (
     analyse_texts,
     embed_words,
     lemma_table,
+    load_pipeline,
     model_fingerprint,
+    model_location,
     token_terms,
 )
 from rag_assets.nlp.features import LEMMA_COLUMNS, embed_chunks, lemmatize_chunks
@@ -28,6 +31,20 @@ def test_pipeline_is_the_real_model_tokenizer_and_vectors_only(nlp: Language) ->
     assert nlp.vocab.vectors.shape == (20000, VECTOR_DIM)
     assert nlp.pipe_names == []  # no tok2vec, tagger or rule lemmatizer: they cost 85 % of a build
     assert {"tok2vec", "tagger", "attribute_ruler", "lemmatizer"} <= set(UNUSED_COMPONENTS)
+
+
+def test_the_trimmed_vocabulary_changes_no_output(documents_2025: pd.DataFrame) -> None:
+    """The full vocabulary (strings, lookups, every lexeme attribute) analyses every chunk the
+    same way as the trimmed one `load_pipeline` gives."""
+    nlp = load_pipeline.__wrapped__()  # a fresh one, not the session's
+    full = spacy.load(model_location(), exclude=list(UNUSED_COMPONENTS))
+    assert len(full.vocab.strings) > 100 * len(nlp.vocab.strings)  # it really was left out
+    assert len(full.vocab.lex_attr_getters) > 3 * len(nlp.vocab.lex_attr_getters)
+    analysis._CONTENT.clear()  # the token memo is per vocabulary, but start both afresh
+    chunks = make_chunks(documents_2025, ChunkingConfig())
+    lemmas = lemmatize_chunks(nlp, chunks)
+    pd.testing.assert_frame_equal(lemmatize_chunks(full, chunks), lemmas)
+    assert np.array_equal(embed_chunks(full, lemmas).matrix, embed_chunks(nlp, lemmas).matrix)
 
 
 def test_lemmas_come_from_spacys_lookup_table(nlp: Language) -> None:

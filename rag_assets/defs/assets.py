@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from rag_assets.common.progress import peak_rss_mb
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -24,7 +25,7 @@ from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import SourceError
 from rag_assets.nlp.analysis import VECTOR_DIM, model_fingerprint
 from rag_assets.nlp.cache import cached_lemmas, cached_vectors
-from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors
+from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors, token_counts
 from rag_assets.settings import freshness_hours
 
 GROUP = "faq_index"
@@ -82,6 +83,7 @@ def raw_documents(
             "source_files": len(loaded.locations),
             "source": loaded.locations[0],
             "duration_s": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": peak_rss_mb(),
             "preview": preview(frame, ["doc_id", "course", "section", "question", "answer"]),
         },
     )
@@ -113,6 +115,7 @@ def chunks(
             "max_text_chars": int(sizes.max()),
             "mean_text_chars": round(float(sizes.mean()), 1),
             "duration_s": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": peak_rss_mb(),
             "preview": preview(frame, ["chunk_id", "course", "question", "text"]),
         },
     )
@@ -135,7 +138,7 @@ def lemmas(
     pruned = cache.prune()
     duration = time.perf_counter() - started
     context.log.info(f"lemmas: {reuse.computed} chunks analysed, {reuse.reused} from the cache")
-    terms = sum(frame[f"{f}_lemmas"].str.split().str.len().sum() for f in LEMMA_FIELDS)
+    terms = sum(int(token_counts(frame[f"{f}_lemmas"]).sum()) for f in LEMMA_FIELDS)
     return dg.MaterializeResult(
         value=frame,
         metadata={
@@ -146,6 +149,7 @@ def lemmas(
             "terms": int(terms),
             "model_fingerprint": nlp.fingerprint(),
             "duration_s": round(duration, 3),
+            "peak_rss_mb": peak_rss_mb(),
             "computed_per_s": round(reuse.computed / max(duration, 1e-9), 1),
             "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
         },
@@ -181,6 +185,7 @@ def embeddings(
             "dimensions": VECTOR_DIM,
             "zero_vectors": zero,
             "duration_s": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": peak_rss_mb(),
             "preview": preview(shown, list(shown.columns)),
         },
     )
@@ -200,7 +205,7 @@ def es_index(
     """The served search index: exactly the current chunks, published all at once, and only if
     the new version answers the probe questions (and the ground truth) no worse than the live one."""
     started = time.perf_counter()
-    backend = search_index.backend(context.log.warning)
+    backend = search_index.backend(context.log.info)  # progress of long publishes
     content = IndexContent.assemble(chunks, lemmas, embeddings, nlp.fingerprint())
     gate = quality_settings.gate(nlp.pipeline, chunks)  # loads the model only if it must judge
     try:
@@ -233,6 +238,7 @@ def es_index(
             "previous_index": report.previous or "",
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in report.warnings) or "none"),
             "duration_s": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": peak_rss_mb(),
         },
     )
 

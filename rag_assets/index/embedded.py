@@ -1,26 +1,36 @@
-"""The embedded search backend: one SQLite file with FTS5 for BM25 and float32 vector blobs.
+"""The embedded search backend: one SQLite file holding the chunks, BM25F postings and vector lists.
 
 A publish is a single SQLite transaction (WAL journal), so readers keep seeing the previous index
 until it commits, and a failed or killed publish leaves that index untouched. Only rows whose
-`row_hash` changed are written; rows no longer in the source are deleted in the same transaction.
+`row_hash` changed are written, and only the postings of their terms and the vector lists they
+belong to; rows no longer in the source are deleted in the same transaction. A publish that
+rewrites most rows (a first build, a new analysis) builds everything afresh instead.
+
 A search reads one snapshot (one read transaction), so a publish committing in the middle of a
-query cannot take away a chunk it ranked. A damaged file is set aside by the next publish, which
-then builds a complete index.
+query cannot take away a chunk it ranked. It reads only the postings of its own terms and the
+vector lists nearest to its vector (`lexical`, `vector_lists`), plus two small per-row arrays
+loaded once per published version: its cost does not grow with the corpus the way a scan does.
+A damaged file is set aside by the next publish, which then builds a complete index.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from rag_assets.common import sqlite
+from rag_assets.common.progress import Progress
 from rag_assets.common.sqlite import immediate_transaction
+from rag_assets.index import vector_lists
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
     IndexContent,
@@ -34,18 +44,26 @@ from rag_assets.index.backend import (
     PublishReport,
     StoredChunk,
 )
+from rag_assets.index.lexical import (
+    Postings,
+    RowTable,
+    bm25_top,
+    index_terms,
+    merge_postings,
+    row_lengths,
+    searchable,
+    top_rows,
+)
 from rag_assets.index.ranking import FIELD_WEIGHTS
 from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.nlp.analysis import VECTOR_DIM
 
 INDEX_FILENAME = "index.sqlite"
 _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text")
-# Display fields, ids and hashes, and the lemma fields the full-text index reads.
+# Display fields, ids and hashes, and the lemma fields (a changed row's old terms leave the postings).
 _STORED_COLUMNS = (*CHUNK_COLUMNS, "row_hash", *LEMMA_FIELD_COLUMNS)
-_LEMMAS = ", ".join(LEMMA_FIELD_COLUMNS)
-# 2: the full-text index is an external-content FTS5 table over `chunks`, so a publish that
-# rewrites most rows rebuilds it in one pass instead of deleting and inserting row by row.
-SCHEMA_VERSION = "2"
+# 3: BM25F postings and vector lists instead of an FTS5 table and a vector per row.
+SCHEMA_VERSION = "3"
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
@@ -58,23 +76,116 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     row_hash TEXT NOT NULL,
-    {", ".join(f"{c} TEXT NOT NULL" for c in LEMMA_FIELD_COLUMNS)},
-    vector BLOB NOT NULL
+    {", ".join(f"{c} TEXT NOT NULL" for c in LEMMA_FIELD_COLUMNS)}
 );
 CREATE INDEX IF NOT EXISTS chunks_course ON chunks (course);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunk_lemmas USING fts5 (
-    {_LEMMAS}, content = 'chunks', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 0'
+CREATE TABLE IF NOT EXISTS postings (
+    term TEXT PRIMARY KEY, rowids BLOB NOT NULL, weights BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS vector_lists (
+    list INTEGER PRIMARY KEY, rowids BLOB NOT NULL, vectors BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS row_arrays (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# Most rows rewritten (a new analysis, a first build): rebuild the full-text index in one pass.
+_TABLES = ("chunks", "postings", "vector_lists", "row_arrays")
+_OLD_TABLES = ("chunk_lemmas",)  # of earlier layouts
+# Most rows rewritten (a new analysis, a first build): build everything afresh.
 _REBUILD_SHARE = 0.5
+_BLOCK_ROWS = 50_000  # rows per block when indexing terms: bounds the memory of the token list
+_IN_BATCH = 500  # ids per IN (...) list, below SQLite's variable limit
+_READ_MMAP_BYTES = 1 << 30  # readers map the file: blobs are read without a copy per page
+_LIST_CACHE_BYTES = 64 << 20  # vector lists a reader keeps in memory (about 55 lists of 1000)
 
 
-def fts_query(lemmas: Sequence[str]) -> str:
-    """An OR of quoted terms: any shared lemma counts, BM25 sorts out how much."""
-    terms = dict.fromkeys(t for t in lemmas if any(ch.isalnum() for ch in t))
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+def _lemma_fields(frame: pd.DataFrame) -> list[tuple[float, Sequence[str]]]:
+    return [(FIELD_WEIGHTS[c.removesuffix("_lemmas")], list(frame[c])) for c in LEMMA_FIELD_COLUMNS]
+
+
+@dataclass
+class RowArrays:
+    """Per row id: its length in tokens, its course (a code) and its vector list; with the course
+    names and the list centroids. Loaded once per published version by readers."""
+
+    lengths: np.ndarray
+    courses: np.ndarray
+    lists: np.ndarray
+    course_names: list[str]
+    centroids: np.ndarray
+
+    @classmethod
+    def empty(cls, centroids: np.ndarray) -> RowArrays:
+        none = np.full(1, -1, dtype=np.int32)  # row ids start at 1
+        return cls(np.zeros(1, dtype=np.int32), none, none.copy(), [], centroids)
+
+    def grow(self, size: int) -> None:
+        extra = size - len(self.lengths)
+        if extra > 0:
+            self.lengths = np.concatenate([self.lengths, np.zeros(extra, dtype=np.int32)])
+            self.courses = np.concatenate([self.courses, np.full(extra, -1, dtype=np.int32)])
+            self.lists = np.concatenate([self.lists, np.full(extra, -1, dtype=np.int32)])
+
+    def course_codes(self, courses: Sequence[str]) -> np.ndarray:
+        """Codes of these courses, adding the new ones to `course_names`."""
+        codes = {name: code for code, name in enumerate(self.course_names)}
+        for name in dict.fromkeys(courses):
+            if name not in codes:
+                codes[name] = len(self.course_names)
+                self.course_names.append(name)
+        return np.array([codes[c] for c in courses], dtype=np.int32)
+
+    def table(self) -> RowTable:
+        return RowTable(self.lengths, self.courses, tuple(self.course_names))
+
+    def save(self, db: sqlite3.Connection) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO row_arrays (name, data) VALUES (?, ?)",
+            [
+                ("lengths", self.lengths.astype(np.int32).tobytes()),
+                ("courses", self.courses.astype(np.int32).tobytes()),
+                ("lists", self.lists.astype(np.int32).tobytes()),
+                ("centroids", self.centroids.astype(np.float32).tobytes()),
+                ("course_names", json.dumps(self.course_names).encode()),
+            ],
+        )
+
+    @classmethod
+    def load(cls, rows: Callable[[str], list[tuple]]) -> RowArrays | None:
+        data = dict(rows("SELECT name, data FROM row_arrays"))
+        if "lengths" not in data:
+            return None
+        return cls(
+            lengths=np.frombuffer(data["lengths"], dtype=np.int32).copy(),
+            courses=np.frombuffer(data["courses"], dtype=np.int32).copy(),
+            lists=np.frombuffer(data["lists"], dtype=np.int32).copy(),
+            course_names=json.loads(data["course_names"]),
+            centroids=np.frombuffer(data["centroids"], dtype=np.float32).reshape(-1, VECTOR_DIM).copy(),
+        )
+
+
+@dataclass
+class _Served:
+    """What a reader keeps of one published version: the per-row arrays, and the vector lists it
+    read last (up to `_LIST_CACHE_BYTES`, so a small index is read from disk once)."""
+
+    generation: str
+    arrays: RowArrays
+    table: RowTable
+    norms: np.ndarray
+    codes: dict[str, int]
+    lists: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=OrderedDict)
+    list_bytes: int = 0
+
+    def keep_list(self, number: int, rowids: np.ndarray, vectors: np.ndarray) -> None:
+        self.lists[number] = (rowids, vectors)
+        self.list_bytes += vectors.nbytes
+        while self.list_bytes > _LIST_CACHE_BYTES and len(self.lists) > 1:
+            _, (_, dropped) = self.lists.popitem(last=False)
+            self.list_bytes -= dropped.nbytes
+
+
+def _vectors(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32).reshape(-1, VECTOR_DIM)
 
 
 def _now() -> str:
@@ -87,10 +198,10 @@ class EmbeddedIndex:
     def __init__(self, data_dir: Path | str, log: Callable[[str], None] | None = None) -> None:
         self.path = Path(data_dir).absolute() / INDEX_FILENAME
         self.location = str(self.path)
-        self._log = log
+        self._log = log  # progress of long publishes (the Dagster log)
         self._reader: sqlite3.Connection | None = None
         self._snapshot_depth = 0
-        self._vectors: tuple[str, list[str], dict[str, slice], np.ndarray] | None = None
+        self._served_version: _Served | None = None
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -99,23 +210,28 @@ class EmbeddedIndex:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return self._publish(content, gate)
+        except IndexDamagedError as exc:
+            reason = str(exc)
         except sqlite3.DatabaseError as exc:
             if not sqlite.is_damaged(exc):
                 raise PublishError(
                     f"{sqlite.describe(exc, self.path)}; the served index is unchanged"
                 ) from exc
-            aside = sqlite.set_aside(self.path)
-            warning = f"{sqlite.describe(exc, self.path)}: set aside as {aside.name}, rebuilt in full"
-            if self._log:
-                self._log(warning)
+            reason = sqlite.describe(exc, self.path)
+        aside = sqlite.set_aside(self.path)
+        warning = f"{reason}: set aside as {aside.name}, rebuilt in full"
         report = self._publish(content, gate)
         return replace(report, warnings=(*report.warnings, warning))
 
     def _publish(self, content: IndexContent, gate: PublishGate | None) -> PublishReport:
+        if content.vectors.ndim != 2 or content.vectors.shape[1] != VECTOR_DIM:
+            first = content.rows.chunk_id.iloc[0] if len(content.rows) else "-"
+            raise ValueError(f"chunk {first}: vector has {content.vectors.shape[-1]} dimensions")
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode = WAL")
             with immediate_transaction(db):
+                self._check_integrity(db)
                 self._prepare_schema(db)
                 upserted, deleted = self._write_delta(db, content)
                 meta = self._meta(db)
@@ -152,6 +268,13 @@ class EmbeddedIndex:
             gate=verdict,
         )
 
+    def _check_integrity(self, db: sqlite3.Connection) -> None:
+        """Every page of the served file is read: a refresh that confirms the index as current
+        must not leave damage in parts it did not need to rewrite."""
+        (found,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        if found != "ok":
+            raise IndexDamagedError(f"{self.path.resolve()} is damaged (SQLite quick_check: {found})")
+
     @staticmethod
     def _prepare_schema(db: sqlite3.Connection) -> None:
         """Create the tables; tables of an older layout are dropped first (inside the publish's
@@ -160,8 +283,8 @@ class EmbeddedIndex:
         if "chunks" in tables:
             found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if found is None or found[0] != SCHEMA_VERSION:
-                db.execute("DROP TABLE IF EXISTS chunk_lemmas")
-                db.execute("DROP TABLE chunks")
+                for table in (*_OLD_TABLES, *_TABLES):
+                    db.execute(f"DROP TABLE IF EXISTS {table}")
         # One statement at a time: executescript would commit the open transaction.
         for statement in _SCHEMA.split(";"):
             if statement.strip():
@@ -169,9 +292,6 @@ class EmbeddedIndex:
 
     def _write_delta(self, db: sqlite3.Connection, content: IndexContent) -> tuple[int, int]:
         """Write new and changed rows, delete the rest; returns (upserted, deleted)."""
-        if content.vectors.ndim != 2 or content.vectors.shape[1] != VECTOR_DIM:
-            first = content.rows.chunk_id.iloc[0] if len(content.rows) else "-"
-            raise ValueError(f"chunk {first}: vector has {content.vectors.shape[-1]} dimensions")
         existing = {
             chunk_id: (rowid, row_hash)
             for rowid, chunk_id, row_hash in db.execute("SELECT id, chunk_id, row_hash FROM chunks")
@@ -189,43 +309,149 @@ class EmbeddedIndex:
             fresh.append(position)
         deleted = len(existing)
         gone.extend(rowid for rowid, _ in existing.values())
-        rebuild = len(fresh) + len(gone) > _REBUILD_SHARE * max(len(content.rows), 1)
-        ids = [(rowid,) for rowid in gone]
-        if not rebuild:  # an external-content index forgets a row given its old values
-            db.executemany(
-                f"INSERT INTO chunk_lemmas (chunk_lemmas, rowid, {_LEMMAS}) "
-                f"SELECT 'delete', id, {_LEMMAS} FROM chunks WHERE id = ?",
-                ids,
-            )
-        db.executemany("DELETE FROM chunks WHERE id = ?", ids)
-        (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM chunks").fetchone()
-        new_ids = range(last_id + 1, last_id + 1 + len(fresh))
-        db.executemany(
-            f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}, vector) "
-            f"VALUES (?, {', '.join('?' * len(_STORED_COLUMNS))}, ?)",
-            (
-                (rowid, *self._row_values(values, content.vectors[position]))
-                for rowid, position, values in zip(
-                    new_ids,
-                    fresh,
-                    content.rows.iloc[fresh][list(_STORED_COLUMNS)].itertuples(index=False, name=None),
-                    strict=True,
-                )
-            ),
-        )
-        if rebuild:
-            db.execute("INSERT INTO chunk_lemmas (chunk_lemmas) VALUES ('rebuild')")
-        elif fresh:
-            db.execute(
-                f"INSERT INTO chunk_lemmas (rowid, {_LEMMAS}) SELECT id, {_LEMMAS} FROM chunks WHERE id >= ?",
-                (new_ids.start,),
+        arrays = RowArrays.load(lambda sql: db.execute(sql).fetchall())
+        rows = len(content.rows)
+        if (
+            arrays is None
+            or len(fresh) + len(gone) > _REBUILD_SHARE * max(rows, 1)
+            or vector_lists.needs_new_lists(len(arrays.centroids), rows)
+        ):
+            self._write_all(db, content)
+        elif fresh or gone:
+            self._write_changes(
+                db, content, np.array(fresh, dtype=np.int64), np.array(gone, dtype=np.int64), arrays
             )
         return len(fresh), deleted
 
+    def _write_all(self, db: sqlite3.Connection, content: IndexContent) -> None:
+        """Every row, its postings and its vector list, afresh (row ids 1..n in source order)."""
+        for table in _TABLES:
+            db.execute(f"DELETE FROM {table}")
+        rowids = np.arange(1, len(content.rows) + 1)
+        centroids = vector_lists.train_centroids(content.vectors, vector_lists.list_count(len(content.rows)))
+        arrays = RowArrays.empty(centroids)
+        self._add_rows(db, content, np.arange(len(content.rows)), rowids, arrays)
+        self._write_postings(db, merge_postings(self._term_blocks(content.rows, rowids)))
+        members = arrays.lists[rowids]
+        order = np.argsort(members, kind="stable")
+        lists, starts = np.unique(members[order], return_index=True)
+        for number, block in zip(lists, np.split(order, starts[1:]), strict=True):
+            self._write_vector_list(db, int(number), rowids[block], content.vectors[block])
+        arrays.save(db)
+
+    def _write_changes(
+        self,
+        db: sqlite3.Connection,
+        content: IndexContent,
+        fresh: np.ndarray,
+        gone: np.ndarray,
+        arrays: RowArrays,
+    ) -> None:
+        """Delete the `gone` row ids, add the `fresh` positions of `content`, and rewrite only the
+        postings of their terms and the vector lists they leave or join."""
+        old = self._stored_rows(db, gone)
+        affected = {term for part in self._term_blocks(old, gone) for term in part}
+        left_lists = set(arrays.lists[gone].tolist())
+        arrays.lengths[gone], arrays.courses[gone], arrays.lists[gone] = 0, -1, -1
+        for start in range(0, len(gone), _IN_BATCH):
+            batch = gone[start : start + _IN_BATCH].tolist()
+            db.execute(f"DELETE FROM chunks WHERE id IN ({', '.join('?' * len(batch))})", batch)
+        (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM chunks").fetchone()
+        last_id = max(last_id, len(arrays.lengths) - 1)  # never reuse an id still in a posting
+        rowids = np.arange(last_id + 1, last_id + 1 + len(fresh))
+        self._add_rows(db, content, fresh, rowids, arrays)
+        added = merge_postings(self._term_blocks(content.rows.iloc[fresh], rowids))
+        changed: dict[str, Postings] = {}
+        for term in sorted(affected | set(added)):
+            found = db.execute("SELECT rowids, weights FROM postings WHERE term = ?", (term,)).fetchone()
+            current = Postings.from_blobs(*found) if found else Postings(np.empty(0), np.empty(0))
+            changed[term] = current.replace_rows(gone, added.get(term))
+        self._write_postings(db, changed)
+        for number in sorted(left_lists | set(arrays.lists[rowids].tolist())):
+            found = db.execute(
+                "SELECT rowids, vectors FROM vector_lists WHERE list = ?", (number,)
+            ).fetchone()
+            ids = np.frombuffer(found[0], dtype=np.int32) if found else np.empty(0, dtype=np.int32)
+            vectors = _vectors(found[1]) if found else np.empty((0, VECTOR_DIM), dtype=np.float32)
+            keep = ~np.isin(ids, gone)
+            joining = arrays.lists[rowids] == number
+            self._write_vector_list(
+                db,
+                number,
+                np.concatenate([ids[keep], rowids[joining]]),
+                np.concatenate([vectors[keep], content.vectors[fresh[joining]]]),
+            )
+        arrays.save(db)
+
+    def _add_rows(
+        self,
+        db: sqlite3.Connection,
+        content: IndexContent,
+        positions: np.ndarray,
+        rowids: np.ndarray,
+        arrays: RowArrays,
+    ) -> None:
+        """Insert the rows at `positions` of `content` as `rowids`; record them in `arrays`."""
+        rows = content.rows.iloc[positions]
+        arrays.grow(int(rowids[-1]) + 1 if len(rowids) else 0)
+        arrays.courses[rowids] = arrays.course_codes(list(rows.course))
+        arrays.lists[rowids] = vector_lists.nearest(content.vectors[positions], arrays.centroids)
+        progress = Progress("index rows", len(rows), self._log)
+        insert = (
+            f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}) "
+            f"VALUES (?, {', '.join('?' * len(_STORED_COLUMNS))})"
+        )
+        for start in range(0, len(rows), _BLOCK_ROWS):
+            block = rows.iloc[start : start + _BLOCK_ROWS]
+            ids = rowids[start : start + _BLOCK_ROWS]
+            values = block[list(_STORED_COLUMNS)].itertuples(index=False, name=None)
+            db.executemany(insert, ((int(i), *v) for i, v in zip(ids, values, strict=True)))
+            arrays.lengths[ids] = row_lengths(_lemma_fields(block))
+            progress.update(len(block))
+        progress.close()
+
     @staticmethod
-    def _row_values(values: tuple, vector: np.ndarray) -> tuple:
-        """One row's stored values and its vector as a float32 blob."""
-        return (*values, np.asarray(vector, dtype=np.float32).tobytes())
+    def _term_blocks(rows: pd.DataFrame, rowids: np.ndarray) -> Iterator[dict[str, Postings]]:
+        for start in range(0, len(rows), _BLOCK_ROWS):
+            block = rows.iloc[start : start + _BLOCK_ROWS]
+            yield index_terms(rowids[start : start + _BLOCK_ROWS], _lemma_fields(block))
+
+    @staticmethod
+    def _stored_rows(db: sqlite3.Connection, rowids: np.ndarray) -> pd.DataFrame:
+        """The lemma fields of stored rows, in the order of `rowids`."""
+        found: dict[int, tuple] = {}
+        for start in range(0, len(rowids), _IN_BATCH):
+            batch = rowids[start : start + _IN_BATCH].tolist()
+            found.update(
+                (row[0], row[1:])
+                for row in db.execute(
+                    f"SELECT id, {', '.join(LEMMA_FIELD_COLUMNS)} FROM chunks "
+                    f"WHERE id IN ({', '.join('?' * len(batch))})",
+                    batch,
+                )
+            )
+        return pd.DataFrame([found[int(r)] for r in rowids], columns=LEMMA_FIELD_COLUMNS)
+
+    @staticmethod
+    def _write_postings(db: sqlite3.Connection, postings: dict[str, Postings]) -> None:
+        empty = [(term,) for term, found in postings.items() if not len(found.rowids)]
+        db.executemany("DELETE FROM postings WHERE term = ?", empty)
+        db.executemany(
+            "INSERT OR REPLACE INTO postings (term, rowids, weights) VALUES (?, ?, ?)",
+            ((term, *found.blobs()) for term, found in sorted(postings.items()) if len(found.rowids)),
+        )
+
+    @staticmethod
+    def _write_vector_list(
+        db: sqlite3.Connection, number: int, rowids: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        if not len(rowids):
+            db.execute("DELETE FROM vector_lists WHERE list = ?", (number,))
+            return
+        db.execute(
+            "INSERT OR REPLACE INTO vector_lists (list, rowids, vectors) VALUES (?, ?, ?)",
+            (number, rowids.astype(np.int32).tobytes(), np.asarray(vectors, dtype=np.float32).tobytes()),
+        )
 
     def _view(self, db: sqlite3.Connection) -> EmbeddedIndex:
         """This index as `db` sees it: the new version inside its uncommitted transaction."""
@@ -274,6 +500,7 @@ class EmbeddedIndex:
 
     def _connect_reader(self, uri: str) -> sqlite3.Connection:
         reader = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        reader.execute(f"PRAGMA mmap_size = {_READ_MMAP_BYTES}")
         try:
             tables = {name for (name,) in reader.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             published = (
@@ -323,64 +550,104 @@ class EmbeddedIndex:
             except sqlite3.Error:
                 self.close()  # a connection stuck in a transaction is not reused
 
-    def _rows(self, sql: str, params: Sequence[object] = ()) -> Iterator[tuple]:
-        """Rows as they are read; a damaged file surfaces as IndexDamagedError."""
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        """All rows at once; a damaged file surfaces as IndexDamagedError."""
         try:
-            yield from self._db().execute(sql, params)
+            return self._db().execute(sql, params).fetchall()
         except sqlite3.DatabaseError as exc:
             if sqlite.is_damaged(exc):
                 raise self._read_error(exc) from exc
             raise
 
-    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
-        return list(self._rows(sql, params))
-
     def _meta_value(self, key: str) -> str | None:
         found = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return found[0][0] if found else None
 
+    def _served(self) -> _Served:
+        """The per-row arrays of the version this snapshot sees, loaded once per version."""
+        generation = self._meta_value("generation") or "0"
+        if self._served_version is None or self._served_version.generation != generation:
+            layout = self._meta_value("schema_version")
+            arrays = RowArrays.load(self._query) if layout == SCHEMA_VERSION else None
+            if arrays is None:
+                raise IndexUnreadableError(
+                    f"the index at {self.path} has layout {layout or 1}, this version searches layout "
+                    f"{SCHEMA_VERSION}; run the refresh (make run) to rebuild it"
+                )
+            table = arrays.table()
+            self._served_version = _Served(
+                generation=generation,
+                arrays=arrays,
+                table=table,
+                norms=table.length_norms(),
+                codes={name: code for code, name in enumerate(arrays.course_names)},
+            )
+        return self._served_version
+
+    def _course_code(self, served: _Served, course: str | None) -> int | None:
+        return None if course is None else served.codes.get(course, -2)  # -2: matches no row
+
     def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[str]:
-        query = fts_query(lemmas)
-        if not query:
+        terms = searchable(lemmas)
+        if not terms:
             return []
-        weights = ", ".join(str(FIELD_WEIGHTS[c.removesuffix("_lemmas")]) for c in LEMMA_FIELD_COLUMNS)
-        course_filter = "AND c.course = ?" if course else ""
-        sql = (
-            "SELECT c.chunk_id FROM chunk_lemmas JOIN chunks c ON c.id = chunk_lemmas.rowid "
-            f"WHERE chunk_lemmas MATCH ? {course_filter} "
-            f"ORDER BY bm25(chunk_lemmas, {weights}) LIMIT ?"
-        )
-        params = [query, course, k] if course else [query, k]
-        return [chunk_id for (chunk_id,) in self._query(sql, params)]
+        served = self._served()
+        postings = {
+            term: Postings.from_blobs(rowids, weights)
+            for term, rowids, weights in self._query(
+                f"SELECT term, rowids, weights FROM postings WHERE term IN ({', '.join('?' * len(terms))})",
+                terms,
+            )
+        }
+        code = self._course_code(served, course)
+        return self._chunk_ids(bm25_top(postings, terms, served.table, served.norms, code, k))
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
-        ids, spans, matrix = self._vector_table()
-        span = spans.get(course, slice(0, 0)) if course else slice(0, len(ids))
-        scores = matrix[span] @ np.asarray(vector, dtype=np.float32)  # a slice: no copy
-        k = min(k, len(scores))
-        if k <= 0:
+        served = self._served()
+        code = self._course_code(served, course)
+        query = np.asarray(vector, dtype=np.float32)
+        order = vector_lists.probe_order(served.arrays.centroids, query)
+        rowids_parts, score_parts = [], []
+        found = 0
+        # The nearest lists first; a course filter reads further until k of its rows were seen.
+        for start in range(0, len(order), vector_lists.PROBES):
+            for rowids, vectors in self._vector_lists(served, order[start : start + vector_lists.PROBES]):
+                scores = vectors @ query
+                if code is not None:
+                    inside = served.arrays.courses[rowids] == code
+                    rowids, scores = rowids[inside], scores[inside]
+                rowids_parts.append(rowids)
+                score_parts.append(scores)
+                found += len(rowids)
+            if found >= k:
+                break
+        if not rowids_parts:
             return []
-        top = np.argpartition(-scores, k - 1)[:k]
-        return [ids[span.start + i] for i in top[np.argsort(-scores[top], kind="stable")]]
+        return self._chunk_ids(top_rows(np.concatenate(score_parts), np.concatenate(rowids_parts), k))
 
-    def _vector_table(self) -> tuple[list[str], dict[str, slice], np.ndarray]:
-        """All vectors in one float32 matrix, rows grouped by course so that a course is a slice;
-        reloaded only when a publish changed the index."""
-        generation = self._meta_value("generation") or "0"
-        if self._vectors is None or self._vectors[0] != generation:
-            ((count,),) = self._query("SELECT COUNT(*) FROM chunks")
-            matrix = np.empty((count, VECTOR_DIM), dtype=np.float32)
-            ids: list[str] = []
-            spans: dict[str, slice] = {}
-            # Row by row into one matrix: no second copy of every blob.
-            rows = self._rows("SELECT chunk_id, course, vector FROM chunks ORDER BY course, id")
-            for row, (chunk_id, course, blob) in enumerate(rows):
-                ids.append(chunk_id)
-                matrix[row] = np.frombuffer(blob, dtype=np.float32)
-                start = spans[course].start if course in spans else row
-                spans[course] = slice(start, row + 1)
-            self._vectors = (generation, ids, spans, matrix)
-        return self._vectors[1], self._vectors[2], self._vectors[3]
+    def _vector_lists(self, served: _Served, numbers: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        missing = [n for n in numbers.tolist() if n not in served.lists]
+        if missing:
+            marks = ", ".join("?" * len(missing))
+            sql = f"SELECT list, rowids, vectors FROM vector_lists WHERE list IN ({marks})"
+            for number, rowid_blob, vector_blob in self._query(sql, missing):
+                served.keep_list(number, np.frombuffer(rowid_blob, dtype=np.int32), _vectors(vector_blob))
+        found = []
+        for number in numbers.tolist():
+            if number in served.lists:
+                served.lists.move_to_end(number)
+                found.append(served.lists[number])
+        return found
+
+    def _chunk_ids(self, rowids: list[int]) -> list[str]:
+        if not rowids:
+            return []
+        found = dict(
+            self._query(
+                f"SELECT id, chunk_id FROM chunks WHERE id IN ({', '.join('?' * len(rowids))})", rowids
+            )
+        )
+        return [found[r] for r in rowids]
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
         if not chunk_ids:
@@ -420,4 +687,4 @@ class EmbeddedIndex:
         if self._reader is not None and not self._snapshot_depth:
             self._reader.close()
         self._reader = None
-        self._vectors = None
+        self._served_version = None

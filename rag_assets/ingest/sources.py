@@ -300,20 +300,23 @@ def build_documents(
     locations: list[str],
     max_entry_chars: int = DEFAULT_MAX_ENTRY_CHARS,
 ) -> LoadedDocuments:
-    rows: list[dict[str, Any]] = []
+    columns: dict[str, list[Any]] = {}  # column lists, not a dict per row: a million entries
     dropped: list[DroppedEntry] = []
     for raw in entries:
         try:
-            rows.append(_entry_fields(raw, max_entry_chars))
+            fields = _entry_fields(raw, max_entry_chars)
         except ValueError as exc:
             dropped.append(DroppedEntry(raw.location, raw.position, str(exc)))
-    if not rows:
+            continue
+        for name, value in fields.items():
+            columns.setdefault(name, []).append(value)
+    if not columns:
         raise SourceError(
             f"{redact(locations[0])}: no valid entries ({len(dropped)} dropped"
             + (f", first: {dropped[0]}" if dropped else "")
             + ")"
         )
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(columns)
     renamed = assign_doc_ids(frame)
     frame["content_hash"] = [
         stable_hash(c, s, q, a)

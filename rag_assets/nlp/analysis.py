@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import spacy
 import Stemmer
+from spacy import attrs
 from spacy.attrs import ORTH
 from spacy.language import Language
 from spacy.lookups import Table, load_lookups
@@ -36,6 +37,13 @@ VECTOR_DIM = 300
 # come from spaCy's lookup lemmatizer table (spacy-lookups-data). The rule lemmatizer's POS tags
 # (tok2vec, tagger, attribute_ruler) cost 85 % of a build and buy no retrieval quality (README).
 UNUSED_COMPONENTS = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter")
+# Nor the vocabulary's string table (709k strings: 1.7 of the 2.5 s a load took) and its norm
+# lookups: tokens add their own strings, and the vectors and the lemma table are keyed by hash.
+# The analysis of both FAQ snapshots is identical with and without them (tests).
+UNUSED_VOCAB_PARTS = ("strings", "lookups")
+# The lexeme attributes the analysis reads; spaCy computes ~20 for every new word by default
+# (shape, like_url, like_num, ...), 15 % of a cold analysis.
+USED_LEXEME_ATTRS = (attrs.IS_STOP, attrs.IS_PUNCT, attrs.IS_SPACE, attrs.LOWER, attrs.LANG)
 LEMMA_TABLE = "lemma_lookup"
 # Bump when the term or vector rules below change, so caches and the UI see new output.
 ANALYSIS_VERSION = "4"
@@ -58,7 +66,10 @@ def model_location(model: str = MODEL_NAME) -> str:
 @functools.cache
 def load_pipeline(model: str = MODEL_NAME) -> Language:
     """The model's tokenizer, vocabulary and vectors; no pipeline component runs."""
-    return spacy.load(model_location(model), exclude=list(UNUSED_COMPONENTS))
+    nlp = spacy.load(model_location(model), exclude=[*UNUSED_COMPONENTS, *UNUSED_VOCAB_PARTS])
+    getters = nlp.vocab.lex_attr_getters
+    nlp.vocab.lex_attr_getters = {attr: getters[attr] for attr in USED_LEXEME_ATTRS}
+    return nlp
 
 
 @functools.cache
@@ -108,10 +119,11 @@ def _word_stems(token: str) -> tuple[str, ...]:
     return tuple(_STEMMER.stemWords(_WORD_RUN.findall(token)))
 
 
-# orth id -> (lemma terms, surface form) of a content word, or None for a stop word, punctuation
-# or space. Everything about a token here depends on its text alone (the lexeme's flags and the
-# lookup lemma), so each distinct token is analysed once, and a text costs its tokenization.
-_CONTENT: dict[int, tuple[tuple[str, ...], str] | None] = {}
+# id(vocab) -> orth id -> (lemma terms, surface form) of a content word, or None for a stop word,
+# punctuation or space. Everything about a token here depends on its text alone (the lexeme's
+# flags and the lookup lemma), so each distinct token is analysed once per vocabulary, and a text
+# costs its tokenization.
+_CONTENT: dict[int, dict[int, tuple[tuple[str, ...], str] | None]] = {}
 
 
 def _content_word(doc: Doc, orth: int) -> tuple[tuple[str, ...], str] | None:
@@ -127,9 +139,10 @@ def doc_terms(doc: Doc) -> TextTerms:
     """The hot loop of every cold build: one dict lookup per token."""
     lemmas: list[str] = []
     words: list[str] = []
+    memo = _CONTENT.setdefault(id(doc.vocab), {})
     for orth in doc.to_array(ORTH).tolist():
-        if (found := _CONTENT.get(orth, False)) is False:
-            found = _CONTENT[orth] = _content_word(doc, orth)
+        if (found := memo.get(orth, False)) is False:
+            found = memo[orth] = _content_word(doc, orth)
         if found is not None:
             lemmas.extend(found[0])
             words.append(found[1])
@@ -191,7 +204,8 @@ class TextAnalyser:
             return (_analyse_batch(batch, self.nlp) for batch in batches)
         if self._pool is None:
             global _FORKED_NLP
-            _FORKED_NLP = self.nlp  # inherited by the workers at fork
+            _FORKED_NLP = self.nlp  # inherited by the workers at fork, with the lemma table
+            lemma_table(self.nlp.lang)
             self._pool = multiprocessing.get_context("fork").Pool(self.settings.processes)
             _FORKED_NLP = None
         return self._pool.imap(_analyse_batch, batches)

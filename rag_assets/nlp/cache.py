@@ -9,6 +9,7 @@ rebuilt, and a damaged entry is a miss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -21,6 +22,7 @@ import pandas as pd
 from spacy.language import Language
 
 from rag_assets.common import sqlite
+from rag_assets.common.progress import Progress
 from rag_assets.common.sqlite import immediate_transaction
 from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings, TextAnalyser
 from rag_assets.nlp.features import LEMMA_COLUMNS, ChunkVectors, chunk_terms, embed_chunks
@@ -190,13 +192,16 @@ class Reuse:
     reused: int
 
 
-def _misses(frame: pd.DataFrame, known: Mapping[str, object], cache: NlpCache) -> tuple[pd.DataFrame, Reuse]:
-    """Rows to compute (one per distinct content); marks the cached rest as used."""
-    hit = frame["content_hash"].isin(set(known)).to_numpy()
-    cache.touch(list(frame["content_hash"][hit]))
-    return frame[~hit].drop_duplicates("content_hash"), Reuse(
-        computed=int((~hit).sum()), reused=int(hit.sum())
-    )
+_BLOCK_CHUNKS = 50_000
+
+
+def _block_misses(hashes: np.ndarray, known: Mapping[str, object], cache: NlpCache) -> tuple[np.ndarray, int]:
+    """Positions in the block to compute (the first of each distinct content), and how many
+    chunks are misses; marks the cached rest as used."""
+    hit = np.fromiter((h in known for h in hashes), dtype=bool, count=len(hashes))
+    cache.touch(list(hashes[hit]))
+    _, first = np.unique(hashes[~hit], return_index=True)
+    return np.flatnonzero(~hit)[np.sort(first)], int((~hit).sum())
 
 
 def cached_lemmas(
@@ -205,38 +210,60 @@ def cached_lemmas(
     cache: NlpCache,
     settings: NlpSettings = NlpSettings(),
     log: Callable[[str], None] | None = None,
-    block_chunks: int = 10_000,
+    block_chunks: int = _BLOCK_CHUNKS,
 ) -> tuple[pd.DataFrame, Reuse]:
-    """`lemmatize_chunks` for the chunks whose content is not cached; the model loads only then."""
-    known = cache.get_terms(list(chunks["content_hash"]))
-    todo, reuse = _misses(chunks, known, cache)
-    if len(todo):
-        with TextAnalyser(load_nlp(), settings, log) as analyser:
-            for start in range(0, len(todo), block_chunks):  # bounded memory, saved as they come
-                fresh = chunk_terms(analyser, todo.iloc[start : start + block_chunks])
+    """`lemmatize_chunks` for the chunks whose content is not cached; the model loads only then.
+
+    Block by block, so a million chunks never hold more than one copy of their terms (the output
+    columns) plus one block's lookups.
+    """
+    hashes = chunks["content_hash"].to_numpy()
+    columns = {field: np.empty(len(chunks), dtype=object) for field in TERM_FIELDS}
+    computed = 0
+    progress = Progress("lemmas", len(chunks), log)
+    with contextlib.ExitStack() as stack:
+        analyser: TextAnalyser | None = None
+        for start in range(0, len(chunks), block_chunks):
+            block = hashes[start : start + block_chunks]
+            known = cache.get_terms(block)
+            todo, misses = _block_misses(block, known, cache)
+            computed += misses
+            if len(todo):
+                if analyser is None:
+                    analyser = stack.enter_context(TextAnalyser(load_nlp(), settings))
+                fresh = chunk_terms(analyser, chunks.iloc[start + todo])
                 rows = list(fresh[["content_hash", *TERM_FIELDS]].itertuples(index=False, name=None))
                 cache.put_terms(rows)
                 known.update((row[0], row[1:]) for row in rows)
-    values = list(zip(*(known[h] for h in chunks["content_hash"]), strict=True)) or [[]] * len(TERM_FIELDS)
+            for column, field in enumerate(TERM_FIELDS):
+                columns[field][start : start + len(block)] = [known[h][column] for h in block]
+            progress.update(len(block))
+    progress.close()
     frame = pd.DataFrame(
-        {"chunk_id": chunks["chunk_id"].to_numpy(), "content_hash": chunks["content_hash"].to_numpy()}
-        | {field: list(column) for field, column in zip(TERM_FIELDS, values, strict=True)}
+        {"chunk_id": chunks["chunk_id"].to_numpy(), "content_hash": hashes, **columns}, copy=False
     )
-    return frame, reuse
+    return frame, Reuse(computed=computed, reused=len(chunks) - computed)
 
 
 def cached_vectors(
-    load_nlp: Callable[[], Language], lemmas: pd.DataFrame, cache: NlpCache
+    load_nlp: Callable[[], Language],
+    lemmas: pd.DataFrame,
+    cache: NlpCache,
+    block_chunks: int = _BLOCK_CHUNKS,
 ) -> tuple[ChunkVectors, Reuse]:
-    """`embed_chunks` for the chunks whose vector is not cached."""
-    known = cache.get_vectors(list(lemmas["content_hash"]))
-    todo, reuse = _misses(lemmas, known, cache)
-    if len(todo):
-        fresh = embed_chunks(load_nlp(), todo)
-        items = list(zip(todo["content_hash"], fresh.matrix, strict=True))
-        cache.put_vectors(items)
-        known.update(items)
+    """`embed_chunks` for the chunks whose vector is not cached, block by block into one matrix."""
+    hashes = lemmas["content_hash"].to_numpy()
     matrix = np.zeros((len(lemmas), VECTOR_DIM), dtype=np.float32)
-    for row, content_hash in enumerate(lemmas["content_hash"]):
-        matrix[row] = known[content_hash]
-    return ChunkVectors(list(lemmas["chunk_id"]), matrix), reuse
+    computed = 0
+    for start in range(0, len(lemmas), block_chunks):
+        block = hashes[start : start + block_chunks]
+        known = cache.get_vectors(block)
+        todo, misses = _block_misses(block, known, cache)
+        computed += misses
+        if len(todo):
+            fresh = embed_chunks(load_nlp(), lemmas.iloc[start + todo])
+            items = list(zip(hashes[start + todo], fresh.matrix, strict=True))
+            cache.put_vectors(items)
+            known.update(items)
+        matrix[start : start + len(block)] = np.stack([known[h] for h in block]) if len(block) else 0
+    return ChunkVectors(list(lemmas["chunk_id"]), matrix), Reuse(computed, len(lemmas) - computed)
