@@ -96,6 +96,7 @@ _BLOCK_ROWS = 50_000  # rows per block when indexing terms: bounds the memory of
 _IN_BATCH = 500  # ids per IN (...) list, below SQLite's variable limit
 _READ_MMAP_BYTES = 1 << 30  # readers map the file: blobs are read without a copy per page
 _LIST_CACHE_BYTES = 64 << 20  # vector lists a reader keeps in memory (about 55 lists of 1000)
+_CHUNK_ID_CACHE_ROWS = 200_000  # chunk ids of ranked rows a reader keeps
 
 
 def _lemma_fields(frame: pd.DataFrame) -> list[tuple[float, Sequence[str]]]:
@@ -175,6 +176,7 @@ class _Served:
     codes: dict[str, int]
     lists: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=OrderedDict)
     list_bytes: int = 0
+    chunk_ids: dict[int, str] = field(default_factory=dict)  # of rows ranked so far, bounded
 
     def keep_list(self, number: int, rowids: np.ndarray, vectors: np.ndarray) -> None:
         self.lists[number] = (rowids, vectors)
@@ -201,6 +203,7 @@ class EmbeddedIndex:
         self._log = log  # progress of long publishes (the Dagster log)
         self._reader: sqlite3.Connection | None = None
         self._snapshot_depth = 0
+        self._snapshot_meta: dict[str, str] | None = None
         self._served_version: _Served | None = None
 
     # -- publishing -------------------------------------------------------------------------
@@ -545,6 +548,7 @@ class EmbeddedIndex:
             yield
         finally:
             self._snapshot_depth = 0
+            self._snapshot_meta = None
             try:
                 db.execute("ROLLBACK")  # a read transaction: nothing to keep
             except sqlite3.Error:
@@ -560,8 +564,13 @@ class EmbeddedIndex:
             raise
 
     def _meta_value(self, key: str) -> str | None:
-        found = self._query("SELECT value FROM meta WHERE key = ?", (key,))
-        return found[0][0] if found else None
+        """Inside a snapshot the meta table is read once (a search asks it several things)."""
+        if not self._snapshot_depth:
+            found = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+            return found[0][0] if found else None
+        if self._snapshot_meta is None:
+            self._snapshot_meta = dict(self._query("SELECT key, value FROM meta"))
+        return self._snapshot_meta.get(key)
 
     def _served(self) -> _Served:
         """The per-row arrays of the version this snapshot sees, loaded once per version."""
@@ -640,14 +649,15 @@ class EmbeddedIndex:
         return found
 
     def _chunk_ids(self, rowids: list[int]) -> list[str]:
-        if not rowids:
-            return []
-        found = dict(
-            self._query(
-                f"SELECT id, chunk_id FROM chunks WHERE id IN ({', '.join('?' * len(rowids))})", rowids
-            )
-        )
-        return [found[r] for r in rowids]
+        known = self._served().chunk_ids
+        missing = [r for r in rowids if r not in known]
+        if missing:
+            sql = f"SELECT id, chunk_id FROM chunks WHERE id IN ({', '.join('?' * len(missing))})"
+            found = dict(self._query(sql, missing))
+            if len(known) < _CHUNK_ID_CACHE_ROWS:
+                known.update(found)
+            return [known.get(r) or found[r] for r in rowids]
+        return [known[r] for r in rowids]
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
         if not chunk_ids:

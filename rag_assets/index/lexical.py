@@ -157,22 +157,17 @@ def bm25_top(
     k: int,
 ) -> list[int]:
     """The k best row ids for an OR of `terms` (in query order), optionally within one course."""
-    rowids_parts, score_parts = [], []
-    for term in terms:
-        found = postings.get(term)
-        if found is None or not len(found.rowids):
-            continue
-        weight = idf(table.rows, len(found.rowids))
-        rowids, freqs = found.rowids, found.weights.astype(np.float64)
-        if course is not None:
-            inside = table.courses[rowids] == course
-            rowids, freqs = rowids[inside], freqs[inside]
-        rowids_parts.append(rowids)
-        score_parts.append(weight * (freqs * (K1 + 1)) / (freqs + norms[rowids]))
-    if not rowids_parts:
+    found = [postings[t] for t in terms if t in postings and len(postings[t].rowids)]
+    if not found:
         return []
-    totals = np.bincount(
-        np.concatenate(rowids_parts), weights=np.concatenate(score_parts), minlength=len(norms)
-    )
+    rowids = np.concatenate([p.rowids for p in found])
+    freqs = np.concatenate([p.weights for p in found]).astype(np.float64)
+    idfs = np.repeat([idf(table.rows, len(p.rowids)) for p in found], [len(p.rowids) for p in found])
+    if course is not None:
+        inside = table.courses[rowids] == course
+        rowids, freqs, idfs = rowids[inside], freqs[inside], idfs[inside]
+    scores = idfs * (freqs * (K1 + 1)) / (freqs + norms[rowids])
+    # Summed in the order of the query's terms, as FTS5 sums them.
+    totals = np.bincount(rowids, weights=scores, minlength=len(norms))
     matched = np.flatnonzero(totals)  # every match scores above 0: idf is at least 1e-6
     return top_rows(totals[matched], matched, k)

@@ -275,8 +275,12 @@ def embed_texts(nlp: Language, word_lists: Sequence[Sequence[str]]) -> np.ndarra
 
 
 def embed_words(nlp: Language, words: Sequence[str]) -> np.ndarray:
-    """One text's vector (see `embed_texts`)."""
-    return embed_texts(nlp, [words])[0]
+    """One text's vector, as `embed_texts` computes it (a query's: no block to set up)."""
+    vectors = nlp.vocab.vectors
+    rows = _vector_rows(vectors, list(words))
+    total = np.asarray(vectors.data[rows[rows >= 0]], dtype=np.float64).sum(axis=0)
+    norm = np.linalg.norm(total)
+    return (total / norm if norm > 0 else np.zeros(VECTOR_DIM)).astype(np.float32)
 
 
 @dataclass(frozen=True)
