@@ -7,10 +7,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RAG_DATA_DIR=/opt/dagster/data
 
 WORKDIR /opt/dagster/app
+# Exact versions from the lock file (`make lock` refreshes it), hashes checked.
+COPY requirements/deploy.lock requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/deploy.lock
 COPY pyproject.toml README.md ./
 COPY rag_assets ./rag_assets
 # Editable: the defs loader reads [tool.dg] from pyproject.toml beside the package.
-RUN pip install --no-cache-dir -e '.[deploy]'
+RUN pip install --no-cache-dir --no-deps -e .
 COPY workspace.yaml ./
 COPY deploy/dagster.yaml ${DAGSTER_HOME}/dagster.yaml
 

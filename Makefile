@@ -14,14 +14,22 @@ BENCH_NEW ?= ../shared/data/documents-2025.json
 BENCH_OLD ?= ../shared/data/documents-2024-06.json
 BENCH_SCALE ?= 10000,100000
 
-.PHONY: setup run test lint dev bench bench-1m clean
+.PHONY: setup lock run test lint dev bench bench-1m clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml .python-version
+# Exact versions from the lock file (hashes checked), then the project itself.
+$(STAMP): pyproject.toml .python-version requirements/dev.lock
 	@test -x $(PY) || python -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/dev.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+# Re-resolve the version ranges of pyproject.toml into the lock files (after changing them).
+LOCK_FLAGS := --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes --quiet
+lock: setup
+	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra dev --extra deploy -o requirements/dev.lock
+	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra deploy -o requirements/deploy.lock
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +83,45 @@ def test_every_file_the_image_copies_exists() -> None:
     assert sources
     for source in sources:
         assert (ROOT / source).exists(), source
-    assert "'.[deploy]'" in dockerfile
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert any(dep.startswith("dagster-postgres") for dep in extras["deploy"])
+    assert "--require-hashes -r requirements/deploy.lock" in dockerfile
+    assert "--require-hashes -r requirements/dev.lock" in (ROOT / "Makefile").read_text()
+
+
+def locked(name: str) -> dict[str, str]:
+    """Package -> exact version of a lock file, refusing any line without a pin and a hash."""
+    pins: dict[str, str] = {}
+    for block in (ROOT / "requirements" / name).read_text().split("\n"):
+        if block and not block.startswith((" ", "#")):
+            requirement, _, rest = block.partition(" ")
+            package, pinned, version_ = requirement.partition("==")
+            assert pinned and rest.strip() == "\\", block
+            pins[canonicalize_name(package)] = version_
+    return pins
+
+
+@pytest.mark.parametrize(("lock", "extras"), [("deploy.lock", ["deploy"]), ("dev.lock", ["dev", "deploy"])])
+def test_the_lock_files_pin_every_dependency_within_its_range(lock: str, extras: list[str]) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = locked(lock)
+    text = (ROOT / "requirements" / lock).read_text()
+    assert text.count("--hash=sha256:") >= len(pins)
+    wanted = project["dependencies"] + [
+        d for extra in extras for d in project["optional-dependencies"][extra]
+    ]
+    for dependency in map(Requirement, wanted):
+        name = canonicalize_name(dependency.name)
+        assert name in pins, f"{name} is not in {lock}: run make lock"
+        assert dependency.specifier.contains(pins[name]), f"{lock} pins {name}=={pins[name]}: run make lock"
+
+
+def test_the_tests_run_on_the_locked_versions() -> None:
+    """`make setup` installs dev.lock: what is tested is what the lock (and the image) holds."""
+    drifted = {
+        name: (pinned, version(name))
+        for name, pinned in locked("dev.lock").items()
+        if version(name) != pinned
+    }
+    assert not drifted, f"installed versions differ from requirements/dev.lock: {drifted}"
 
 
 def test_the_client_major_matches_the_server_image(compose: dict[str, Any]) -> None:
