@@ -398,7 +398,6 @@ class EmbeddedIndex:
         rows = content.rows.iloc[positions]
         arrays.grow(int(rowids[-1]) + 1 if len(rowids) else 0)
         arrays.courses[rowids] = arrays.course_codes(list(rows.course))
-        arrays.lists[rowids] = vector_lists.nearest(content.vectors[positions], arrays.centroids)
         progress = Progress("index rows", len(rows), self._log)
         insert = (
             f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}) "
@@ -410,6 +409,9 @@ class EmbeddedIndex:
             values = block[list(_STORED_COLUMNS)].itertuples(index=False, name=None)
             db.executemany(insert, ((int(i), *v) for i, v in zip(ids, values, strict=True)))
             arrays.lengths[ids] = row_lengths(_lemma_fields(block))
+            # Block by block: a fancy index of a million vectors would copy 1.2 GB.
+            block_vectors = content.vectors[positions[start : start + _BLOCK_ROWS]]
+            arrays.lists[ids] = vector_lists.nearest(block_vectors, arrays.centroids)
             progress.update(len(block))
         progress.close()
 
