@@ -53,8 +53,8 @@ _PAGE = 5000
 
 
 _ANALYSIS = {
-    # The lemma fields hold lemmas already: split like the embedded index's FTS5 unicode61
-    # tokenizer (on anything not a letter or digit), nothing else.
+    # The lemma fields hold terms already (runs of letters and digits, joined by spaces): split
+    # on anything not a letter or digit, nothing else, giving the embedded index's terms.
     "tokenizer": {"lemma_split": {"type": "pattern", "pattern": "[^\\p{L}\\p{N}]+"}},
     "analyzer": {LEMMA_ANALYZER: {"type": "custom", "tokenizer": "lemma_split", "filter": ["lowercase"]}},
 }
@@ -97,7 +97,7 @@ def index_body(shards: int, replicas: int, meta: dict[str, Any]) -> dict[str, An
 
 
 def lexical_query(lemmas: Sequence[str], course: str | None, k: int) -> dict[str, Any]:
-    """BM25F over the lemma fields (`combined_fields`), as FTS5's weighted bm25 does."""
+    """BM25F over the lemma fields (`combined_fields`), as the embedded index's postings do."""
     fields = [f"{c}^{FIELD_WEIGHTS[c.removesuffix('_lemmas')]:g}" for c in LEMMA_FIELD_COLUMNS]
     query: dict[str, Any] = {
         "bool": {

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # BM25F weights of the lemma fields: a question phrased like the user's is the strongest signal.
-# Elasticsearch's combined_fields (BM25F, like FTS5's weighted bm25) only accepts weights >= 1.
+# Elasticsearch's combined_fields (BM25F, like the embedded index's) only accepts weights >= 1.
 FIELD_WEIGHTS: Mapping[str, float] = {"question": 2.0, "text": 1.0, "section": 1.0}
 if min(FIELD_WEIGHTS.values()) < 1:
     raise ValueError("field weights below 1 cannot be expressed in Elasticsearch's combined_fields")

@@ -48,7 +48,7 @@ LEMMA_TABLE = "lemma_lookup"
 # Bump when the term or vector rules below change, so caches and the UI see new output.
 ANALYSIS_VERSION = "4"
 _STEMMER = Stemmer.Stemmer("english")
-# Runs of letters and digits: what FTS5's unicode61 and the Elasticsearch pattern tokenizer keep.
+# Runs of letters and digits: the terms both indexes hold (Elasticsearch's pattern tokenizer splits so).
 _WORD_RUN = re.compile(r"[^\W_]+")
 
 
