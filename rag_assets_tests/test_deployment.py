@@ -95,7 +95,7 @@ def locked(name: str) -> dict[str, str]:
             requirement, _, rest = block.partition(" ")
             package, pinned, version_ = requirement.partition("==")
             assert pinned and rest.strip() == "\\", block
-            pins[canonicalize_name(package)] = version_
+            pins[canonicalize_name(package.partition("[")[0])] = version_  # gql[requests]==...
     return pins
 
 
