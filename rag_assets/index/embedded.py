@@ -136,7 +136,7 @@ class RowArrays:
         return np.array([codes[c] for c in courses], dtype=np.int32)
 
     def table(self) -> RowTable:
-        return RowTable(self.lengths, self.courses, tuple(self.course_names))
+        return RowTable(self.lengths, self.courses)
 
     def save(self, db: sqlite3.Connection) -> None:
         db.executemany(

@@ -116,8 +116,7 @@ class RowTable:
     """What scoring needs to know of every row, indexed by row id: its length and its course."""
 
     lengths: np.ndarray  # tokens over all fields; 0 where no row has that id
-    courses: np.ndarray  # index into `course_names`; -1 where no row has that id
-    course_names: tuple[str, ...]
+    courses: np.ndarray  # a course code (the index's own numbering); -1 where no row has that id
 
     @functools.cached_property
     def rows(self) -> int:
