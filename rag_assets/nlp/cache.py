@@ -13,9 +13,10 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -195,13 +196,26 @@ class Reuse:
 _BLOCK_CHUNKS = 50_000
 
 
-def _block_misses(hashes: np.ndarray, known: Mapping[str, object], cache: NlpCache) -> tuple[np.ndarray, int]:
-    """Positions in the block to compute (the first of each distinct content), and how many
-    chunks are misses; marks the cached rest as used."""
-    hit = np.fromiter((h in known for h in hashes), dtype=bool, count=len(hashes))
-    cache.touch(list(hashes[hit]))
-    _, first = np.unique(hashes[~hit], return_index=True)
-    return np.flatnonzero(~hit)[np.sort(first)], int((~hit).sum())
+@dataclass(frozen=True)
+class _CacheBlock:
+    start: int  # position of the block's first chunk
+    hashes: np.ndarray
+    known: dict[str, Any]  # content hash -> cached entry; computed entries are added here
+    todo: np.ndarray  # positions in the block to compute: the first of each missing content
+    misses: int  # chunks of the block not in the cache
+
+
+def _cache_blocks(
+    hashes: np.ndarray, block_chunks: int, lookup: Callable[[Sequence[str]], dict[str, Any]], cache: NlpCache
+) -> Iterator[_CacheBlock]:
+    """The chunks block by block with their cache lookups; the cached ones are marked as used."""
+    for start in range(0, len(hashes), block_chunks):
+        block = hashes[start : start + block_chunks]
+        known = lookup(block)
+        hit = np.fromiter((h in known for h in block), dtype=bool, count=len(block))
+        cache.touch(list(block[hit]))
+        _, first = np.unique(block[~hit], return_index=True)
+        yield _CacheBlock(start, block, known, np.flatnonzero(~hit)[np.sort(first)], int((~hit).sum()))
 
 
 def cached_lemmas(
@@ -223,21 +237,19 @@ def cached_lemmas(
     progress = Progress("lemmas", len(chunks), log)
     with contextlib.ExitStack() as stack:
         analyser: TextAnalyser | None = None
-        for start in range(0, len(chunks), block_chunks):
-            block = hashes[start : start + block_chunks]
-            known = cache.get_terms(block)
-            todo, misses = _block_misses(block, known, cache)
-            computed += misses
-            if len(todo):
+        for block in _cache_blocks(hashes, block_chunks, cache.get_terms, cache):
+            computed += block.misses
+            if len(block.todo):
                 if analyser is None:
                     analyser = stack.enter_context(TextAnalyser(load_nlp(), settings))
-                fresh = chunk_terms(analyser, chunks.iloc[start + todo])
+                fresh = chunk_terms(analyser, chunks.iloc[block.start + block.todo])
                 rows = list(fresh[["content_hash", *TERM_FIELDS]].itertuples(index=False, name=None))
                 cache.put_terms(rows)
-                known.update((row[0], row[1:]) for row in rows)
+                block.known.update((row[0], row[1:]) for row in rows)
+            end = block.start + len(block.hashes)
             for column, field in enumerate(TERM_FIELDS):
-                columns[field][start : start + len(block)] = [known[h][column] for h in block]
-            progress.update(len(block))
+                columns[field][block.start : end] = [block.known[h][column] for h in block.hashes]
+            progress.update(len(block.hashes))
     progress.close()
     frame = pd.DataFrame(
         {"chunk_id": chunks["chunk_id"].to_numpy(), "content_hash": hashes, **columns}, copy=False
@@ -255,15 +267,13 @@ def cached_vectors(
     hashes = lemmas["content_hash"].to_numpy()
     matrix = np.zeros((len(lemmas), VECTOR_DIM), dtype=np.float32)
     computed = 0
-    for start in range(0, len(lemmas), block_chunks):
-        block = hashes[start : start + block_chunks]
-        known = cache.get_vectors(block)
-        todo, misses = _block_misses(block, known, cache)
-        computed += misses
-        if len(todo):
-            fresh = embed_chunks(load_nlp(), lemmas.iloc[start + todo])
-            items = list(zip(hashes[start + todo], fresh.matrix, strict=True))
+    for block in _cache_blocks(hashes, block_chunks, cache.get_vectors, cache):
+        computed += block.misses
+        if len(block.todo):
+            fresh = embed_chunks(load_nlp(), lemmas.iloc[block.start + block.todo])
+            items = list(zip(block.hashes[block.todo], fresh.matrix, strict=True))
             cache.put_vectors(items)
-            known.update(items)
-        matrix[start : start + len(block)] = np.stack([known[h] for h in block]) if len(block) else 0
+            block.known.update(items)
+        end = block.start + len(block.hashes)
+        matrix[block.start : end] = np.stack([block.known[h] for h in block.hashes])
     return ChunkVectors(list(lemmas["chunk_id"]), matrix), Reuse(computed, len(lemmas) - computed)
