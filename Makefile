@@ -13,8 +13,13 @@ export DAGSTER_HOME
 BENCH_NEW ?= ../shared/data/documents-2025.json
 BENCH_OLD ?= ../shared/data/documents-2024-06.json
 BENCH_SCALE ?= 10000,100000
+# `make rehearse`: the FAQ its local source serves, its output folder, the run limit it sets.
+REHEARSE_DOCUMENTS ?= ../shared/data/documents-2025.json
+REHEARSE_OUT ?= .rehearsal
+REHEARSE_MAX_RUNTIME_S ?= 90
+LINTED := rag_assets rag_assets_tests benchmarks deploy
 
-.PHONY: setup lock run test lint dev bench bench-1m clean
+.PHONY: setup lock run test lint dev bench bench-1m rehearse clean
 
 setup: $(STAMP)
 
@@ -42,9 +47,7 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 dev: setup $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
-test: setup
-	$(VENV)/bin/ruff check rag_assets rag_assets_tests benchmarks
-	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests benchmarks
+test: lint
 	$(VENV)/bin/pytest
 
 bench: setup
@@ -54,9 +57,13 @@ bench: setup
 bench-1m: setup
 	$(PY) benchmarks/refresh.py --new $(BENCH_NEW) --scale 1000000 --scale-only --out bench-1m-results.json
 
+# The deployment without containers: Postgres, daemon, webserver, Chromium; about 8 minutes.
+rehearse: setup
+	$(PY) deploy/rehearse.py --documents $(REHEARSE_DOCUMENTS) --out $(REHEARSE_OUT) --max-runtime-s $(REHEARSE_MAX_RUNTIME_S)
+
 lint: setup
-	$(VENV)/bin/ruff check rag_assets rag_assets_tests benchmarks
-	$(VENV)/bin/ruff format --check rag_assets rag_assets_tests benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,824 @@
+"""The deployment rehearsal (`make rehearse`): the docker-compose deployment without the containers.
+
+It starts PostgreSQL, `dagster-daemon` and `dagster-webserver` on 127.0.0.1 with the deployment's
+own instance configuration (deploy/dagster.yaml, byte for byte) and the environment variables
+docker-compose sets, serves the FAQ from a local HTTP server, and then only watches: every
+observation comes from the webserver's GraphQL API, the files of the served index and a headless
+Chromium, never from calling the project's code. It exits 0 only when every observation held,
+and stops everything it started, by process id, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCE_CONFIG = ROOT / "deploy" / "dagster.yaml"
+COMPOSE = ROOT / "docker-compose.yml"
+# Names an operator sees in the UI; the rehearsal observes them from outside, as a user would.
+ASSETS = ("raw_documents", "chunks", "lemmas", "embeddings", "es_index")
+FRESHNESS_ASSETS = ("raw_documents", "es_index")
+GROUP = "faq_index"
+SENSOR = "initial_index_build"
+SCHEDULE = "daily_document_refresh"
+INDEX_FILE = "index.sqlite"
+POSTGRES_PORT = 5432  # fixed in deploy/dagster.yaml
+DEBIAN_PACKAGES = {"postgresql": "/usr/lib/postgresql", "chromium": "/usr/bin/chromium"}
+# Without the background-networking flags Chromium keeps dialling Google's hosts on a closed network.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TRICKLE_EVERY_S = 2.0
+# A run the queue launched: enqueued by the coordinator, started by the queue daemon.
+QUEUED_PATH = ["RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent", "RunSuccessEvent"]
+LIFECYCLE = {*QUEUED_PATH, "RunDequeuedEvent"}
+
+
+class ObservationFailed(Exception):
+    """An observation did not hold; the message says what was seen instead."""
+
+
+@dataclass
+class Observation:
+    name: str
+    held: bool
+    at_s: float  # since the rehearsal started
+    took_s: float
+    detail: str
+
+
+class Report:
+    """Prints each observation with its timing as it happens and keeps them for rehearsal.json."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.observations: list[Observation] = []
+
+    def observe(self, name: str, check: Callable[[], str]) -> None:
+        began = time.monotonic()
+        try:
+            detail, held = check(), True
+        except Exception as exc:
+            detail, held = f"{type(exc).__name__}: {exc}", False
+        now = time.monotonic()
+        self.observations.append(Observation(name, held, now - self.started, now - began, detail))
+        mark = "ok" if held else "FAILED"
+        print(f"[{now - self.started:6.1f} s] {mark:6} {name} ({now - began:.1f} s): {detail}", flush=True)
+        if not held:
+            raise ObservationFailed(name)
+
+    @property
+    def held(self) -> bool:
+        return bool(self.observations) and all(o.held for o in self.observations)
+
+
+def wait_for[T](what: str, probe: Callable[[], T | None], timeout_s: float, every_s: float = 2.0) -> T:
+    """The first non-None answer of `probe`, polled until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = probe()
+        if answer is not None:
+            return answer
+        if time.monotonic() > deadline:
+            raise ObservationFailed(f"{what}: not seen within {timeout_s:.0f} s")
+        time.sleep(every_s)
+
+
+class Processes:
+    """The processes the rehearsal starts, each in a session of its own, so that stopping one also
+    stops what it spawned (the daemon's code server and the run workers it launches)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[tuple[str, subprocess.Popen[bytes], signal.Signals]] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
+    ) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=user,
+            )
+        self.started.append((name, process, stop_signal))
+        return process
+
+    def alive(self, name: str) -> bool:
+        return any(n == name and p.poll() is None for n, p, _ in self.started)
+
+    def stop_all(self, grace_s: float = 30.0) -> str:
+        """Stops the processes in reverse order of start, by process id: the signal each expects,
+        then SIGTERM and at last SIGKILL for whatever of its session is still there."""
+        stopped: list[str] = []
+        for name, process, stop_signal in reversed(self.started):
+            members = set(session_members(process.pid))
+            if process.poll() is None:
+                process.send_signal(stop_signal)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace_s)
+            forced = []
+            for last_signal in (signal.SIGTERM, signal.SIGKILL):
+                members |= set(session_members(process.pid))
+                left = [pid for pid in members if pid_alive(pid)]
+                for pid in left:
+                    os.kill(pid, last_signal)
+                    forced.append(f"{last_signal.name} to {pid}")
+                deadline = time.monotonic() + 10
+                while any(pid_alive(pid) for pid in left) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            process.wait(timeout=10)
+            forced_note = f"; {', '.join(forced)}" if forced else ""
+            stopped.append(f"{name} (pid {process.pid}, {len(members)} processes{forced_note})")
+        self.started.clear()
+        return "; ".join(stopped) or "nothing was running"
+
+
+def session_members(session_id: int) -> list[int]:
+    """Processes of the session `session_id` (a session leader's pid), from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session_id:
+                    members.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+    return members
+
+
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the parent's
+    pid), or [] for a process that is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    return proc_stat(pid)[:1] not in ([], ["Z"])
+
+
+def child_processes() -> list[int]:
+    """Live children of this process (the browser's driver, say)."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and (fields := proc_stat(entry.name))[1:2] == [str(os.getpid())]
+        and fields[0] != "Z"
+    ]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SourceServer:
+    """The FAQ source on 127.0.0.1. In slow mode it trickles a space every 2 s before the JSON,
+    as a stalled upstream would, so a run reading it stays busy without hitting a read timeout."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.slow = threading.Event()
+        self.closing = threading.Event()
+        self.requests: list[tuple[str, str]] = []  # (UTC time, "fast" | "slow")
+        self.slow_requests = 0
+        source = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/documents.json":
+                    self.send_error(404)
+                    return
+                slow = source.slow.is_set()
+                source.slow_requests += slow
+                source.requests.append(
+                    (datetime.now(UTC).isoformat(timespec="seconds"), "slow" if slow else "fast")
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()  # no Content-Length: the body ends when the connection closes
+                # The reader going away (a run stopped mid-read) is expected; nothing to report.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    while slow and source.slow.is_set() and not source.closing.wait(TRICKLE_EVERY_S):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    self.wfile.write(source.payload)
+
+            def log_message(self, *args: Any) -> None:  # the requests list is the log
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/documents.json"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="source-server", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Postgres:
+    """A PostgreSQL server of Debian's packages in a fresh data directory, on deploy/dagster.yaml's port."""
+
+    def __init__(self, processes: Processes, password: str) -> None:
+        self.processes = processes
+        self.password = password
+        self.bin = max(Path(DEBIAN_PACKAGES["postgresql"]).glob("*/bin"), key=lambda p: int(p.parent.name))
+        self.data = Path(tempfile.mkdtemp(prefix="rag-rehearsal-pg-"))
+        shutil.chown(self.data, "postgres", "postgres")
+
+    def start(self) -> str:
+        if port_open(POSTGRES_PORT):
+            raise ObservationFailed(
+                f"127.0.0.1:{POSTGRES_PORT} (the port deploy/dagster.yaml names) is taken by another server"
+            )
+        self._as_postgres(
+            self.bin / "initdb",
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+        )
+        self.processes.start(
+            "postgres",
+            [
+                str(self.bin / "postgres"),
+                *("-D", str(self.data), "-p", str(POSTGRES_PORT)),
+                *("-c", "listen_addresses=127.0.0.1", "-k", str(self.data)),
+            ],
+            user="postgres",
+            stop_signal=signal.SIGINT,  # fast shutdown
+        )
+        wait_for(
+            "PostgreSQL accepting connections", lambda: True if port_open(POSTGRES_PORT) else None, 60, 0.5
+        )
+        # The password goes in on stdin, never on a command line.
+        sql = (
+            f"CREATE ROLE dagster LOGIN PASSWORD '{self.password}';\nCREATE DATABASE dagster OWNER dagster;\n"
+        )
+        self._as_postgres(
+            self.bin / "psql",
+            *("-h", self.data, "-p", POSTGRES_PORT, "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"),
+            stdin=sql,
+        )
+        version = self._as_postgres(self.bin / "postgres", "--version").strip()
+        return (
+            f"{version} on 127.0.0.1:{POSTGRES_PORT}, data in {self.data}, database dagster owned by dagster"
+        )
+
+    def _as_postgres(self, *argv: object, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            [str(a) for a in argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            user="postgres",
+            cwd=self.data,
+        )
+        if done.returncode != 0:
+            raise ObservationFailed(f"{Path(str(argv[0])).name} failed: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def remove(self) -> None:
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+class DagsterApi:
+    """The webserver's GraphQL API: what the UI itself reads."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.session = requests.Session()
+        self.repository: dict[str, str] = {}
+
+    def query(self, text: str, **variables: Any) -> dict[str, Any]:
+        response = self.session.post(
+            f"{self.base_url}/graphql", json={"query": text, "variables": variables}, timeout=60
+        )
+        response.raise_for_status()
+        body = response.json()
+        if body.get("errors"):
+            raise ObservationFailed(f"GraphQL error: {body['errors'][0].get('message')}")
+        return body["data"]
+
+    def find_repository(self) -> str | None:
+        data = self.query(
+            "{ repositoriesOrError { __typename ... on RepositoryConnection"
+            " { nodes { name location { name } schedules { name } sensors { name } } } } }"
+        )
+        for node in data["repositoriesOrError"].get("nodes", []):
+            if SCHEDULE in {s["name"] for s in node["schedules"]}:
+                self.repository = {
+                    "repositoryName": node["name"],
+                    "repositoryLocationName": node["location"]["name"],
+                }
+                return f"{node['location']['name']} ({node['name']})"
+        return None
+
+    def ticks(self, kind: str, name: str) -> list[dict[str, Any]]:
+        """Newest first; kind is "sensor" or "schedule"."""
+        state = "sensorState" if kind == "sensor" else "scheduleState"
+        field, kind_type = f"{kind}OrError", kind.capitalize()
+        selector = self.repository | {f"{kind}Name": name}
+        ticks = "ticks(limit: 50) { status timestamp runIds skipReason error { message } }"
+        data = self.query(
+            f"query($s: {kind_type}Selector!) {{ {field}({kind}Selector: $s) {{ __typename"
+            f" ... on {kind_type} {{ {state} {{ {ticks} }} }} ... on PythonError {{ message }} }} }}",
+            s=selector,
+        )[field]
+        if state not in data:
+            raise ObservationFailed(f"{kind} {name}: {data}")
+        return data[state]["ticks"]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self.query(
+            "query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { runId status jobName"
+            " creationTime startTime endTime tags { key value } } } }",
+            id=run_id,
+        )["runOrError"]
+
+    def runs_created_after(self, timestamp: float) -> list[dict[str, Any]]:
+        return self.query(
+            "query($t: Float) { runsOrError(filter: {createdAfter: $t}) { ... on Runs"
+            " { results { runId status creationTime tags { key value } } } } }",
+            t=timestamp,
+        )["runsOrError"]["results"]
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        return self.query(
+            "query($id: ID!) { logsForRun(runId: $id, limit: 10000) { __typename ... on EventConnection"
+            " { events { __typename ... on MessageEvent { message timestamp } } } } }",
+            id=run_id,
+        )["logsForRun"]["events"]
+
+    def assets(self) -> dict[str, dict[str, Any]]:
+        nodes = self.query(
+            "{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId timestamp }"
+            " freshnessStatusInfo { freshnessStatus freshnessStatusMetadata { lastMaterializedTimestamp } }"
+            " assetChecksOrError { ... on AssetChecks { checks { name"
+            " executionForLatestMaterialization { runId status } } } } } }"
+        )["assetNodes"]
+        return {"/".join(node["assetKey"]["path"]): node for node in nodes}
+
+    def wait_run_finished(self, run_id: str, timeout_s: float) -> dict[str, Any]:
+        return wait_for(
+            f"run {run_id} finished",
+            lambda: (
+                run if (run := self.run(run_id))["status"] in ("SUCCESS", "FAILURE", "CANCELED") else None
+            ),
+            timeout_s,
+        )
+
+
+def tag(run: dict[str, Any], key: str) -> str | None:
+    return next((t["value"] for t in run.get("tags", []) if t["key"] == key), None)
+
+
+def compose_environment() -> dict[str, str]:
+    """The environment docker-compose gives the Dagster services (the x-dagster anchor)."""
+    return yaml.safe_load(COMPOSE.read_text())["x-dagster"]["environment"]
+
+
+def compose_command(service: str, port: int | None = None) -> list[str]:
+    """The service's command in docker-compose.yml, run from this virtualenv; a server listens
+    on 127.0.0.1:`port` instead of the container's 0.0.0.0:3000."""
+    argv = list(yaml.safe_load(COMPOSE.read_text())["services"][service]["command"])
+    argv[0] = str(Path(sys.executable).parent / argv[0])
+    for flag, value in (("-h", "127.0.0.1"), ("-p", str(port))):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def index_digest(data_dir: Path) -> str:
+    """sha256 over the served index's files (the database and any write-ahead log)."""
+    digest = hashlib.sha256()
+    for path in sorted(data_dir.glob(f"{INDEX_FILE}*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_packages() -> str:
+    """Debian's postgresql and chromium, installed when missing (CI starts without them)."""
+    missing = [name for name, path in DEBIAN_PACKAGES.items() if not Path(path).exists()]
+    if not missing:
+        return "postgresql and chromium already installed"
+    if os.geteuid() != 0:
+        raise ObservationFailed(
+            f"missing Debian packages {missing}; run as root or `apt-get install {' '.join(missing)}`"
+        )
+    began = time.monotonic()
+    for argv in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+    ):
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+        )
+        if done.returncode != 0:
+            raise ObservationFailed(f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}")
+    return f"installed {', '.join(missing)} in {time.monotonic() - began:.0f} s"
+
+
+class Rehearsal:
+    def __init__(self, out: Path, documents: Path, max_runtime_s: int) -> None:
+        self.out = out
+        self.documents = documents
+        self.max_runtime_s = max_runtime_s
+        self.report = Report()
+        self.processes = Processes(out / "logs")
+        self.source = SourceServer(documents.read_bytes())
+        self.postgres: Postgres | None = None
+        self.home = out / "dagster_home"
+        self.data = out / "data"
+        self.port = free_port()
+        self.api = DagsterApi(f"http://127.0.0.1:{self.port}")
+        self.first_run = self.scheduled_run = self.slow_run = ""
+        self.served_digest = ""
+        self.slow_since = 0.0
+
+    def environment(self, password: str) -> dict[str, str]:
+        """The variables docker-compose gives the webserver and the daemon, valued for 127.0.0.1,
+        plus the rehearsal's two knobs: a schedule every minute and a short run limit."""
+        values = {
+            "DAGSTER_POSTGRES_HOST": "127.0.0.1",
+            "DAGSTER_POSTGRES_USER": "dagster",
+            "DAGSTER_POSTGRES_PASSWORD": password,
+            "DAGSTER_POSTGRES_DB": "dagster",
+            "DOCUMENTS_URL": self.source.url,
+            "RAG_DATA_DIR": str(self.data),
+        }
+        # No cluster can run here: without ELASTICSEARCH_* the same code serves the embedded index.
+        wanted = {name for name in compose_environment() if not name.startswith("ELASTICSEARCH_")}
+        if unknown := wanted - set(values):
+            raise ObservationFailed(
+                f"docker-compose.yml sets {sorted(unknown)}, which the rehearsal does not"
+            )
+        inherited = {
+            k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "RAG_", "ELASTICSEARCH_"))
+        }
+        return (
+            inherited
+            | values
+            | {
+                "DAGSTER_HOME": str(self.home),  # where the Dockerfile puts deploy/dagster.yaml
+                "RAG_SCHEDULE_CRON": "* * * * *",
+                "RAG_MAX_RUNTIME_S": str(self.max_runtime_s),
+            }
+        )
+
+    def run(self) -> bool:
+        observe = self.report.observe
+        password = secrets.token_urlsafe(24)
+        try:
+            observe("Debian packages", ensure_packages)
+            self.postgres = Postgres(self.processes, password)
+            observe("PostgreSQL started, Dagster database created", self.postgres.start)
+            self.source.start()
+            observe("webserver started with deploy/dagster.yaml", lambda: self.start_webserver(password))
+            observe("daemon started at the start of a minute", lambda: self.start_daemon(password))
+            observe("initial-build sensor launched the first build", self.sensor_launched_first_build)
+            observe(
+                "first build went through the run queue and succeeded", self.first_build_queued_and_succeeded
+            )
+            observe(
+                "five assets materialized by it, their checks passed", self.assets_materialized_checks_passed
+            )
+            observe("schedule ticked and its run succeeded", self.schedule_produced_run)
+            observe("freshness of raw_documents and es_index passing", self.freshness_passing)
+            observe("lineage and asset page rendered in headless Chromium", self.lineage_and_asset_pages)
+            observe("schedule launched a run against the slow source", self.slow_run_started)
+            observe("schedule tick skipped while the slow run is in progress", self.tick_skipped_for_slow_run)
+            observe("slow run failed by run monitoring past dagster/max_runtime", self.slow_run_failed)
+            observe("served index unchanged by the failed run", self.index_unchanged)
+            observe("failed run's page rendered in headless Chromium", self.failed_run_page)
+        except ObservationFailed:
+            pass
+        except KeyboardInterrupt:
+            print("interrupted; stopping what the rehearsal started", flush=True)
+        finally:
+            self.stop()
+        return self.report.held
+
+    # --- starting ---------------------------------------------------------------------------
+
+    def start_webserver(self, password: str) -> str:
+        self.home.mkdir(parents=True)
+        shutil.copyfile(INSTANCE_CONFIG, self.home / "dagster.yaml")
+        self.processes.start(
+            "dagster-webserver", compose_command("webserver", self.port), self.environment(password)
+        )
+        location = wait_for("code location loaded in the webserver", self._location_loaded, 180)
+        return f"{self.api.base_url}, code location {location}, Postgres storage, source {self.source.url}"
+
+    def _location_loaded(self) -> str | None:
+        if not self.processes.alive("dagster-webserver"):
+            raise ObservationFailed("dagster-webserver exited; see logs/dagster-webserver.log")
+        try:
+            return self.api.find_repository()
+        except requests.RequestException:
+            return None
+
+    def start_daemon(self, password: str) -> str:
+        # The schedule's first tick comes at the next minute boundary; starting early in a minute
+        # leaves the sensor that minute to launch the first build, as it would on a new deployment.
+        waited = 0.0
+        if (second := datetime.now(UTC).second) > 20:
+            waited = 61 - second
+            time.sleep(waited)
+        self.processes.start("dagster-daemon", compose_command("daemon"), self.environment(password))
+        daemons = wait_for("daemon heartbeats", self._daemons_healthy, 120)
+        return f"waited {waited:.0f} s for the minute; healthy: {daemons}"
+
+    def _daemons_healthy(self) -> str | None:
+        if not self.processes.alive("dagster-daemon"):
+            raise ObservationFailed("dagster-daemon exited; see logs/dagster-daemon.log")
+        statuses = self.api.query(
+            "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
+        )["instance"]["daemonHealth"]["allDaemonStatuses"]
+        required = [s for s in statuses if s["required"]]
+        if required and all(s["healthy"] for s in required):
+            return ", ".join(s["daemonType"] for s in required)
+        return None
+
+    # --- observations ----------------------------------------------------------------------
+
+    def sensor_launched_first_build(self) -> str:
+        tick = wait_for(
+            f"a {SENSOR} tick with a run",
+            lambda: next((t for t in self.api.ticks("sensor", SENSOR) if t["runIds"]), None),
+            150,
+        )
+        self.first_run = tick["runIds"][0]
+        run = self.api.run(self.first_run)
+        if tag(run, "dagster/sensor_name") != SENSOR:
+            raise ObservationFailed(f"run {self.first_run} has tags {run['tags']}")
+        return f"run {self.first_run} ({run['jobName']}), tag rag/trigger={tag(run, 'rag/trigger')}"
+
+    def first_build_queued_and_succeeded(self) -> str:
+        run = self.api.wait_run_finished(self.first_run, self.max_runtime_s + 120)
+        lifecycle = [e["__typename"] for e in self.api.events(self.first_run) if e["__typename"] in LIFECYCLE]
+        if run["status"] != "SUCCESS" or [k for k in lifecycle if k != "RunDequeuedEvent"] != QUEUED_PATH:
+            raise ObservationFailed(f"status {run['status']}, lifecycle events {lifecycle}")
+        return f"{' -> '.join(lifecycle)} in {run['endTime'] - run['creationTime']:.1f} s"
+
+    def assets_materialized_checks_passed(self) -> str:
+        assets = self.api.assets()
+        wrong = [
+            name
+            for name in ASSETS
+            if not assets.get(name, {}).get("assetMaterializations")
+            or assets[name]["assetMaterializations"][0]["runId"] != self.first_run
+        ]
+        if wrong:
+            raise ObservationFailed(f"not materialized by run {self.first_run}: {wrong}")
+        checks = [
+            (name, check["name"], (check["executionForLatestMaterialization"] or {}).get("status"))
+            for name in ASSETS
+            for check in assets[name]["assetChecksOrError"].get("checks", [])
+        ]
+        failing = [c for c in checks if c[2] != "SUCCEEDED"]
+        if not checks or failing:
+            raise ObservationFailed(f"checks not passed: {failing or 'no checks found'}")
+        return f"{len(ASSETS)} assets, {len(checks)} checks SUCCEEDED ({', '.join(c[1] for c in checks)})"
+
+    def schedule_produced_run(self) -> str:
+        tick = wait_for(
+            f"a {SCHEDULE} tick with a run",
+            lambda: next((t for t in self.api.ticks("schedule", SCHEDULE) if t["runIds"]), None),
+            150,
+        )
+        self.scheduled_run = tick["runIds"][0]
+        run = self.api.wait_run_finished(self.scheduled_run, self.max_runtime_s + 120)
+        if run["status"] != "SUCCESS" or tag(run, "dagster/schedule_name") != SCHEDULE:
+            raise ObservationFailed(f"run {self.scheduled_run}: status {run['status']}, tags {run['tags']}")
+        skipped = [t["skipReason"] for t in self.api.ticks("schedule", SCHEDULE) if t["status"] == "SKIPPED"]
+        ticked = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%H:%M:%S")
+        return (
+            f"tick at {ticked} UTC -> run {self.scheduled_run}, SUCCESS in "
+            f"{run['endTime'] - run['creationTime']:.1f} s; earlier skipped ticks: {skipped or 'none'}"
+        )
+
+    def freshness_passing(self) -> str:
+        refreshed = self.api.run(self.scheduled_run)["startTime"]
+
+        def passing() -> dict[str, str] | None:
+            assets = self.api.assets()
+            states = {name: assets[name]["freshnessStatusInfo"] or {} for name in FRESHNESS_ASSETS}
+            judged = {
+                name: state["freshnessStatus"]
+                for name, state in states.items()
+                if (state.get("freshnessStatusMetadata") or {}).get("lastMaterializedTimestamp", 0)
+                >= refreshed
+            }
+            return judged if len(judged) == len(states) and set(judged.values()) == {"HEALTHY"} else None
+
+        states = wait_for("freshness HEALTHY as of the refresh (evaluated every 30 s)", passing, 120)
+        return ", ".join(
+            f"{name} {state} as of run {self.scheduled_run[:8]}" for name, state in states.items()
+        )
+
+    def slow_run_started(self) -> str:
+        self.served_digest = index_digest(self.data)
+        self.slow_since = time.time()
+        self.source.slow.set()
+
+        def slow_run() -> dict[str, Any] | None:
+            runs = [
+                r for r in self.api.runs_created_after(self.slow_since) if tag(r, "dagster/schedule_name")
+            ]
+            return runs[-1] if runs and runs[-1]["status"] == "STARTED" else None
+
+        run = wait_for("a scheduled run after the source turned slow", slow_run, 150)
+        self.slow_run = run["runId"]
+        wait_for("the run reading the slow source", lambda: True if self.source.slow_requests else None, 60)
+        return f"run {self.slow_run} started; the source trickles one byte every {TRICKLE_EVERY_S:g} s"
+
+    def tick_skipped_for_slow_run(self) -> str:
+        tick = wait_for(
+            "a skipped tick naming the slow run",
+            lambda: next(
+                (
+                    t
+                    for t in self.api.ticks("schedule", SCHEDULE)
+                    if t["status"] == "SKIPPED" and self.slow_run in (t["skipReason"] or "")
+                ),
+                None,
+            ),
+            150,
+        )
+        ticked = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%H:%M:%S")
+        return f"tick at {ticked} UTC skipped: {tick['skipReason']}"
+
+    def slow_run_failed(self) -> str:
+        # Run monitoring polls every 60 s (deploy/dagster.yaml): the failure lands within a poll
+        # of the limit, plus the time the run takes to stop.
+        run = self.api.wait_run_finished(self.slow_run, self.max_runtime_s + 60 + 120)
+        messages = [e.get("message") or "" for e in self.api.events(self.slow_run)]
+        verdict = next((m for m in messages if "maximum runtime" in m), None)
+        if run["status"] != "FAILURE" or verdict is None:
+            raise ObservationFailed(f"status {run['status']}; no run-monitoring message in {messages[-5:]}")
+        return f"FAILURE after {run['endTime'] - run['startTime']:.0f} s of running: {verdict!r}"
+
+    def index_unchanged(self) -> str:
+        self.source.slow.clear()
+        digest = index_digest(self.data)
+        latest = self.api.assets()["es_index"]["assetMaterializations"][0]["runId"]
+        if digest != self.served_digest or latest != self.scheduled_run:
+            raise ObservationFailed(
+                f"index sha256 {self.served_digest[:12]} -> {digest[:12]}; es_index last from run {latest}"
+            )
+        return f"{INDEX_FILE} sha256 {digest[:16]}… before and after; es_index still from run {latest}"
+
+    def lineage_and_asset_pages(self) -> str:
+        location = self.api.repository["repositoryLocationName"]
+        return self.render(
+            {
+                "lineage": (f"/locations/{location}/asset-groups/{GROUP}", ASSETS),
+                "asset-es_index": ("/assets/es_index", ("es_index", "index_version", "chunks", "Passing")),
+            }
+        )
+
+    def failed_run_page(self) -> str:
+        return self.render({"failed-run": (f"/runs/{self.slow_run}", ("Failure", "maximum runtime"))})
+
+    def render(self, pages: dict[str, tuple[str, tuple[str, ...]]]) -> str:
+        """Screenshots of UI pages in Debian's Chromium, each only once all `expected` texts show
+        on it, so a blank or half-loaded page fails."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+        from playwright.sync_api import sync_playwright
+
+        shots = self.out / "screenshots"
+        shots.mkdir(exist_ok=True)
+        seen = []
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=DEBIAN_PACKAGES["chromium"], args=CHROMIUM_FLAGS
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                for name, (path, expected) in pages.items():
+                    page.goto(self.api.base_url + path)
+                    for text in expected:
+                        page.get_by_text(text).first.wait_for(timeout=60_000)
+                    page.wait_for_load_state("networkidle")
+                    # A first visit greets with a newsletter dialog that covers the page.
+                    with contextlib.suppress(PlaywrightTimeout):
+                        page.get_by_role("button", name="Skip").click(timeout=2_000)
+                    page.wait_for_function("!document.body.innerText.includes('Loading...')", timeout=60_000)
+                    target = shots / f"{name}.png"
+                    page.screenshot(path=target)
+                    missing = [t for t in expected if t not in page.inner_text("body")]
+                    if missing:
+                        raise ObservationFailed(f"{path}: {missing} not on the page")
+                    size = f"{target.stat().st_size:,} bytes"
+                    seen.append(f"{target.relative_to(self.out)} ({size}; shows {', '.join(expected)})")
+            finally:
+                browser.close()
+        return "; ".join(seen)
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        def stop_everything() -> str:
+            stopped = self.processes.stop_all()
+            self.source.close()
+            if self.postgres is not None:
+                self.postgres.remove()
+            left = [p for p in (POSTGRES_PORT, self.port) if port_open(p)]
+            if left:
+                raise ObservationFailed(f"still listening on {left} after stopping {stopped}")
+            if children := child_processes():
+                raise ObservationFailed(f"processes {children} of the rehearsal still running")
+            return f"stopped {stopped}; ports {POSTGRES_PORT} and {self.port} closed"
+
+        with contextlib.suppress(ObservationFailed):
+            self.report.observe("everything started was stopped", stop_everything)
+        summary = {
+            "held": self.report.held,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "max_runtime_s": self.max_runtime_s,
+            "documents": str(self.documents),
+            "source_requests": self.source.requests,
+            "observations": [asdict(o) for o in self.report.observations],
+        }
+        (self.out / "rehearsal.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / ".rehearsal", help="output folder (emptied first)")
+    parser.add_argument("--documents", type=Path, required=True, help="FAQ JSON the local source serves")
+    parser.add_argument("--max-runtime-s", type=int, default=90, help="RAG_MAX_RUNTIME_S for every run")
+    args = parser.parse_args(argv)
+    out = args.out.absolute()
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "logs").mkdir(parents=True)
+    rehearsal = Rehearsal(out, args.documents.absolute(), args.max_runtime_s)
+    held = rehearsal.run()
+    total = time.monotonic() - rehearsal.report.started
+    print(
+        f"rehearsal {'passed' if held else 'FAILED'} in {total:.0f} s; report, logs and screenshots in {out}"
+    )
+    return 0 if held else 1
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop what was started on SIGTERM too
+    sys.exit(main())
