@@ -45,7 +45,9 @@ SENSOR = "initial_index_build"
 SCHEDULE = "daily_document_refresh"
 INDEX_FILE = "index.sqlite"
 POSTGRES_PORT = 5432  # fixed in deploy/dagster.yaml
-DEBIAN_PACKAGES = {"postgresql": "/usr/lib/postgresql", "chromium": "/usr/bin/chromium"}
+CHROMIUM = "/usr/bin/chromium"
+# Debian package -> a program it installs (psql alone comes with the client package, not initdb).
+DEBIAN_PACKAGES = {"postgresql": "/usr/lib/postgresql/*/bin/initdb", "chromium": CHROMIUM}
 # Without the background-networking flags Chromium keeps dialling Google's hosts on a closed network.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -276,7 +278,10 @@ class Postgres:
     def __init__(self, processes: Processes, password: str) -> None:
         self.processes = processes
         self.password = password
-        self.bin = max(Path(DEBIAN_PACKAGES["postgresql"]).glob("*/bin"), key=lambda p: int(p.parent.name))
+        initdb = max(
+            Path("/").glob(DEBIAN_PACKAGES["postgresql"].lstrip("/")), key=lambda p: int(p.parts[-3])
+        )
+        self.bin = initdb.parent
         self.data = Path(tempfile.mkdtemp(prefix="rag-rehearsal-pg-"))
         shutil.chown(self.data, "postgres", "postgres")
 
@@ -456,7 +461,9 @@ def index_digest(data_dir: Path) -> str:
 
 def ensure_packages() -> str:
     """Debian's postgresql and chromium, installed when missing (CI starts without them)."""
-    missing = [name for name, path in DEBIAN_PACKAGES.items() if not Path(path).exists()]
+    missing = [
+        name for name, program in DEBIAN_PACKAGES.items() if not any(Path("/").glob(program.lstrip("/")))
+    ]
     if not missing:
         return "postgresql and chromium already installed"
     if os.geteuid() != 0:
@@ -748,9 +755,7 @@ class Rehearsal:
         shots.mkdir(exist_ok=True)
         seen = []
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=DEBIAN_PACKAGES["chromium"], args=CHROMIUM_FLAGS
-            )
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             try:
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 for name, (path, expected) in pages.items():
