@@ -17,4 +17,4 @@ RUN pip install --no-cache-dir --no-deps -e .
 COPY workspace.yaml ./
 COPY deploy/dagster.yaml ${DAGSTER_HOME}/dagster.yaml
 
-EXPOSE 3000
+EXPOSE 3000 8000

@@ -19,7 +19,7 @@ REHEARSE_OUT ?= .rehearsal
 REHEARSE_MAX_RUNTIME_S ?= 90
 LINTED := rag_assets rag_assets_tests benchmarks deploy
 
-.PHONY: setup lock run test lint dev bench bench-1m rehearse clean
+.PHONY: setup lock run test lint dev serve bench bench-1m bench-serve rehearse clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,14 @@ bench-1m: setup
 # The deployment without containers: Postgres, daemon, webserver, Chromium; about 8 minutes.
 rehearse: setup
 	$(PY) deploy/rehearse.py --documents $(REHEARSE_DOCUMENTS) --out $(REHEARSE_OUT) --max-runtime-s $(REHEARSE_MAX_RUNTIME_S)
+
+# `rag serve` under load (wrk, installed from Debian's packages when missing), and under a publish.
+bench-serve: setup
+	$(PY) benchmarks/serve.py --new $(BENCH_NEW) --old $(BENCH_OLD) --ground-truth ../shared/eval/ground-truth-dev.csv --out serve-bench-results.json
+
+# The retrieval service on http://127.0.0.1:8000 (docs at /docs) over the index `make run` built.
+serve: setup
+	$(VENV)/bin/rag serve
 
 lint: setup
 	$(VENV)/bin/ruff check $(LINTED)

@@ -749,7 +749,7 @@ class Rehearsal:
         """Screenshots of UI pages in Debian's Chromium, each only once all `expected` texts show
         on it, so a blank or half-loaded page fails."""
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
 
         shots = self.out / "screenshots"
         shots.mkdir(exist_ok=True)
@@ -766,7 +766,8 @@ class Rehearsal:
                     # A first visit greets with a newsletter dialog that covers the page.
                     with contextlib.suppress(PlaywrightTimeout):
                         page.get_by_role("button", name="Skip").click(timeout=2_000)
-                    page.wait_for_function("!document.body.innerText.includes('Loading...')", timeout=60_000)
+                    # Locators, not page scripts: the UI's Content-Security-Policy forbids eval.
+                    expect(page.get_by_text("Loading...", exact=True)).to_have_count(0, timeout=60_000)
                     target = shots / f"{name}.png"
                     page.screenshot(path=target)
                     missing = [t for t in expected if t not in page.inner_text("body")]

@@ -110,6 +110,20 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(f"alias {backend.alias} now points at {target}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn  # only this command needs the server
+
+    uvicorn.run(
+        "rag_assets.server:app_from_environment",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=args.access_log,
+        log_level="info",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--documents", required=True, help="source file with entry ids")
     evaluation.add_argument("--ground-truth", required=True, help="CSV: question,course,document")
     evaluation.add_argument("--k", type=int, default=5)
+
+    serve = command("serve", "answer searches over HTTP (docs at /docs)", cmd_serve, False)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="processes, each loading the model (default 1)")
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (off: it costs throughput)"
+    )
 
     command("versions", "Elasticsearch: the indices kept behind the alias", cmd_versions)
     rollback = command("rollback", "Elasticsearch: point the alias at an earlier index", cmd_rollback, False)

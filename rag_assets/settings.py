@@ -84,6 +84,11 @@ def open_backend(env: Mapping[str, str] = os.environ) -> SearchBackend:
     return cluster.open_index() if cluster is not None else EmbeddedIndex(data_dir(env))
 
 
+def api_key(env: Mapping[str, str] = os.environ) -> str | None:
+    """RAG_API_KEY: when set, `rag serve` asks every client for it (X-API-Key header)."""
+    return env.get("RAG_API_KEY") or None
+
+
 def schedule_cron(env: Mapping[str, str] = os.environ) -> str:
     return env.get("RAG_SCHEDULE_CRON") or "0 0 * * *"
 

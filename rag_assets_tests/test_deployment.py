@@ -33,24 +33,28 @@ def env_example() -> dict[str, str]:
 
 def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"elasticsearch", "postgres", "webserver", "daemon"}
+    assert set(services) == {"elasticsearch", "postgres", "webserver", "daemon", "search-api"}
     assert services["webserver"]["ports"] == ["3000:3000"]
+    assert services["search-api"]["ports"] == ["127.0.0.1:8000:8000"]  # not beyond the host
+    assert services["search-api"]["command"][:2] == ["rag", "serve"]
+    assert "/readyz" in " ".join(services["search-api"]["healthcheck"]["test"])
     assert services["elasticsearch"]["ports"] == ["9200:9200"]
     for name in ("elasticsearch", "postgres"):
         assert services[name]["healthcheck"]["test"]
         [volume] = services[name]["volumes"]
         assert volume.split(":")[0] in compose["volumes"]
-    for name in ("webserver", "daemon"):
+    for name in ("webserver", "daemon", "search-api"):
         service = services[name]
         assert service["build"] == "."
         assert service["depends_on"]["elasticsearch"]["condition"] == "service_healthy"
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
-        assert service["command"][-2:] == ["-w", "workspace.yaml"]
+    for name in ("webserver", "daemon"):
+        assert services[name]["command"][-2:] == ["-w", "workspace.yaml"]
     assert services["daemon"]["command"][:2] == ["dagster-daemon", "run"]
 
 
 def test_every_variable_has_an_example_value() -> None:
-    assert compose_variables() == {"POSTGRES_PASSWORD", "ELASTIC_PASSWORD", "DOCUMENTS_URL"}
+    assert compose_variables() == {"POSTGRES_PASSWORD", "ELASTIC_PASSWORD", "DOCUMENTS_URL", "RAG_API_KEY"}
     assert compose_variables() <= set(env_example())
 
 

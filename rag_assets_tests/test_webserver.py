@@ -113,7 +113,7 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
         "es_index": {"es_index_matches_chunks": False, "es_index_smoke_query": False},
     }
     [repository] = data["repositoriesOrError"]["nodes"]
-    assert repository["location"]["name"] == "rag_assets.definitions"
+    assert repository["location"]["name"] == "rag_assets"  # as [tool.dg.project] names it
     [schedule] = repository["schedules"]
     assert (schedule["name"], schedule["cronSchedule"], schedule["executionTimezone"]) == (
         "daily_document_refresh",

@@ -1,0 +1,215 @@
+"""`rag serve`: retrieval over HTTP, for an assistant in another process, container or language.
+
+The process loads the model once and answers from the configured backend through the same
+`Retriever` as the CLI, so answers are the CLI's. Every search reads one published version (the
+backend's snapshot), so a publish underneath is picked up by the next request, never half of it.
+The model loads beside the server: the liveness probe answers at once, readiness waits for it.
+
+The handlers are `async` on purpose: a search is about a millisecond of CPU, less than a hop to
+the thread pool would add, and one thread keeps the backend's per-version caches single-threaded.
+"""
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from elasticsearch import ApiError, TransportError
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, Field
+
+from rag_assets import settings
+from rag_assets.common.errors import RagError
+from rag_assets.index.backend import IndexStats, SearchBackend, UnknownCourseError
+from rag_assets.index.elasticsearch import describe_error
+from rag_assets.nlp.analysis import load_pipeline
+from rag_assets.retrieval import Hit, Retriever
+
+MAX_QUERY_CHARS = 1000
+MAX_COURSE_CHARS = 200
+MAX_K = 50
+API_KEY_HEADER = "X-API-Key"
+KEY_HEADER = APIKeyHeader(
+    name=API_KEY_HEADER, auto_error=False, description="required when RAG_API_KEY is set"
+)
+log = logging.getLogger("rag.serve")
+
+
+class SearchResults(BaseModel):
+    query: str
+    course: str | None
+    k: int
+    hits: list[Hit]  # each entry at its best chunk: the fields of `rag search --json`
+
+
+class CourseEntries(BaseModel):
+    course: str
+    entries: int
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reason: str | None = None
+    model: str | None = None
+    index: str | None = None
+    chunks: int | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="what was wrong; for a bad parameter, FastAPI's list naming it")
+
+
+class ModelLoader:
+    """The retriever, built in a thread at start-up so that probes answer while spaCy loads."""
+
+    def __init__(self, build: Callable[[], Retriever]) -> None:
+        self._build = build
+        self.retriever: Retriever | None = None
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.retriever = self._build()
+        except Exception as exc:  # reported by the readiness probe and every search
+            self.failure = f"the model could not be loaded: {exc}"
+            log.error(self.failure)
+        else:
+            log.info("model loaded (%s); ready when an index is published", self.retriever.fingerprint)
+
+    def get(self) -> Retriever:
+        if self.retriever is None:
+            raise HTTPException(503, self.failure or "the model is still loading; retry shortly")
+        return self.retriever
+
+
+def parameter_error(status: int, name: str, message: str, kind: str) -> HTTPException:
+    """An error about one query parameter, shaped like FastAPI's own validation errors, so
+    clients parse one format."""
+    return HTTPException(status, [{"loc": ["query", name], "msg": message, "type": kind}])
+
+
+def create_app(
+    backend: SearchBackend,
+    build_retriever: Callable[[SearchBackend], Retriever],
+    api_key: str | None = None,
+) -> FastAPI:
+    """The HTTP service over `backend`; with `api_key`, every route but the probes and the
+    documentation asks for it in the X-API-Key header."""
+    loader = ModelLoader(lambda: build_retriever(backend))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader.start()
+        yield
+
+    app = FastAPI(
+        title="rag-assets retrieval",
+        summary="Search the course FAQ index the Dagster pipeline publishes.",
+        version="1",
+        lifespan=lifespan,
+    )
+    expected_key = api_key.encode() if api_key else None
+
+    async def require_key(given: Annotated[str | None, Depends(KEY_HEADER)]) -> None:
+        # Compared in constant time; the key itself never reaches a log or a response.
+        if given is None or not secrets.compare_digest(given.encode(), expected_key or b""):
+            raise HTTPException(
+                401, f"missing or wrong {API_KEY_HEADER} header", {"WWW-Authenticate": "APIKey"}
+            )
+
+    # The schema declares the key only when the server asks for it.
+    protected = [Depends(require_key)] if expected_key else []
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorBody, "description": "API key missing or wrong"},
+        503: {"model": ErrorBody, "description": "no index published, or the model still loading"},
+    }
+
+    @app.exception_handler(RagError)
+    async def served_index_unavailable(request: Request, exc: RagError) -> JSONResponse:
+        # No index yet, a damaged one, or one analysed differently: the server's state, not the
+        # request's; the message says what to do.
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(ApiError)
+    @app.exception_handler(TransportError)
+    async def cluster_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": describe_error(exc)}, status_code=503)
+
+    @app.get(
+        "/search",
+        dependencies=protected,
+        responses={**errors, 404: {"model": ErrorBody, "description": "no such course in the served index"}},
+        tags=["retrieval"],
+    )
+    async def search(
+        query: Annotated[
+            str,
+            Query(
+                min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S", description="the question, not blank"
+            ),
+        ],
+        course: Annotated[
+            str | None, Query(min_length=1, max_length=MAX_COURSE_CHARS, description="only this course")
+        ] = None,
+        k: Annotated[int, Query(ge=1, le=MAX_K, description="entries to return")] = 5,
+    ) -> SearchResults:
+        """The k best entries for the question: lexical and vector rankings fused, each entry
+        shown at its best chunk."""
+        retriever = loader.get()
+        try:
+            hits = retriever.search(query, course=course, k=k)
+        except UnknownCourseError as exc:  # well-formed, but no such course is served
+            raise parameter_error(404, "course", str(exc), "unknown_course") from None
+        return SearchResults(query=query, course=course, k=k, hits=hits)
+
+    @app.get("/courses", dependencies=protected, responses=errors, tags=["index"])
+    async def courses() -> list[CourseEntries]:
+        """The courses of the served index and their entries."""
+        stats = backend.stats()
+        return [CourseEntries(course=c, entries=n) for c, n in sorted(stats.courses.items())]
+
+    @app.get("/stats", dependencies=protected, responses=errors, tags=["index"])
+    async def stats() -> IndexStats:
+        """What the served index holds and when it was published: the fields of `rag stats --json`."""
+        return backend.stats()
+
+    @app.get("/healthz", tags=["probes"])
+    async def liveness() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["probes"], responses={200: {"model": Readiness}, 503: {"model": Readiness}})
+    async def readiness() -> JSONResponse:
+        """Readiness: the model is loaded and an index it can query is published."""
+        if loader.retriever is None:
+            reason = loader.failure or "the model is still loading"
+            return JSONResponse(Readiness(ready=False, reason=reason).model_dump(), status_code=503)
+        retriever = loader.retriever
+        try:
+            retriever.search("readiness", k=1)  # reads the served version end to end, as a search does
+            summary = backend.stats()
+        except (RagError, ApiError, TransportError) as exc:
+            reason = describe_error(exc)
+            return JSONResponse(Readiness(ready=False, reason=reason).model_dump(), status_code=503)
+        ready = Readiness(
+            ready=True, model=retriever.fingerprint, index=summary.location, chunks=summary.chunks
+        )
+        return JSONResponse(ready.model_dump())
+
+    return app
+
+
+def app_from_environment(env: Mapping[str, str] | None = None) -> FastAPI:
+    """The service for the index the environment configures (uvicorn's factory)."""
+    env = os.environ if env is None else env
+    backend = settings.open_backend(env)
+    return create_app(backend, lambda b: Retriever(b, load_pipeline()), settings.api_key(env))
