@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 import requests
 
+from rag_assets.common.cores import usable_cores
 from rag_assets.evaluation import build_index
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.nlp.analysis import load_pipeline
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--old", required=True, help="another snapshot, published under load")
     parser.add_argument("--ground-truth", required=True, help="CSV whose questions are asked")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--workers", type=int, default=1, help="`rag serve --workers`")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="`rag serve --workers`")
     parser.add_argument("--out", default="serve-bench-results.json")
     args = parser.parse_args()
 

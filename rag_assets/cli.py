@@ -15,6 +15,7 @@ from pathlib import Path
 from elasticsearch import ApiError, TransportError
 
 from rag_assets import settings
+from rag_assets.common.cores import usable_cores
 from rag_assets.common.errors import RagError
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
 from rag_assets.index.elasticsearch import ElasticsearchIndex, describe_error
@@ -152,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="processes, each loading the model (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="processes, each with its model (default: one per core, at most 4)",
+    )
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )

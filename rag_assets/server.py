@@ -3,7 +3,7 @@
 The process loads the model once and answers from the configured backend through the same
 `Retriever` as the CLI, so answers are the CLI's. Every search reads one published version (the
 backend's snapshot), so a publish underneath is picked up by the next request, never half of it.
-The model loads beside the server: the liveness probe answers at once, readiness waits for it.
+The model loads before a worker accepts connections; readiness then waits for a usable index.
 
 The handlers are `async` on purpose: a search is about a millisecond of CPU, less than a hop to
 the thread pool would add, and one thread keeps the backend's per-version caches single-threaded.
@@ -12,7 +12,6 @@ the thread pool would add, and one thread keeps the backend's per-version caches
 import logging
 import os
 import secrets
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -64,33 +63,6 @@ class ErrorBody(BaseModel):
     detail: Any = Field(description="what was wrong; for a bad parameter, FastAPI's list naming it")
 
 
-class ModelLoader:
-    """The retriever, built in a thread at start-up so that probes answer while spaCy loads."""
-
-    def __init__(self, build: Callable[[], Retriever]) -> None:
-        self._build = build
-        self.retriever: Retriever | None = None
-        self.failure: str | None = None
-        self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _load(self) -> None:
-        try:
-            self.retriever = self._build()
-        except Exception as exc:  # reported by the readiness probe and every search
-            self.failure = f"the model could not be loaded: {exc}"
-            log.error(self.failure)
-        else:
-            log.info("model loaded (%s); ready when an index is published", self.retriever.fingerprint)
-
-    def get(self) -> Retriever:
-        if self.retriever is None:
-            raise HTTPException(503, self.failure or "the model is still loading; retry shortly")
-        return self.retriever
-
-
 def parameter_error(status: int, name: str, message: str, kind: str) -> HTTPException:
     """An error about one query parameter, shaped like FastAPI's own validation errors, so
     clients parse one format."""
@@ -104,11 +76,14 @@ def create_app(
 ) -> FastAPI:
     """The HTTP service over `backend`; with `api_key`, every route but the probes and the
     documentation asks for it in the X-API-Key header."""
-    loader = ModelLoader(lambda: build_retriever(backend))
+    served: dict[str, Retriever] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader.start()
+        # A worker accepts connections only after this: with several workers, none answers
+        # before its model is loaded, while the others serve.
+        served["retriever"] = build_retriever(backend)
+        log.info("model loaded (%s)", served["retriever"].fingerprint)
         yield
 
     app = FastAPI(
@@ -130,7 +105,7 @@ def create_app(
     protected = [Depends(require_key)] if expected_key else []
     errors: dict[int | str, dict[str, Any]] = {
         401: {"model": ErrorBody, "description": "API key missing or wrong"},
-        503: {"model": ErrorBody, "description": "no index published, or the model still loading"},
+        503: {"model": ErrorBody, "description": "no usable index is published"},
     }
 
     @app.exception_handler(RagError)
@@ -164,9 +139,8 @@ def create_app(
     ) -> SearchResults:
         """The k best entries for the question: lexical and vector rankings fused, each entry
         shown at its best chunk."""
-        retriever = loader.get()
         try:
-            hits = retriever.search(query, course=course, k=k)
+            hits = served["retriever"].search(query, course=course, k=k)
         except UnknownCourseError as exc:  # well-formed, but no such course is served
             raise parameter_error(404, "course", str(exc), "unknown_course") from None
         return SearchResults(query=query, course=course, k=k, hits=hits)
@@ -189,11 +163,8 @@ def create_app(
 
     @app.get("/readyz", tags=["probes"], responses={200: {"model": Readiness}, 503: {"model": Readiness}})
     async def readiness() -> JSONResponse:
-        """Readiness: the model is loaded and an index it can query is published."""
-        if loader.retriever is None:
-            reason = loader.failure or "the model is still loading"
-            return JSONResponse(Readiness(ready=False, reason=reason).model_dump(), status_code=503)
-        retriever = loader.retriever
+        """Readiness: an index the loaded model can query is published."""
+        retriever = served["retriever"]
         try:
             retriever.search("readiness", k=1)  # reads the served version end to end, as a search does
             summary = backend.stats()

@@ -45,13 +45,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def rag_server(data_dir: Path, log: Path, *args: str, **env: str) -> Iterator[Server]:
+def rag_server(data_dir: Path, log: Path, *args: str, workers: int = 1, **env: str) -> Iterator[Server]:
     """`rag serve` in its own process over the embedded index in `data_dir`, up when it answers."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "rag_assets.cli", "serve", "--port", str(port), *args],
+            [
+                sys.executable,
+                "-m",
+                "rag_assets.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                *args,
+            ],
             env=environment | {"RAG_DATA_DIR": str(data_dir), **env},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -166,7 +176,15 @@ def test_bad_input_is_a_4xx_naming_the_parameter(
 
 @pytest.mark.parametrize(
     "raw_query",
-    ["query=%00", "query=%ED%A0%80", "query=%FF%FE", "query=%F0%9F%98%80", "query=a&k=1e3", "query=a&k=", "k=3"],
+    [
+        "query=%00",
+        "query=%ED%A0%80",
+        "query=%FF%FE",
+        "query=%F0%9F%98%80",
+        "query=a&k=1e3",
+        "query=a&k=",
+        "k=3",
+    ],
 )
 def test_odd_bytes_get_an_answer_or_a_4xx_never_a_5xx(served: Server, raw_query: str) -> None:
     response = requests.get(f"{served.base}/search?{raw_query}", timeout=30)
@@ -199,11 +217,7 @@ def test_ready_only_once_an_index_is_published(tmp_path: Path, content_2025: Ind
         assert server.get("/healthz").status_code == 200
         not_ready = server.get("/readyz")
         assert not_ready.status_code == 503 and not_ready.json()["ready"] is False
-        deadline = time.monotonic() + 60
-        while "still loading" in (reason := server.get("/readyz").json()["reason"]):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert reason.startswith(f"no index at {tmp_path}")  # the model is loaded; the index is missing
+        assert not_ready.json()["reason"].startswith(f"no index at {tmp_path}")
         search = server.get("/search", params={"query": "join"})
         assert search.status_code == 503 and search.json()["detail"]
         assert server.get("/stats").status_code == 503
@@ -234,7 +248,7 @@ def test_no_request_fails_while_a_publish_runs(
 ) -> None:
     index = EmbeddedIndex(tmp_path)
     index.publish(content_2025)
-    with rag_server(tmp_path, tmp_path / "serve.log") as server:
+    with rag_server(tmp_path, tmp_path / "serve.log", workers=2) as server:
         wait_ready(server)
         stop = threading.Event()
         outcomes: list[str] = []

@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import multiprocessing
 import multiprocessing.pool
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from spacy.lookups import Table, load_lookups
 from spacy.tokens import Doc
 from spacy.vectors import Vectors
 
+from rag_assets.common.cores import usable_cores
 from rag_assets.common.progress import Progress
 from rag_assets.ingest.sources import stable_hash
 
@@ -150,7 +150,7 @@ def doc_terms(doc: Doc) -> TextTerms:
 
 
 def default_processes() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return usable_cores()
 
 
 @dataclass(frozen=True)
