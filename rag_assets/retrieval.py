@@ -43,17 +43,26 @@ def rank_entries(rankings: dict[str, list[str]]) -> tuple[dict[str, list[str]], 
     return entry_rankings, shown
 
 
+class QueryError(RagError):
+    """A request no search can answer; `parameter` names the culprit (the server's 422 says it)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 def check_query(query: str, k: int) -> None:
     """Refuse what no search can answer, naming the parameter."""
     if not query or not query.strip():
-        raise RagError("the query is empty")
+        raise QueryError("query", "the query is empty")
     try:
         query.encode("utf-8")
     except UnicodeEncodeError as exc:
         # Command-line arguments with invalid UTF-8 bytes arrive as lone surrogates.
-        raise RagError(f"the query is not valid UTF-8 (character {exc.start + 1} of {len(query)})") from None
+        message = f"the query is not valid UTF-8 (character {exc.start + 1} of {len(query)})"
+        raise QueryError("query", message) from None
     if k < 1:
-        raise RagError(f"k must be at least 1, got {k}")
+        raise QueryError("k", f"k must be at least 1, got {k}")
 
 
 class Retriever:

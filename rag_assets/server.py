@@ -27,7 +27,7 @@ from rag_assets.common.errors import RagError
 from rag_assets.index.backend import IndexStats, SearchBackend, UnknownCourseError
 from rag_assets.index.elasticsearch import describe_error
 from rag_assets.nlp.analysis import load_pipeline
-from rag_assets.retrieval import Hit, Retriever
+from rag_assets.retrieval import Hit, QueryError, Retriever
 
 MAX_QUERY_CHARS = 1000
 MAX_COURSE_CHARS = 200
@@ -141,6 +141,8 @@ def create_app(
         shown at its best chunk."""
         try:
             hits = served["retriever"].search(query, course=course, k=k)
+        except QueryError as exc:  # passed the schema, but nothing to search for ("\x1f" is blank too)
+            raise parameter_error(422, exc.parameter, str(exc), "value_error") from None
         except UnknownCourseError as exc:  # well-formed, but no such course is served
             raise parameter_error(404, "course", str(exc), "unknown_course") from None
         return SearchResults(query=query, course=course, k=k, hits=hits)
@@ -156,12 +158,17 @@ def create_app(
         """What the served index holds and when it was published: the fields of `rag stats --json`."""
         return backend.stats()
 
-    @app.get("/healthz", tags=["probes"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["probes"])
     async def liveness() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "alive"}
 
-    @app.get("/readyz", tags=["probes"], responses={200: {"model": Readiness}, 503: {"model": Readiness}})
+    @app.api_route(
+        "/readyz",
+        methods=["GET", "HEAD"],
+        tags=["probes"],
+        responses={200: {"model": Readiness}, 503: {"model": Readiness}},
+    )
     async def readiness() -> JSONResponse:
         """Readiness: an index the loaded model can query is published."""
         retriever = served["retriever"]
