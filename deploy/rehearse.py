@@ -390,6 +390,15 @@ class DagsterApi:
             raise ObservationFailed(f"{kind} {name}: {data}")
         return data[state]["ticks"]
 
+    def wait_tick_with_run(self, kind: str, name: str, timeout_s: float = 150) -> dict[str, Any]:
+        """The newest tick of the sensor or schedule that launched a run (a tick comes a minute
+        at most after the last, so 150 s covers one skipped tick)."""
+        return wait_for(
+            f"a {name} tick with a run",
+            lambda: next((t for t in self.ticks(kind, name) if t["runIds"]), None),
+            timeout_s,
+        )
+
     def run(self, run_id: str) -> dict[str, Any]:
         return self.query(
             "query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { runId status jobName"
@@ -607,11 +616,7 @@ class Rehearsal:
     # --- observations ----------------------------------------------------------------------
 
     def sensor_launched_first_build(self) -> str:
-        tick = wait_for(
-            f"a {SENSOR} tick with a run",
-            lambda: next((t for t in self.api.ticks("sensor", SENSOR) if t["runIds"]), None),
-            150,
-        )
+        tick = self.api.wait_tick_with_run("sensor", SENSOR)
         self.first_run = tick["runIds"][0]
         run = self.api.run(self.first_run)
         if tag(run, "dagster/sensor_name") != SENSOR:
@@ -646,11 +651,7 @@ class Rehearsal:
         return f"{len(ASSETS)} assets, {len(checks)} checks SUCCEEDED ({', '.join(c[1] for c in checks)})"
 
     def schedule_produced_run(self) -> str:
-        tick = wait_for(
-            f"a {SCHEDULE} tick with a run",
-            lambda: next((t for t in self.api.ticks("schedule", SCHEDULE) if t["runIds"]), None),
-            150,
-        )
+        tick = self.api.wait_tick_with_run("schedule", SCHEDULE)
         self.scheduled_run = tick["runIds"][0]
         run = self.api.wait_run_finished(self.scheduled_run, self.max_runtime_s + 120)
         if run["status"] != "SUCCESS" or tag(run, "dagster/schedule_name") != SCHEDULE:

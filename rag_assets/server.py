@@ -32,6 +32,10 @@ from rag_assets.retrieval import Hit, QueryError, Retriever
 MAX_QUERY_CHARS = 1000
 MAX_COURSE_CHARS = 200
 MAX_K = 50
+# A character that is not white space to any reader of the schema. `\s` differs between regex
+# engines: ECMAScript's (the schema's clients) has U+FEFF, Rust's (pydantic) has U+0085, neither
+# has \x1c-\x1f, which Python's str.strip() removes; so all of them are named.
+NOT_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
 API_KEY_HEADER = "X-API-Key"
 KEY_HEADER = APIKeyHeader(
     name=API_KEY_HEADER, auto_error=False, description="required when RAG_API_KEY is set"
@@ -129,7 +133,10 @@ def create_app(
         query: Annotated[
             str,
             Query(
-                min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S", description="the question, not blank"
+                min_length=1,
+                max_length=MAX_QUERY_CHARS,
+                pattern=NOT_BLANK,
+                description="the question, not blank",
             ),
         ],
         course: Annotated[
