@@ -57,7 +57,7 @@ bench: setup
 bench-1m: setup
 	$(PY) benchmarks/refresh.py --new $(BENCH_NEW) --scale 1000000 --scale-only --out bench-1m-results.json
 
-# The deployment without containers: Postgres, daemon, webserver, Chromium; about 8 minutes.
+# The deployment without containers: Postgres, daemon, webserver, Chromium; about 5 minutes.
 rehearse: setup
 	$(PY) deploy/rehearse.py --documents $(REHEARSE_DOCUMENTS) --out $(REHEARSE_OUT) --max-runtime-s $(REHEARSE_MAX_RUNTIME_S)
 

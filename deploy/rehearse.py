@@ -59,6 +59,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 TRICKLE_EVERY_S = 2.0
+SEARCH_QUESTION = "Can I still join the course after the start date?"
 # A run the queue launched: enqueued by the coordinator, started by the queue daemon.
 QUEUED_PATH = ["RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent", "RunSuccessEvent"]
 LIFECYCLE = {*QUEUED_PATH, "RunDequeuedEvent"}
@@ -443,18 +444,18 @@ def tag(run: dict[str, Any], key: str) -> str | None:
     return next((t["value"] for t in run.get("tags", []) if t["key"] == key), None)
 
 
-def compose_environment() -> dict[str, str]:
-    """The environment docker-compose gives the Dagster services (the x-dagster anchor)."""
-    return yaml.safe_load(COMPOSE.read_text())["x-dagster"]["environment"]
+def compose_environment(service: str) -> dict[str, str]:
+    """The environment docker-compose gives `service` (anchors merged)."""
+    return yaml.safe_load(COMPOSE.read_text())["services"][service]["environment"]
 
 
 def compose_command(service: str, port: int | None = None) -> list[str]:
     """The service's command in docker-compose.yml, run from this virtualenv; a server listens
-    on 127.0.0.1:`port` instead of the container's 0.0.0.0:3000."""
+    on 127.0.0.1:`port` instead of the container's 0.0.0.0."""
     argv = list(yaml.safe_load(COMPOSE.read_text())["services"][service]["command"])
     argv[0] = str(Path(sys.executable).parent / argv[0])
-    for flag, value in (("-h", "127.0.0.1"), ("-p", str(port))):
-        if flag in argv:
+    for flags, value in ((("-h", "--host"), "127.0.0.1"), (("-p", "--port"), str(port))):
+        for flag in set(flags) & set(argv):
             argv[argv.index(flag) + 1] = value
     return argv
 
@@ -508,20 +509,30 @@ class Rehearsal:
         self.first_run = self.scheduled_run = self.slow_run = ""
         self.served_digest = ""
         self.slow_since = 0.0
+        # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
+        self.password = secrets.token_urlsafe(24)
+        self.api_key = secrets.token_urlsafe(24)
+        self.search_port = free_port()
+        self.search = requests.Session()
+        self.search.headers["X-API-Key"] = self.api_key
+        self.search_base = f"http://127.0.0.1:{self.search_port}"
+        self.answer_before_slow_run: list[str] = []
+        self.search_failures: list[str] = []
 
-    def environment(self, password: str) -> dict[str, str]:
-        """The variables docker-compose gives the webserver and the daemon, valued for 127.0.0.1,
-        plus the rehearsal's two knobs: a schedule every minute and a short run limit."""
+    def environment(self, service: str) -> dict[str, str]:
+        """The variables docker-compose gives `service`, valued for 127.0.0.1, plus the
+        rehearsal's two knobs: a schedule every minute and a short run limit."""
         values = {
             "DAGSTER_POSTGRES_HOST": "127.0.0.1",
             "DAGSTER_POSTGRES_USER": "dagster",
-            "DAGSTER_POSTGRES_PASSWORD": password,
+            "DAGSTER_POSTGRES_PASSWORD": self.password,
             "DAGSTER_POSTGRES_DB": "dagster",
             "DOCUMENTS_URL": self.source.url,
             "RAG_DATA_DIR": str(self.data),
+            "RAG_API_KEY": self.api_key,
         }
         # No cluster can run here: without ELASTICSEARCH_* the same code serves the embedded index.
-        wanted = {name for name in compose_environment() if not name.startswith("ELASTICSEARCH_")}
+        wanted = {name for name in compose_environment(service) if not name.startswith("ELASTICSEARCH_")}
         if unknown := wanted - set(values):
             raise ObservationFailed(
                 f"docker-compose.yml sets {sorted(unknown)}, which the rehearsal does not"
@@ -531,7 +542,7 @@ class Rehearsal:
         }
         return (
             inherited
-            | values
+            | {name: values[name] for name in wanted}
             | {
                 "DAGSTER_HOME": str(self.home),  # where the Dockerfile puts deploy/dagster.yaml
                 "RAG_SCHEDULE_CRON": "* * * * *",
@@ -541,14 +552,14 @@ class Rehearsal:
 
     def run(self) -> bool:
         observe = self.report.observe
-        password = secrets.token_urlsafe(24)
         try:
             observe("Debian packages", ensure_packages)
-            self.postgres = Postgres(self.processes, password)
+            self.postgres = Postgres(self.processes, self.password)
             observe("PostgreSQL started, Dagster database created", self.postgres.start)
             self.source.start()
-            observe("webserver started with deploy/dagster.yaml", lambda: self.start_webserver(password))
-            observe("daemon started at the start of a minute", lambda: self.start_daemon(password))
+            observe("webserver started with deploy/dagster.yaml", self.start_webserver)
+            observe("search service up, not ready before the first build", self.start_search_service)
+            observe("daemon started at the start of a minute", self.start_daemon)
             observe("initial-build sensor launched the first build", self.sensor_launched_first_build)
             observe(
                 "first build went through the run queue and succeeded", self.first_build_queued_and_succeeded
@@ -556,6 +567,7 @@ class Rehearsal:
             observe(
                 "five assets materialized by it, their checks passed", self.assets_materialized_checks_passed
             )
+            observe("search service ready after the first build, answering with its key", self.search_answers)
             observe("schedule ticked and its run succeeded", self.schedule_produced_run)
             observe("freshness of raw_documents and es_index passing", self.freshness_passing)
             observe("lineage and asset page rendered in headless Chromium", self.lineage_and_asset_pages)
@@ -563,6 +575,7 @@ class Rehearsal:
             observe("schedule tick skipped while the slow run is in progress", self.tick_skipped_for_slow_run)
             observe("slow run failed by run monitoring past dagster/max_runtime", self.slow_run_failed)
             observe("served index unchanged by the failed run", self.index_unchanged)
+            observe("search service answered throughout, from the unchanged index", self.search_unchanged)
             observe("failed run's page rendered in headless Chromium", self.failed_run_page)
         except ObservationFailed:
             pass
@@ -574,11 +587,11 @@ class Rehearsal:
 
     # --- starting ---------------------------------------------------------------------------
 
-    def start_webserver(self, password: str) -> str:
+    def start_webserver(self) -> str:
         self.home.mkdir(parents=True)
         shutil.copyfile(INSTANCE_CONFIG, self.home / "dagster.yaml")
         self.processes.start(
-            "dagster-webserver", compose_command("webserver", self.port), self.environment(password)
+            "dagster-webserver", compose_command("webserver", self.port), self.environment("webserver")
         )
         location = wait_for("code location loaded in the webserver", self._location_loaded, 180)
         return f"{self.api.base_url}, code location {location}, Postgres storage, source {self.source.url}"
@@ -591,14 +604,62 @@ class Rehearsal:
         except requests.RequestException:
             return None
 
-    def start_daemon(self, password: str) -> str:
+    def start_search_service(self) -> str:
+        self.processes.start(
+            "search-api", compose_command("search-api", self.search_port), self.environment("search-api")
+        )
+
+        def answering() -> requests.Response | None:
+            if not self.processes.alive("search-api"):
+                raise ObservationFailed("rag serve exited; see logs/search-api.log")
+            try:
+                return self.search.get(self.search_base + "/readyz", timeout=10)
+            except requests.ConnectionError:
+                return None
+
+        readiness = wait_for("the search service answering", answering, 120, 0.5)
+        if readiness.status_code != 503:
+            raise ObservationFailed(f"/readyz answered {readiness.status_code} with no index published")
+        return f"{self.search_base}, /readyz 503: {readiness.json()['reason']}"
+
+    def search_answers(self) -> str:
+        ready = wait_for(
+            "/readyz 200",
+            lambda: r if (r := self.search.get(self.search_base + "/readyz", timeout=10)).ok else None,
+            60,
+        )
+        hits = self.ask()
+        refused = requests.get(self.search_base + "/search", params={"query": SEARCH_QUESTION}, timeout=10)
+        if not hits or refused.status_code != 401:
+            raise ObservationFailed(f"hits {hits}; without the key: {refused.status_code}")
+        return f"{ready.json()['chunks']} chunks; top hit {hits[0]!r}; without the key: 401"
+
+    def ask(self) -> list[str]:
+        """The search service's answer to one question: its hits' questions."""
+        response = self.search.get(
+            self.search_base + "/search", params={"query": SEARCH_QUESTION}, timeout=10
+        )
+        if not response.ok:
+            self.search_failures.append(f"{response.status_code} {response.text[:200]}")
+            return []
+        return [hit["question"] for hit in response.json()["hits"]]
+
+    def search_unchanged(self) -> str:
+        after = self.ask()
+        if self.search_failures or after != self.answer_before_slow_run:
+            raise ObservationFailed(
+                f"failures {self.search_failures}; {self.answer_before_slow_run} -> {after}"
+            )
+        return f"same {len(after)} hits before and after the failed run; no failed request"
+
+    def start_daemon(self) -> str:
         # The schedule's first tick comes at the next minute boundary; starting early in a minute
         # leaves the sensor that minute to launch the first build, as it would on a new deployment.
         waited = 0.0
         if (second := datetime.now(UTC).second) > 20:
             waited = 61 - second
             time.sleep(waited)
-        self.processes.start("dagster-daemon", compose_command("daemon"), self.environment(password))
+        self.processes.start("dagster-daemon", compose_command("daemon"), self.environment("daemon"))
         daemons = wait_for("daemon heartbeats", self._daemons_healthy, 120)
         return f"waited {waited:.0f} s for the minute; healthy: {daemons}"
 
@@ -684,6 +745,7 @@ class Rehearsal:
 
     def slow_run_started(self) -> str:
         self.served_digest = index_digest(self.data)
+        self.answer_before_slow_run = self.ask()
         self.slow_since = time.time()
         self.source.slow.set()
 
@@ -712,6 +774,7 @@ class Rehearsal:
             150,
         )
         ticked = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%H:%M:%S")
+        self.ask()  # the search service keeps answering while the run is stuck
         return f"tick at {ticked} UTC skipped: {tick['skipReason']}"
 
     def slow_run_failed(self) -> str:
@@ -788,12 +851,12 @@ class Rehearsal:
             self.source.close()
             if self.postgres is not None:
                 self.postgres.remove()
-            left = [p for p in (POSTGRES_PORT, self.port) if port_open(p)]
+            left = [p for p in (POSTGRES_PORT, self.port, self.search_port) if port_open(p)]
             if left:
                 raise ObservationFailed(f"still listening on {left} after stopping {stopped}")
             if children := child_processes():
                 raise ObservationFailed(f"processes {children} of the rehearsal still running")
-            return f"stopped {stopped}; ports {POSTGRES_PORT} and {self.port} closed"
+            return f"stopped {stopped}; ports {POSTGRES_PORT}, {self.port} and {self.search_port} closed"
 
         with contextlib.suppress(ObservationFailed):
             self.report.observe("everything started was stopped", stop_everything)

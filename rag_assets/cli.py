@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes, each with its model (default: one per core, at most 4)",
     )
     serve.add_argument(
-        "--access-log", action="store_true", help="log every request (off: it costs throughput)"
+        "--access-log",
+        action="store_true",
+        help="log every request line (off by default: query strings are users' questions)",
     )
 
     command("versions", "Elasticsearch: the indices kept behind the alias", cmd_versions)

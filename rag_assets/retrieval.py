@@ -83,7 +83,7 @@ class Retriever:
         terms = analyse_query(self.nlp, query)
         depth = max(self.fusion.candidates, k)
         with self.backend.snapshot():  # ranking and fetching read the same version
-            self.check_analysis()
+            self._check_analysis()
             rankings: dict[str, list[str]] = {}
             if self.fusion.weights.get("lexical", 0) > 0:
                 rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
@@ -97,7 +97,7 @@ class Retriever:
             chunks = self.backend.fetch([shown[doc_id] for doc_id, _ in fused])
         return [Hit(**asdict(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused]
 
-    def check_analysis(self) -> None:
+    def _check_analysis(self) -> None:
         """Stems ranked against lemmas would rank quietly wrong: refuse instead."""
         served = self.backend.analysis_fingerprint()
         if served != self.fingerprint:
