@@ -506,7 +506,7 @@ class Rehearsal:
         self.data = out / "data"
         self.port = free_port()
         self.api = DagsterApi(f"http://127.0.0.1:{self.port}")
-        self.first_run = self.scheduled_run = self.slow_run = ""
+        self.first_run = self.scheduled_run = self.slow_run = self.slow_run_status = ""
         self.served_digest = ""
         self.slow_since = 0.0
         # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
@@ -781,11 +781,25 @@ class Rehearsal:
         # Run monitoring polls every 60 s (deploy/dagster.yaml): the failure lands within a poll
         # of the limit, plus the time the run takes to stop.
         run = self.api.wait_run_finished(self.slow_run, self.max_runtime_s + 60 + 120)
-        messages = [e.get("message") or "" for e in self.api.events(self.slow_run)]
-        verdict = next((m for m in messages if "maximum runtime" in m), None)
-        if run["status"] != "FAILURE" or verdict is None:
-            raise ObservationFailed(f"status {run['status']}; no run-monitoring message in {messages[-5:]}")
-        return f"FAILURE after {run['endTime'] - run['startTime']:.0f} s of running: {verdict!r}"
+        events = self.api.events(self.slow_run)
+        verdict = next(
+            (
+                e["message"]
+                for e in events
+                if e["__typename"] == "RunFailureEvent" and "maximum runtime" in (e.get("message") or "")
+            ),
+            None,
+        )
+        # Run monitoring marks the run canceling, stops it, then records the failure; if the run
+        # worker's own "canceled" lands after that, Dagster 1.13 leaves the run CANCELED
+        # (dagster-io/dagster#23409). Either way the failure event is recorded.
+        if run["status"] not in ("FAILURE", "CANCELED") or verdict is None:
+            last = [f"{e['__typename']}: {e.get('message')}" for e in events[-5:]]
+            raise ObservationFailed(f"status {run['status']}; no run-monitoring failure in {last}")
+        self.slow_run_status = run["status"]
+        raced = "" if run["status"] == "FAILURE" else " (the worker's own cancellation landed after it)"
+        running = run["endTime"] - run["startTime"]
+        return f"{run['status']}{raced} after {running:.0f} s of running; run monitoring's event: {verdict!r}"
 
     def index_unchanged(self) -> str:
         self.source.slow.clear()
@@ -807,7 +821,9 @@ class Rehearsal:
         )
 
     def failed_run_page(self) -> str:
-        return self.render({"failed-run": (f"/runs/{self.slow_run}", ("Failure", "maximum runtime"))})
+        return self.render(
+            {"failed-run": (f"/runs/{self.slow_run}", (self.slow_run_status.capitalize(), "maximum runtime"))}
+        )
 
     def render(self, pages: dict[str, tuple[str, tuple[str, ...]]]) -> str:
         """Screenshots of UI pages in Debian's Chromium, each only once all `expected` texts show
