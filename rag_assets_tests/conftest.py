@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +30,35 @@ from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 EVAL = SHARED / "eval"
+
+
+RAG = shutil.which("rag", path=str(Path(sys.executable).parent)) or "rag"
+
+
+def rag(
+    *args: str | bytes,
+    data_dir: Path | None,
+    prefix: Sequence[str] = (),
+    cwd: Path | None = None,
+    **env: str,
+) -> subprocess.CompletedProcess[str]:
+    """`rag ARGS` in a subprocess; `prefix` runs it through another command (e.g. `setpriv`).
+
+    `data_dir=None` leaves RAG_DATA_DIR unset, as a user who never set it would.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAG_DATA_DIR"} | env
+    if data_dir is not None:
+        env["RAG_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [*prefix, RAG, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
+    )
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,30 +11,10 @@ import pytest
 from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
 
-from .conftest import EVAL, eval_slice
+from .conftest import EVAL, eval_slice, rag
 from .fake_elasticsearch import FakeElasticsearch
 
-RAG = shutil.which("rag", path=str(Path(sys.executable).parent)) or "rag"
 HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score"}
-
-
-def rag(
-    *args: str | bytes,
-    data_dir: Path | None,
-    prefix: Sequence[str] = (),
-    cwd: Path | None = None,
-    **env: str,
-) -> subprocess.CompletedProcess[str]:
-    """`rag ARGS` in a subprocess; `prefix` runs it through another command (e.g. `setpriv`).
-
-    `data_dir=None` leaves RAG_DATA_DIR unset, as a user who never set it would.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "RAG_DATA_DIR"} | env
-    if data_dir is not None:
-        env["RAG_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [*prefix, RAG, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
-    )
 
 
 @pytest.fixture(scope="module")

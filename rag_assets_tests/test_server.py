@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from spacy.language import Language
 
 from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets_tests.conftest import index_content
+from rag_assets_tests.conftest import free_port, index_content, rag
 
 API_KEY = "test-key-9f2c4e71"
 
@@ -36,12 +35,6 @@ class Server:
 
     def get(self, path: str, **kwargs: object) -> requests.Response:
         return requests.get(self.base + path, timeout=30, **kwargs)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager
@@ -92,15 +85,10 @@ def wait_ready(server: Server, timeout_s: float = 60) -> dict:
     return response.json()
 
 
-def rag_cli_json(data_dir: Path, *args: str) -> object:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
-    done = subprocess.run(
-        [sys.executable, "-m", "rag_assets.cli", *args, "--json"],
-        env=environment | {"RAG_DATA_DIR": str(data_dir)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def rag_json(data_dir: Path, *args: str) -> object:
+    """`rag ARGS --json` over the embedded index in `data_dir`, as the server in these tests reads it."""
+    done = rag(*args, "--json", data_dir=data_dir, ELASTICSEARCH_URL="")
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
@@ -134,7 +122,7 @@ def test_search_answers_what_the_cli_answers(
     assert response.status_code == 200
     body = response.json()
     assert (body["query"], body["course"], body["k"]) == (question, "data-engineering-zoomcamp", 3)
-    cli = rag_cli_json(data_dir, "search", question, "--course", "data-engineering-zoomcamp", "--k", "3")
+    cli = rag_json(data_dir, "search", question, "--course", "data-engineering-zoomcamp", "--k", "3")
     assert body["hits"] == cli
     assert len(body["hits"]) == 3
     assert {hit["course"] for hit in body["hits"]} == {"data-engineering-zoomcamp"}
@@ -142,7 +130,7 @@ def test_search_answers_what_the_cli_answers(
 
 def test_courses_and_stats_are_the_served_index(served: Server) -> None:
     data_dir = Path(served.log).parent
-    stats = rag_cli_json(data_dir, "stats")
+    stats = rag_json(data_dir, "stats")
     assert served.get("/stats").json() == stats
     courses = served.get("/courses").json()
     assert courses == [{"course": c, "entries": n} for c, n in sorted(stats["courses"].items())]
