@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -141,6 +142,14 @@ def check_entry_drop(
     return Verdict([], metadata)
 
 
+def hashes_digest(chunk_hashes: Iterable[tuple[str, str]]) -> str:
+    """One digest of (chunk_id, content_hash) pairs, whatever their order: what an index must hold."""
+    content = hashlib.sha256()
+    for chunk_id, content_hash in sorted(chunk_hashes):
+        content.update(f"{chunk_id}\x1f{content_hash}\x1e".encode())
+    return content.hexdigest()
+
+
 def check_index_matches(served: Mapping[str, str], chunks: pd.DataFrame) -> Verdict:
     """The served index holds exactly the current chunks, with their current content."""
     expected = dict(zip(chunks["chunk_id"], chunks["content_hash"], strict=True))
@@ -222,21 +231,26 @@ class RetrievalGate:
         return GateVerdict(not problems, "; ".join(problems) or f"passed: {summary}", figures)
 
 
-def check_smoke_query(retriever: Retriever, chunks: pd.DataFrame, top: int = 3) -> Verdict:
-    """Asking an entry's own question (one asked only once) finds that entry in the first hits."""
+def smoke_probe(chunks: pd.DataFrame) -> GroundTruth:
+    """The first entry whose question is asked only once (else the first entry)."""
     unique = chunks.drop_duplicates(["course", "question"], keep=False)
-    probe = (unique if len(unique) else chunks).iloc[0]
+    row = (unique if len(unique) else chunks).iloc[0]
+    return GroundTruth(row.question, row.course, row.doc_id)
+
+
+def check_smoke_query(retriever: Retriever, probe: GroundTruth, top: int = 3) -> Verdict:
+    """Asking an entry its own question (`smoke_probe`) finds that entry in the first hits."""
     found = [hit.doc_id for hit in retriever.search(probe.question, course=probe.course, k=top)]
     problems = (
         []
-        if probe.doc_id in found
+        if probe.document in found
         else [
             f"asked {probe.question!r} ({probe.course}): "
-            f"expected {probe.doc_id} in the first {top}, got {found}"
+            f"expected {probe.document} in the first {top}, got {found}"
         ]
     )
     return Verdict(
-        problems, {"query": probe.question, "expected_doc_id": probe.doc_id, "hits": ", ".join(found)}
+        problems, {"query": probe.question, "expected_doc_id": probe.document, "hits": ", ".join(found)}
     )
 
 

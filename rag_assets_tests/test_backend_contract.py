@@ -123,3 +123,29 @@ def test_search_and_filter(backend: SearchBackend, content: IndexContent) -> Non
         rows.question[target],
         rows.text[target],
     )
+
+
+def test_confirm_holds_only_for_the_content_the_index_was_published_from(
+    backend: SearchBackend, content: IndexContent
+) -> None:
+    assert backend.confirm("first") is None  # nothing published yet
+    backend.publish(dataclasses.replace(content, digest="first"))
+    published = backend.stats()
+    assert backend.confirm("other") is None
+    assert backend.confirm("") is None  # content of unknown origin is never confirmed unread
+    report = backend.confirm("first")
+    assert report is not None
+    assert (report.chunks, report.upserted, report.deleted, report.unchanged) == (
+        len(content.rows),
+        0,
+        0,
+        len(content.rows),
+    )
+    confirmed = backend.stats()
+    assert confirmed.published_at == published.published_at
+    assert (confirmed.confirmed_at or "") >= (published.confirmed_at or "")
+
+    keep = np.arange(len(content.rows)) % 2 == 0
+    backend.publish(dataclasses.replace(subset(content, keep), digest="second"))
+    assert backend.confirm("first") is None
+    assert backend.confirm("second") is not None

@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 from spacy.language import Language
 
+from rag_assets.common.stored import StoredValue
 from rag_assets.definitions import load_definitions, with_resources
 from rag_assets.defs.automation import JOB_NAME
 from rag_assets.defs.resources import (
@@ -148,3 +149,56 @@ def test_es_index_publishes_to_elasticsearch_with_the_key_from_the_environment(
         assert not (tmp_path / "index.sqlite").exists()
     finally:
         fake.close()
+
+
+def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    entries = [entry("c", f"How do I fix error {n}?", f"Restart service {n}.") for n in range(30)]
+    source = str(write_json(tmp_path / "flat.json", entries))
+    data_dir = tmp_path / "data"
+    assert materialize(source, data_dir, instance).success
+    published_at = EmbeddedIndex(data_dir).stats().published_at
+
+    def refuse_to_load(value: StoredValue) -> object:
+        raise AssertionError(f"the unchanged run loaded the stored {value.step}")
+
+    monkeypatch.setattr(StoredValue, "load", refuse_to_load)
+    unchanged = materialize(source, data_dir, instance)
+    assert unchanged.success
+    events = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in unchanged.get_asset_materialization_events()
+    }
+    assert set(events) == ASSET_KEYS  # all materialized: freshness sees the refresh
+    for step in ("raw_documents", "chunks", "lemmas", "embeddings"):
+        assert events[step]["stored_value"].value == "reused (inputs unchanged)"
+    assert (events["lemmas"]["computed"].value, events["lemmas"]["reused"].value) == (0, 30)
+    assert events["es_index"]["confirmed_without_reading"].value is True
+    assert events["es_index"]["upserted"].value == 0
+    evaluations = unchanged.get_asset_check_evaluations()
+    assert evaluations and all(e.passed for e in evaluations)
+    judged = {e.check_name: e.metadata["judged"].value for e in evaluations if "judged" in e.metadata}
+    assert set(judged) == {
+        "raw_documents_well_formed",
+        "chunks_well_formed",
+        "lemmas_well_formed",
+        "embeddings_well_formed",
+    }
+    assert set(judged.values()) == {"earlier, of these same values"}
+    assert EmbeddedIndex(data_dir).stats().published_at == published_at
+
+    monkeypatch.undo()
+    entries[3]["answer"] = "Reinstall service 3."
+    write_json(tmp_path / "flat.json", entries)
+    changed = materialize(source, data_dir, instance)
+    assert changed.success
+    metadata = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in changed.get_asset_materialization_events()
+    }
+    assert {metadata[step]["stored_value"].value for step in ASSET_KEYS - {"es_index"}} == {"made"}
+    assert (metadata["lemmas"]["computed"].value, metadata["lemmas"]["reused"].value) == (1, 29)
+    assert metadata["es_index"]["confirmed_without_reading"].value is False
+    assert metadata["es_index"]["upserted"].value == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -261,10 +262,9 @@ def test_index_checks(tmp_path: Path, nlp: Language, stages: tuple) -> None:
     assert stale.problems == [f"1 chunks with outdated content (first: {chunks.chunk_id[0]})"]
 
     retriever = Retriever(index, nlp)
-    assert quality.check_smoke_query(retriever, chunks).passed
-    wrong = chunks.copy()
-    wrong["doc_id"] = "someone-else"
-    assert not quality.check_smoke_query(retriever, wrong).passed
+    probe = quality.smoke_probe(chunks)
+    assert quality.check_smoke_query(retriever, probe).passed
+    assert not quality.check_smoke_query(retriever, replace(probe, document="someone-else")).passed
 
 
 # -- real runs ------------------------------------------------------------------------------

@@ -6,13 +6,16 @@ timings and the metadata shown in the Dagster UI.
 
 import time
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from rag_assets import quality
 from rag_assets.common.progress import peak_rss_mb
+from rag_assets.common.stored import StoredValue, code_digest, digest
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -21,8 +24,10 @@ from rag_assets.defs.resources import (
     SearchIndexResource,
 )
 from rag_assets.index.backend import IndexContent, PublishError, PublishRefusedError
+from rag_assets.ingest import chunking, sources
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
-from rag_assets.ingest.sources import SourceError
+from rag_assets.ingest.sources import LoadedDocuments, SourceError
+from rag_assets.nlp import analysis, cache, features
 from rag_assets.nlp.analysis import VECTOR_DIM, model_fingerprint
 from rag_assets.nlp.cache import cached_lemmas, cached_vectors
 from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors, token_counts
@@ -33,6 +38,11 @@ PREVIEW_ROWS = 5
 # Known at load time without loading the model, so the UI flags the NLP assets as unsynced when
 # the model or the analysis rules change.
 NLP_CODE_VERSION = model_fingerprint()
+# Part of every stored value's digest: editing the code that makes a value makes it anew.
+SOURCE_CODE = code_digest(sources)
+CHUNKING_CODE = code_digest(chunking)
+NLP_CODE = code_digest(analysis, features, cache)
+LOGGED_EXAMPLES = 20
 _WARN_HOURS, _FAIL_HOURS = freshness_hours()
 # On the source and on what is served: a stale index shows as stale in the UI.
 FRESHNESS = dg.FreshnessPolicy.time_window(
@@ -40,13 +50,29 @@ FRESHNESS = dg.FreshnessPolicy.time_window(
 )
 
 
-def preview(frame: pd.DataFrame, columns: list[str], width: int = 80) -> dg.MetadataValue:
+def preview(frame: pd.DataFrame, columns: list[str], width: int = 80) -> str:
+    """A Markdown table of the first rows, kept in the stored value's facts."""
     shown = (
         frame[columns]
         .head(PREVIEW_ROWS)
         .map(lambda v: (s[: width - 1] + "…") if len(s := str(v).replace("\n", " ")) > width else s)
     )
-    return dg.MetadataValue.md(shown.to_markdown(index=False))
+    return shown.to_markdown(index=False)
+
+
+def value_metadata(stored: StoredValue, started: float) -> dict[str, Any]:
+    """The facts of a step's value as Dagster metadata, and whether this run made or reused it."""
+    facts = {key: value for key, value in stored.facts.items() if not key.startswith("_")}
+    if stored.reused and "computed" in facts:  # nothing was analysed by this run
+        facts.update(computed=0, reused=facts["chunks"], cache_pruned=0, computed_per_s=0.0)
+    return {
+        **facts,
+        "preview": dg.MetadataValue.md(facts["preview"]),
+        "stored_value": "reused (inputs unchanged)" if stored.reused else "made",
+        "value_digest": stored.digest,
+        "duration_s": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def per_course(frame: pd.DataFrame) -> dict[str, int]:
@@ -57,36 +83,49 @@ def per_course(frame: pd.DataFrame) -> dict[str, int]:
 def raw_documents(
     context: dg.AssetExecutionContext, refresh_lock: RefreshLockResource, source: DocumentSourceResource
 ) -> dg.MaterializeResult:
-    """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has."""
+    """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has.
+
+    The source is read every time; it is parsed only when its bytes changed.
+    """
     started = time.perf_counter()
     try:
-        loaded = source.load()
+        fetched = source.fetch()
+        stored = refresh_lock.stored_values().find_or_make(
+            "raw_documents",
+            digest(SOURCE_CODE, source.max_entry_chars, fetched.digest),
+            lambda: documents_value(source.parse(fetched)),
+        )
     except SourceError as exc:
         # A Failure shows the reason itself in the UI instead of a wrapped traceback.
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
-    for dropped in loaded.dropped[:20]:
+    facts = stored.facts
+    for dropped in facts["dropped_examples"]:
         context.log.warning(f"dropped {dropped}")
-    if len(loaded.dropped) > 20:
-        context.log.warning(f"... and {len(loaded.dropped) - 20} more dropped entries")
-    for doc_id in loaded.renamed_ids:
+    if facts["dropped_entries"] > LOGGED_EXAMPLES:
+        context.log.warning(f"... and {facts['dropped_entries'] - LOGGED_EXAMPLES} more dropped entries")
+    for doc_id in facts["renamed_examples"]:
         context.log.warning(f"repeated source id, kept as {doc_id}")
-    frame = loaded.frame
-    context.log.info(f"{len(frame)} entries from {len(loaded.locations)} file(s), shape {loaded.shape}")
-    return dg.MaterializeResult(
-        value=frame,
-        metadata={
-            "entries": len(frame),
-            "dropped_entries": len(loaded.dropped),
-            "renamed_ids": len(loaded.renamed_ids),
-            "courses": per_course(frame),
-            "source_shape": loaded.shape,
-            "source_files": len(loaded.locations),
-            "source": loaded.locations[0],
-            "duration_s": round(time.perf_counter() - started, 3),
-            "peak_rss_mb": peak_rss_mb(),
-            "preview": preview(frame, ["doc_id", "course", "section", "question", "answer"]),
-        },
+    context.log.info(
+        f"{facts['entries']} entries from {facts['source_files']} file(s), shape {facts['source_shape']}"
+        + (" (unchanged since they were last parsed)" if stored.reused else "")
     )
+    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
+
+
+def documents_value(loaded: LoadedDocuments) -> tuple[pd.DataFrame, dict[str, Any]]:
+    frame = loaded.frame
+    return frame, {
+        "entries": len(frame),
+        "dropped_entries": len(loaded.dropped),
+        "renamed_ids": len(loaded.renamed_ids),
+        "courses": per_course(frame),
+        "source_shape": loaded.shape,
+        "source_files": len(loaded.locations),
+        "source": loaded.locations[0],
+        "preview": preview(frame, ["doc_id", "course", "section", "question", "answer"]),
+        "dropped_examples": [str(d) for d in loaded.dropped[:LOGGED_EXAMPLES]],
+        "renamed_examples": loaded.renamed_ids[:LOGGED_EXAMPLES],
+    }
 
 
 class ChunksConfig(dg.Config):
@@ -98,27 +137,34 @@ class ChunksConfig(dg.Config):
 
 @dg.asset(group_name=GROUP, kinds={"python", "pandas"})
 def chunks(
-    refresh_lock: RefreshLockResource, config: ChunksConfig, raw_documents: pd.DataFrame
+    refresh_lock: RefreshLockResource, config: ChunksConfig, raw_documents: StoredValue
 ) -> dg.MaterializeResult:
     """Searchable units: one per entry, long answers cut into overlapping windows."""
     started = time.perf_counter()
-    chunking = ChunkingConfig(config.max_chars, config.overlap_chars)
-    frame = make_chunks(raw_documents, chunking)
-    sizes = frame["text"].str.len()
-    return dg.MaterializeResult(
-        value=frame,
-        metadata={
-            "chunks": len(frame),
-            "entries": int(frame["doc_id"].nunique()),
-            "max_chars": chunking.max_chars,
-            "split_entries": int((frame["chunk_index"] > 0).groupby(frame["doc_id"]).any().sum()),
-            "max_text_chars": int(sizes.max()),
-            "mean_text_chars": round(float(sizes.mean()), 1),
-            "duration_s": round(time.perf_counter() - started, 3),
-            "peak_rss_mb": peak_rss_mb(),
-            "preview": preview(frame, ["chunk_id", "course", "question", "text"]),
-        },
+    chunking_config = ChunkingConfig(config.max_chars, config.overlap_chars)
+    stored = refresh_lock.stored_values().find_or_make(
+        "chunks",
+        digest(CHUNKING_CODE, raw_documents.digest, chunking_config.max_chars, chunking_config.overlap_chars),
+        lambda: chunks_value(make_chunks(raw_documents.load(), chunking_config), chunking_config),
     )
+    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
+
+
+def chunks_value(frame: pd.DataFrame, config: ChunkingConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    sizes = frame["text"].str.len()
+    probe = quality.smoke_probe(frame)
+    return frame, {
+        "chunks": len(frame),
+        "entries": int(frame["doc_id"].nunique()),
+        "max_chars": config.max_chars,
+        "split_entries": int((frame["chunk_index"] > 0).groupby(frame["doc_id"]).any().sum()),
+        "max_text_chars": int(sizes.max()),
+        "mean_text_chars": round(float(sizes.mean()), 1),
+        "preview": preview(frame, ["chunk_id", "course", "question", "text"]),
+        # what the es_index checks compare the served index with, without loading the chunks
+        "hashes_digest": quality.hashes_digest(zip(frame["chunk_id"], frame["content_hash"], strict=True)),
+        "smoke_probe": [probe.question, probe.course, probe.document],
+    }
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION)
@@ -126,34 +172,33 @@ def lemmas(
     context: dg.AssetExecutionContext,
     refresh_lock: RefreshLockResource,
     nlp: NlpResource,
-    chunks: pd.DataFrame,
+    chunks: StoredValue,
 ) -> dg.MaterializeResult:
     """Stemmed lemmas of each searched field, without stop words, punctuation or spaces.
 
     Only chunks whose content is not in the NLP cache are analysed; the model loads only then.
     """
     started = time.perf_counter()
-    cache = nlp.cache(context.log.warning)
-    frame, reuse = cached_lemmas(nlp.pipeline, chunks, cache, nlp.settings(), context.log.info)
-    pruned = cache.prune()
-    duration = time.perf_counter() - started
-    context.log.info(f"lemmas: {reuse.computed} chunks analysed, {reuse.reused} from the cache")
-    terms = sum(int(token_counts(frame[f"{f}_lemmas"]).sum()) for f in LEMMA_FIELDS)
-    return dg.MaterializeResult(
-        value=frame,
-        metadata={
+
+    def analyse() -> tuple[pd.DataFrame, dict[str, Any]]:
+        nlp_cache = nlp.cache(context.log.warning)
+        frame, reuse = cached_lemmas(nlp.pipeline, chunks.load(), nlp_cache, nlp.settings(), context.log.info)
+        context.log.info(f"lemmas: {reuse.computed} chunks analysed, {reuse.reused} from the cache")
+        return frame, {
             "chunks": len(frame),
             "computed": reuse.computed,
             "reused": reuse.reused,
-            "cache_pruned": pruned,
-            "terms": int(terms),
+            "cache_pruned": nlp_cache.prune(),
+            "terms": sum(int(token_counts(frame[f"{f}_lemmas"]).sum()) for f in LEMMA_FIELDS),
             "model_fingerprint": nlp.fingerprint(),
-            "duration_s": round(duration, 3),
-            "peak_rss_mb": peak_rss_mb(),
-            "computed_per_s": round(reuse.computed / max(duration, 1e-9), 1),
+            "computed_per_s": round(reuse.computed / max(time.perf_counter() - started, 1e-9), 1),
             "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
-        },
+        }
+
+    stored = refresh_lock.stored_values().find_or_make(
+        "lemmas", digest(NLP_CODE, nlp.fingerprint(), chunks.digest), analyse
     )
+    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION)
@@ -161,34 +206,36 @@ def embeddings(
     context: dg.AssetExecutionContext,
     refresh_lock: RefreshLockResource,
     nlp: NlpResource,
-    lemmas: pd.DataFrame,
+    lemmas: StoredValue,
 ) -> dg.MaterializeResult:
     """A unit-length word-vector mean per chunk, from the content words found by `lemmas`."""
     started = time.perf_counter()
-    vectors, reuse = cached_vectors(nlp.pipeline, lemmas, nlp.cache(context.log.warning))
-    zero = int((~np.any(vectors.matrix, axis=1)).sum())
-    shown = pd.DataFrame(
-        {
-            "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
-            "content words": lemmas["vector_words"].head(PREVIEW_ROWS).to_numpy(),
-            "first components": [
-                " ".join(f"{x:+.3f}" for x in row[:4]) + " …" for row in vectors.matrix[:PREVIEW_ROWS]
-            ],
-        }
-    )
-    return dg.MaterializeResult(
-        value=vectors,
-        metadata={
+
+    def embed() -> tuple[ChunkVectors, dict[str, Any]]:
+        lemma_frame = lemmas.load()
+        vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp.cache(context.log.warning))
+        shown = pd.DataFrame(
+            {
+                "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
+                "content words": lemma_frame["vector_words"].head(PREVIEW_ROWS).to_numpy(),
+                "first components": [
+                    " ".join(f"{x:+.3f}" for x in row[:4]) + " …" for row in vectors.matrix[:PREVIEW_ROWS]
+                ],
+            }
+        )
+        return vectors, {
             "chunks": len(vectors.chunk_ids),
             "computed": reuse.computed,
             "reused": reuse.reused,
             "dimensions": VECTOR_DIM,
-            "zero_vectors": zero,
-            "duration_s": round(time.perf_counter() - started, 3),
-            "peak_rss_mb": peak_rss_mb(),
+            "zero_vectors": int((~np.any(vectors.matrix, axis=1)).sum()),
             "preview": preview(shown, list(shown.columns)),
-        },
+        }
+
+    stored = refresh_lock.stored_values().find_or_make(
+        "embeddings", digest(NLP_CODE, nlp.fingerprint(), lemmas.digest), embed
     )
+    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
 
 @dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"}, freshness_policy=FRESHNESS)
@@ -198,24 +245,36 @@ def es_index(
     search_index: SearchIndexResource,
     nlp: NlpResource,
     quality_settings: QualityResource,
-    chunks: pd.DataFrame,
-    lemmas: pd.DataFrame,
-    embeddings: ChunkVectors,
+    chunks: StoredValue,
+    lemmas: StoredValue,
+    embeddings: StoredValue,
 ) -> dg.MaterializeResult:
     """The served search index: exactly the current chunks, published all at once, and only if
-    the new version answers the probe questions (and the ground truth) no worse than the live one."""
+    the new version answers the probe questions (and the ground truth) no worse than the live one.
+
+    An index published from this very content is confirmed without being read or rewritten.
+    """
     started = time.perf_counter()
     backend = search_index.backend(context.log.info)  # progress of long publishes
-    content = IndexContent.assemble(chunks, lemmas, embeddings, nlp.fingerprint())
-    gate = quality_settings.gate(nlp.pipeline, chunks)  # loads the model only if it must judge
-    try:
-        report = backend.publish(content, gate)
-    except PublishError as exc:
-        raise dg.Failure(description=str(exc), metadata=_gate_metadata(exc), allow_retries=False) from exc
-    context.log.info(
-        f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
-        f"{report.deleted} deleted, {report.unchanged} unchanged"
-    )
+    content_digest = digest(chunks.digest, lemmas.digest, embeddings.digest)
+    report = backend.confirm(content_digest)
+    confirmed = report is not None
+    if report is not None:
+        context.log.info(f"{report.location} was published from this same content: confirmed as current")
+    else:
+        chunk_frame = chunks.load()
+        content = IndexContent.assemble(
+            chunk_frame, lemmas.load(), embeddings.load(), nlp.fingerprint(), content_digest
+        )
+        gate = quality_settings.gate(nlp.pipeline, chunk_frame)  # loads the model only if it must judge
+        try:
+            report = backend.publish(content, gate)
+        except PublishError as exc:
+            raise dg.Failure(description=str(exc), metadata=_gate_metadata(exc), allow_retries=False) from exc
+        context.log.info(
+            f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
+            f"{report.deleted} deleted, {report.unchanged} unchanged"
+        )
     for warning in report.warnings:
         context.log.warning(warning)
     stats = backend.stats()
@@ -225,7 +284,7 @@ def es_index(
             **({} if report.gate is None else report.gate.metadata),
             "published_at": stats.published_at or "",
             "confirmed_at": stats.confirmed_at or "",
-            "preview": preview(courses, ["course", "entries"]),
+            "preview": dg.MetadataValue.md(preview(courses, ["course", "entries"])),
             "backend": backend.kind,
             "location": report.location,
             "entries": stats.entries,
@@ -234,6 +293,8 @@ def es_index(
             "upserted": report.upserted,
             "deleted": report.deleted,
             "unchanged": report.unchanged,
+            "content_digest": content_digest,
+            "confirmed_without_reading": confirmed,
             "index_version": report.version or "",
             "previous_index": report.previous or "",
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in report.warnings) or "none"),

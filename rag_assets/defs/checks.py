@@ -1,11 +1,17 @@
 """Asset checks: the rules of `quality.py` in Dagster. The checks up to `embeddings` are blocking,
 so bad data stops the run before `es_index` publishes it; the `es_index` checks verify what is
-served. Each check holds the data directory's lock like the assets (`refresh_lock`)."""
+served. Each check holds the data directory's lock like the assets (`refresh_lock`).
+
+A rule over stored values alone gives the same verdict for the same values (their digests) and
+thresholds, so it is kept with them and reused: a refresh that changed nothing loads nothing.
+"""
+
+from collections.abc import Callable
 
 import dagster as dg
-import pandas as pd
 
 from rag_assets import quality
+from rag_assets.common.stored import StoredValue, code_digest, digest
 from rag_assets.defs import assets
 from rag_assets.defs.resources import (
     NlpResource,
@@ -14,12 +20,12 @@ from rag_assets.defs.resources import (
     SearchIndexResource,
     environment_resources,
 )
-from rag_assets.evaluation import read_ground_truth
+from rag_assets.evaluation import GroundTruth, read_ground_truth
 from rag_assets.index.backend import IndexDamagedError, IndexNotFoundError
-from rag_assets.nlp.features import ChunkVectors
 from rag_assets.retrieval import Retriever
 
 CHUNKS = {"chunks": dg.AssetIn(key="chunks")}
+RULES_CODE = code_digest(quality)  # a changed rule judges every value again
 Context = dg.AssetCheckExecutionContext
 
 
@@ -32,20 +38,36 @@ def result(context: Context, verdict: quality.Verdict) -> dg.AssetCheckResult:
     )
 
 
-def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str) -> object | None:
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
-        return None
-    value = event.asset_materialization.metadata.get(key)
-    return None if value is None else value.value
+def memoized(
+    context: Context,
+    refresh_lock: RefreshLockResource,
+    inputs: list[StoredValue],
+    thresholds: tuple[object, ...],
+    rule: Callable[[], quality.Verdict],
+) -> dg.AssetCheckResult:
+    """`rule()`'s verdict, judged once per set of input values and thresholds."""
+    name = context.check_specs[0].key.name
+
+    def judge() -> tuple[None, dict[str, object]]:
+        verdict = rule()
+        return None, {"problems": verdict.problems, "metadata": verdict.metadata}
+
+    stored = refresh_lock.stored_values().find_or_make(
+        f"check-{name}", digest(RULES_CODE, *(value.digest for value in inputs), *thresholds), judge
+    )
+    verdict = quality.Verdict(list(stored.facts["problems"]), dict(stored.facts["metadata"]))
+    verdict.metadata["judged"] = "earlier, of these same values" if stored.reused else "now"
+    return result(context, verdict)
 
 
 @dg.asset_check(asset=assets.raw_documents, blocking=True)
 def raw_documents_well_formed(
-    context: Context, refresh_lock: RefreshLockResource, raw_documents: pd.DataFrame
+    context: Context, refresh_lock: RefreshLockResource, raw_documents: StoredValue
 ) -> dg.AssetCheckResult:
     """Entries exist, have every field, and their doc ids are unique."""
-    return result(context, quality.check_documents(raw_documents))
+    return memoized(
+        context, refresh_lock, [raw_documents], (), lambda: quality.check_documents(raw_documents.load())
+    )
 
 
 @dg.asset_check(asset=assets.raw_documents, blocking=True)
@@ -54,7 +76,7 @@ def raw_documents_count_guard(
     refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     quality_settings: QualityResource,
-    raw_documents: pd.DataFrame,
+    raw_documents: StoredValue,
 ) -> dg.AssetCheckResult:
     """The source did not lose more than the allowed share of the entries being served.
 
@@ -70,21 +92,19 @@ def raw_documents_count_guard(
         why_none = "unreadable (damaged)"
     except IndexNotFoundError:
         pass
-    verdict = quality.check_entry_drop(len(raw_documents), served, quality_settings.max_entry_drop, why_none)
+    verdict = quality.check_entry_drop(
+        raw_documents.facts["entries"], served, quality_settings.max_entry_drop, why_none
+    )
     return result(context, verdict)
 
 
 @dg.asset_check(asset=assets.chunks, blocking=True)
 def chunks_well_formed(
-    context: Context, refresh_lock: RefreshLockResource, chunks: pd.DataFrame
+    context: Context, refresh_lock: RefreshLockResource, chunks: StoredValue
 ) -> dg.AssetCheckResult:
-    """Chunk ids unique, texts present and no longer than the configured window."""
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("chunks"))
-    max_chars = (
-        event and event.asset_materialization and event.asset_materialization.metadata.get("max_chars")
-    )
-    limit = int(max_chars.value) if max_chars else assets.ChunkingConfig.max_chars
-    return result(context, quality.check_chunks(chunks, limit))
+    """Chunk ids unique, texts present and no longer than the window they were cut with."""
+    limit = chunks.facts["max_chars"]
+    return memoized(context, refresh_lock, [chunks], (), lambda: quality.check_chunks(chunks.load(), limit))
 
 
 @dg.asset_check(asset=assets.lemmas, blocking=True, additional_ins=CHUNKS)
@@ -92,13 +112,17 @@ def lemmas_well_formed(
     context: Context,
     refresh_lock: RefreshLockResource,
     quality_settings: QualityResource,
-    lemmas: pd.DataFrame,
-    chunks: pd.DataFrame,
+    lemmas: StoredValue,
+    chunks: StoredValue,
 ) -> dg.AssetCheckResult:
     """One lemma row per chunk, and few chunks without any lemma."""
-    return result(
+    share = quality_settings.max_empty_lemma_share
+    return memoized(
         context,
-        quality.check_lemmas(lemmas, list(chunks["chunk_id"]), quality_settings.max_empty_lemma_share),
+        refresh_lock,
+        [lemmas, chunks],
+        (share,),
+        lambda: quality.check_lemmas(lemmas.load(), list(chunks.load()["chunk_id"]), share),
     )
 
 
@@ -107,13 +131,17 @@ def embeddings_well_formed(
     context: Context,
     refresh_lock: RefreshLockResource,
     quality_settings: QualityResource,
-    embeddings: ChunkVectors,
-    chunks: pd.DataFrame,
+    embeddings: StoredValue,
+    chunks: StoredValue,
 ) -> dg.AssetCheckResult:
     """300 dimensions, unit length, no NaN, a bounded share of zero vectors."""
-    return result(
+    share = quality_settings.max_zero_vector_share
+    return memoized(
         context,
-        quality.check_vectors(embeddings, list(chunks["chunk_id"]), quality_settings.max_zero_vector_share),
+        refresh_lock,
+        [embeddings, chunks],
+        (share,),
+        lambda: quality.check_vectors(embeddings.load(), list(chunks.load()["chunk_id"]), share),
     )
 
 
@@ -122,10 +150,18 @@ def es_index_matches_chunks(
     context: Context,
     refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
-    chunks: pd.DataFrame,
+    chunks: StoredValue,
 ) -> dg.AssetCheckResult:
-    """The served index holds exactly the current chunks."""
-    return result(context, quality.check_index_matches(search_index.backend().chunk_hashes(), chunks))
+    """The served index holds exactly the current chunks.
+
+    What is served is read every time; the chunks are loaded only to say what differs.
+    """
+    served = search_index.backend().chunk_hashes()
+    if quality.hashes_digest(served.items()) == chunks.facts["hashes_digest"]:
+        verdict = quality.Verdict([], {"served_chunks": len(served), "expected_chunks": len(served)})
+    else:
+        verdict = quality.check_index_matches(served, chunks.load())
+    return result(context, verdict)
 
 
 @dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
@@ -134,11 +170,12 @@ def es_index_smoke_query(
     refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     nlp: NlpResource,
-    chunks: pd.DataFrame,
+    chunks: StoredValue,
 ) -> dg.AssetCheckResult:
     """Asking an entry's own question finds that entry among the first three hits."""
     retriever = Retriever(search_index.backend(), nlp.pipeline())
-    return result(context, quality.check_smoke_query(retriever, chunks))
+    probe = GroundTruth(*chunks.facts["smoke_probe"])
+    return result(context, quality.check_smoke_query(retriever, probe))
 
 
 @dg.asset_check(asset=assets.es_index)

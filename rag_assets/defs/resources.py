@@ -15,6 +15,7 @@ from spacy.language import Language
 
 from rag_assets import settings
 from rag_assets.common.lock import DirectoryBusyError, DirectoryLock
+from rag_assets.common.stored import ValueStore
 from rag_assets.evaluation import read_ground_truth
 from rag_assets.index.backend import SearchBackend
 from rag_assets.index.elasticsearch import ElasticsearchIndex, ElasticsearchSettings
@@ -22,9 +23,11 @@ from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.sources import (
     DEFAULT_DOCUMENTS_URL,
     DEFAULT_MAX_ENTRY_CHARS,
+    FetchedSource,
     Fetcher,
     LoadedDocuments,
-    load_documents,
+    fetch_source,
+    parse_source,
 )
 from rag_assets.nlp.analysis import (
     MODEL_NAME,
@@ -49,14 +52,17 @@ class DocumentSourceResource(dg.ConfigurableResource):
         default=DEFAULT_MAX_ENTRY_CHARS, description="Longer entries are dropped and counted"
     )
 
-    def load(self) -> LoadedDocuments:
+    def fetch(self) -> FetchedSource:
         fetcher = Fetcher(
             timeout_s=self.timeout_s,
             retries=self.retries,
             deadline_s=self.deadline_s,
             max_retry_after_s=self.max_retry_after_s,
         )
-        return load_documents(self.url, fetcher, self.max_entry_chars)
+        return fetch_source(self.url, fetcher)
+
+    def parse(self, fetched: FetchedSource) -> LoadedDocuments:
+        return parse_source(fetched, self.max_entry_chars)
 
 
 class NlpResource(dg.ConfigurableResource):
@@ -150,6 +156,10 @@ class RefreshLockResource(dg.ConfigurableResource):
             yield self
         finally:
             lock.release()
+
+    def stored_values(self) -> ValueStore:
+        """The steps' outputs, kept in the data directory this lock holds."""
+        return ValueStore(Path(self.data_dir) / "values")
 
 
 class QualityResource(dg.ConfigurableResource):

@@ -74,10 +74,18 @@ class IndexContent:
     rows: pd.DataFrame
     vectors: np.ndarray
     fingerprint: str  # how the rows were analysed (`model_fingerprint`); recorded by the index
+    # What the content was made from (the stored values' digests); recorded by the index, so a
+    # refresh that makes the same content can confirm it without reading it ("": unknown).
+    digest: str = ""
 
     @classmethod
     def assemble(
-        cls, chunks: pd.DataFrame, lemmas: pd.DataFrame, vectors: ChunkVectors, fingerprint: str
+        cls,
+        chunks: pd.DataFrame,
+        lemmas: pd.DataFrame,
+        vectors: ChunkVectors,
+        fingerprint: str,
+        digest: str = "",
     ) -> IndexContent:
         """Join the three upstream outputs by chunk id, refusing any mismatch between them.
 
@@ -97,7 +105,10 @@ class IndexContent:
             rows[column] = lemmas[column].to_numpy()
         rows["row_hash"] = [stable_hash(h, fingerprint) for h in rows["content_hash"]]
         return cls(
-            rows=rows[INDEX_COLUMNS], vectors=np.ascontiguousarray(vectors.matrix), fingerprint=fingerprint
+            rows=rows[INDEX_COLUMNS],
+            vectors=np.ascontiguousarray(vectors.matrix),
+            fingerprint=fingerprint,
+            digest=digest,
         )
 
 
@@ -145,6 +156,11 @@ class SearchBackend(Protocol):
         When content changed and a gate is given, the new version is built, shown to the gate
         beside the live one, and served only if the gate passes (else PublishRefusedError).
         """
+        ...
+
+    def confirm(self, digest: str) -> PublishReport | None:
+        """If the served index was published from the content named `digest` and is intact,
+        record that a refresh found it current and report so; else None: publish the content."""
         ...
 
     def snapshot(self) -> AbstractContextManager[None]:

@@ -77,13 +77,14 @@ _PROPERTIES = {
 MAPPING_VERSION = stable_hash(json.dumps(_PROPERTIES, sort_keys=True), json.dumps(_ANALYSIS, sort_keys=True))
 
 
-def index_meta(published_at: str, analysis_fingerprint: str) -> dict[str, Any]:
+def index_meta(published_at: str, content: IndexContent) -> dict[str, Any]:
     """The `_meta` a new index starts with: not complete until its publish marks it so."""
     return {
         "published_at": published_at,
         "confirmed_at": published_at,
         "mapping_version": MAPPING_VERSION,
-        "analysis_fingerprint": analysis_fingerprint,
+        "analysis_fingerprint": content.fingerprint,
+        "content_digest": content.digest,
         "complete": False,
     }
 
@@ -271,10 +272,11 @@ class ElasticsearchIndex:
         same_analysis = live_meta.get("analysis_fingerprint") == content.fingerprint
         if live is not None and not changed and not removed and same_analysis:
             # The live index already holds exactly this content: only say it was found current.
-            return replace(report, warnings=tuple(self._confirm(live, live_meta)))
+            confirmed = {**live_meta, "content_digest": content.digest}
+            return replace(report, warnings=tuple(self._confirm(live, confirmed)))
         now = datetime.now(UTC)
         name = f"{self.alias}-{now:%Y%m%d%H%M%S%f}-{uuid.uuid4().hex[:6]}"
-        meta = index_meta(now.isoformat(timespec="seconds"), content.fingerprint)
+        meta = index_meta(now.isoformat(timespec="seconds"), content)
         try:
             with self._step(name, live, "creating it"):
                 self.client.indices.create(index=name, **index_body(self.shards, self.replicas, meta))
@@ -304,6 +306,27 @@ class ElasticsearchIndex:
             self.client.options(ignore_status=404).indices.delete(index=name)
             raise
         return replace(report, version=name, gate=verdict, warnings=tuple(self._delete_old_versions()))
+
+    def confirm(self, digest: str) -> PublishReport | None:
+        try:
+            live = self.live_index()
+            meta = {} if live is None else self._meta(live)
+        except (ApiError, TransportError):
+            return None  # the publish reports the cluster's problem in its own words
+        current = meta.get("complete") and meta.get("mapping_version") == MAPPING_VERSION
+        if live is None or not digest or not current or meta.get("content_digest") != digest:
+            return None
+        chunks = int(meta.get("documents", 0))
+        return PublishReport(
+            location=self.location,
+            chunks=chunks,
+            upserted=0,
+            deleted=0,
+            unchanged=chunks,
+            version=live,
+            previous=live,
+            warnings=tuple(self._confirm(live, meta)),
+        )
 
     @contextmanager
     def _step(self, name: str, live: str | None, step: str) -> Iterator[None]:

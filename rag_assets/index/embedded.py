@@ -245,7 +245,7 @@ class EmbeddedIndex:
                     or meta.get("analysis_fingerprint") != content.fingerprint
                 )
                 now = _now()
-                updates = [("confirmed_at", now)]
+                updates = [("confirmed_at", now), ("content_digest", content.digest)]
                 if changed:
                     generation = str(int(meta.get("generation", "0")) + 1)
                     updates += [
@@ -270,6 +270,28 @@ class EmbeddedIndex:
             unchanged=len(content.rows) - upserted,
             gate=verdict,
         )
+
+    def confirm(self, digest: str) -> PublishReport | None:
+        if not digest or not self.path.exists():
+            return None
+        self.close()
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                with immediate_transaction(db):
+                    self._check_integrity(db)
+                    meta = self._meta(db)
+                    if meta.get("content_digest") != digest or meta.get("schema_version") != SCHEMA_VERSION:
+                        return None
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('confirmed_at', ?)", (_now(),)
+                    )
+                    (chunks,) = db.execute("SELECT count(*) FROM chunks").fetchone()
+            finally:
+                db.close()
+        except (IndexDamagedError, sqlite3.DatabaseError):
+            return None  # the publish reports it, sets the file aside and rebuilds it
+        return PublishReport(location=self.location, chunks=chunks, upserted=0, deleted=0, unchanged=chunks)
 
     def _check_integrity(self, db: sqlite3.Connection) -> None:
         """Every page of the served file is read: a refresh that confirms the index as current

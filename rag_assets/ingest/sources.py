@@ -97,13 +97,9 @@ class Fetcher:
         self._session.mount("https://", adapter)
 
     def read_json(self, location: str) -> Any:
-        raw = self._read_bytes(location)
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{redact(location)} is not valid JSON: {exc}") from exc
+        return parse_json(self.read_bytes(location), location)
 
-    def _read_bytes(self, location: str) -> bytes:
+    def read_bytes(self, location: str) -> bytes:
         scheme = urlsplit(location).scheme.lower()
         if scheme in ("http", "https"):
             return self._read_http(location)
@@ -165,29 +161,81 @@ class LoadedDocuments:
     renamed_ids: list[str] = field(default_factory=list)
 
 
+def parse_json(body: bytes, location: str) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{redact(location)} is not valid JSON: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    location: str
+    course: str | None  # the course a FAQ API course file holds
+    body: bytes
+
+
+@dataclass(frozen=True)
+class FetchedSource:
+    """Every file of a source, read but not parsed: enough to tell whether it changed."""
+
+    location: str
+    shape: str | None  # 'faq_api' once its index was read; the others are known when parsed
+    files: list[SourceFile]
+
+    @property
+    def digest(self) -> str:
+        content = hashlib.sha256()
+        for file in self.files:
+            content.update(f"{redact(file.location)}\x1f{file.course}\x1f{len(file.body)}\x1f".encode())
+            content.update(file.body)
+        return content.hexdigest()
+
+
+# An index of course files is small; a larger file is only parsed when it changed.
+_INDEX_MAX_BYTES = 16 << 20
+
+
+def fetch_source(location: str, fetcher: Fetcher) -> FetchedSource:
+    """Read the source's files; a FAQ API index is parsed to find its course files."""
+    top = fetcher.read_bytes(location)
+    if len(top) > _INDEX_MAX_BYTES or detect_shape(parse_json(top, location), location) != "faq_api":
+        return FetchedSource(location, None, [SourceFile(location, None, top)])
+    files = [SourceFile(location, None, top)]
+    for course_location, course in _faq_course_files(
+        parse_json(top, location), faq_base_url(location), location
+    ):
+        files.append(SourceFile(course_location, course, fetcher.read_bytes(course_location)))
+    return FetchedSource(location, "faq_api", files)
+
+
+def parse_source(fetched: FetchedSource, max_entry_chars: int = DEFAULT_MAX_ENTRY_CHARS) -> LoadedDocuments:
+    top = fetched.files[0]
+    payload = parse_json(top.body, top.location)
+    shape = fetched.shape or detect_shape(payload, top.location)
+    if shape == "zoomcamp":
+        entries = _zoomcamp_entries(payload, top.location)
+    elif shape == "faq_api":
+        if fetched.shape is None:
+            raise SourceError(f"{redact(top.location)}: an index of course files larger than 16 MB")
+        entries = []
+        for course_file in fetched.files[1:]:
+            course_payload = parse_json(course_file.body, course_file.location)
+            if not isinstance(course_payload, list):
+                raise SourceError(
+                    f"{redact(course_file.location)}: expected a list of entries, "
+                    f"got {type(course_payload).__name__}"
+                )
+            entries.extend(_raw_entries(course_payload, redact(course_file.location), course_file.course))
+    else:
+        entries = _raw_entries(payload, redact(top.location), None)
+    return build_documents(entries, shape, [file.location for file in fetched.files], max_entry_chars)
+
+
 def load_documents(
     location: str, fetcher: Fetcher, max_entry_chars: int = DEFAULT_MAX_ENTRY_CHARS
 ) -> LoadedDocuments:
-    payload = fetcher.read_json(location)
-    shape = detect_shape(payload, location)
-    locations = [location]
-    if shape == "zoomcamp":
-        entries = _zoomcamp_entries(payload, location)
-    elif shape == "faq_api":
-        base = faq_base_url(location)
-        entries = []
-        for course_location, course in _faq_course_files(payload, base, location):
-            locations.append(course_location)
-            course_payload = fetcher.read_json(course_location)
-            if not isinstance(course_payload, list):
-                raise SourceError(
-                    f"{redact(course_location)}: expected a list of entries, "
-                    f"got {type(course_payload).__name__}"
-                )
-            entries.extend(_raw_entries(course_payload, redact(course_location), course))
-    else:
-        entries = _raw_entries(payload, redact(location), None)
-    return build_documents(entries, shape, locations, max_entry_chars)
+    return parse_source(fetch_source(location, fetcher), max_entry_chars)
 
 
 def detect_shape(payload: Any, location: str) -> str:

@@ -1,0 +1,121 @@
+"""Step outputs kept on disk under the digest of everything they were made from.
+
+A refresh whose source did not change finds each step's output already made, and hands on a
+small `StoredValue` instead of recomputing, re-storing and reloading a million rows at every
+step. A digest names the inputs, settings and code of a value, so a stored value is never
+reused for anything else; only the newest few of each step are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from rag_assets.common.errors import RagError
+
+KEEP_PER_STEP = 3  # the served value, the one before it, and a candidate that was refused
+
+
+def digest(*parts: object) -> str:
+    """A stable name for a value made from `parts` (strings, numbers, other digests)."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def code_digest(*modules: ModuleType) -> str:
+    """The source of the modules that make a value: editing them makes new values."""
+    return digest(*(inspect.getsource(module) for module in modules))
+
+
+class StoredValueError(RagError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    """A handle on one stored output: what Dagster passes between steps.
+
+    `facts` are figures computed once when the value was made (counts, previews, digests of
+    columns), so a step that reuses the value can report them without loading it.
+    """
+
+    step: str
+    digest: str
+    path: str
+    facts: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+    def load(self) -> Any:
+        try:
+            with open(self.path, "rb") as stored:
+                return pickle.load(stored)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise StoredValueError(
+                f"the stored {self.step} value {self.path} cannot be read ({exc}); "
+                "delete it and run the refresh again"
+            ) from exc
+
+
+class ValueStore:
+    """`<directory>/<step>/<digest>.pkl` with its facts beside it in `<digest>.json`.
+
+    The facts file is written last, so a value counts as stored only once it is complete.
+    """
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+
+    def find(self, step: str, value_digest: str) -> StoredValue | None:
+        pickled, facts_file = self._paths(step, value_digest)
+        try:
+            facts = json.loads(facts_file.read_text())
+            if pickled.stat().st_size != facts["_bytes"]:
+                return None
+        except (OSError, ValueError, KeyError):
+            return None
+        for path in (pickled, facts_file):
+            os.utime(path)  # newest first when pruning
+        return StoredValue(step, value_digest, str(pickled), facts, reused=True)
+
+    def save(self, step: str, value_digest: str, value: Any, facts: dict[str, Any]) -> StoredValue:
+        pickled, facts_file = self._paths(step, value_digest)
+        pickled.parent.mkdir(parents=True, exist_ok=True)
+        size = _write_atomically(pickled, lambda out: pickle.dump(value, out, protocol=5))
+        facts = {**facts, "_bytes": size}
+        _write_atomically(facts_file, lambda out: out.write(json.dumps(facts).encode()))
+        self._prune(step)
+        return StoredValue(step, value_digest, str(pickled), facts)
+
+    def find_or_make(
+        self, step: str, value_digest: str, make: Callable[[], tuple[Any, dict[str, Any]]]
+    ) -> StoredValue:
+        """The stored value of this digest, or `make()`'s (value, facts) stored under it."""
+        return self.find(step, value_digest) or self.save(step, value_digest, *make())
+
+    def _paths(self, step: str, value_digest: str) -> tuple[Path, Path]:
+        folder = self.directory / step
+        return folder / f"{value_digest}.pkl", folder / f"{value_digest}.json"
+
+    def _prune(self, step: str) -> None:
+        facts = sorted((self.directory / step).glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in facts[KEEP_PER_STEP:]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".pkl").unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, write: Callable[[Any], object]) -> int:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as out:
+            write(out)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path.stat().st_size
