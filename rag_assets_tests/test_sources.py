@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import socket
 import time
@@ -67,6 +68,15 @@ def test_file_url_and_plain_path_give_the_same_documents() -> None:
     by_url = load_documents(path.as_uri(), Fetcher()).frame
     assert len(by_path) == 1002
     assert by_path.equals(by_url)
+
+
+def test_a_byte_order_mark_and_any_unicode_are_read(tmp_path: Path) -> None:
+    entries = [entry("c", "Emoji? 😀", "Yes: «ça marche» — 中文 too"), entry("c", "Plain?", "Plain.")]
+    source = tmp_path / "bom.json"
+    source.write_bytes(codecs.BOM_UTF8 + json.dumps(entries).encode())
+    frame = load_documents(str(source), Fetcher()).frame
+    assert frame["question"].tolist() == ["Emoji? 😀", "Plain?"]
+    assert frame["answer"][0] == "Yes: «ça marche» — 中文 too"
 
 
 def test_generated_ids_are_stable_and_unique_for_repeated_questions() -> None:

@@ -6,6 +6,7 @@ upstream never reaches the index; a single bad entry is dropped and reported ins
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import orjson
 import pandas as pd
 import requests
 import urllib3
@@ -162,9 +164,12 @@ class LoadedDocuments:
 
 
 def parse_json(body: bytes, location: str) -> Any:
+    """orjson parses the UTF-8 bytes directly. `json.loads` first decodes them into one str of
+    the whole document, 4 bytes a character as soon as it holds one emoji: an 88 MB source took
+    524 MB to parse with it, 270 MB with orjson, in half the time (README, Dependencies)."""
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return orjson.loads(body.removeprefix(codecs.BOM_UTF8))
+    except json.JSONDecodeError as exc:  # orjson's error is one, invalid UTF-8 included
         raise SourceError(f"{redact(location)} is not valid JSON: {exc}") from exc
 
 
