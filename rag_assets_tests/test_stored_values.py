@@ -40,6 +40,9 @@ def test_an_unreadable_value_names_its_file(tmp_path: Path) -> None:
     Path(stored.path).write_bytes(b"not a pickle")
     with pytest.raises(StoredValueError, match=r"stored chunks value .*d\.pkl cannot be read"):
         stored.load()
+    Path(stored.path).unlink()
+    with pytest.raises(StoredValueError, match=r"no longer kept .*run the whole refresh"):
+        stored.load()
 
 
 def test_a_value_without_its_facts_file_is_incomplete(tmp_path: Path) -> None:

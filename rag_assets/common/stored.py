@@ -56,6 +56,11 @@ class StoredValue:
         try:
             with open(self.path, "rb") as stored:
                 return pickle.load(stored)
+        except FileNotFoundError as exc:
+            raise StoredValueError(
+                f"the stored {self.step} value {self.path} is no longer kept (only the newest "
+                f"{KEEP_PER_STEP} of each step are); run the whole refresh, which makes it anew"
+            ) from exc
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             raise StoredValueError(
                 f"the stored {self.step} value {self.path} cannot be read ({exc}); "

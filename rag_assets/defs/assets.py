@@ -23,7 +23,12 @@ from rag_assets.defs.resources import (
     RefreshLockResource,
     SearchIndexResource,
 )
-from rag_assets.index.backend import IndexContent, PublishError, PublishRefusedError
+from rag_assets.index.backend import (
+    LEMMA_FIELD_COLUMNS,
+    IndexContent,
+    PublishError,
+    PublishRefusedError,
+)
 from rag_assets.ingest import chunking, sources
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import LoadedDocuments, SourceError
@@ -262,9 +267,12 @@ def es_index(
     if report is not None:
         context.log.info(f"{report.location} was published from this same content: confirmed as current")
     else:
+        # Only what is indexed of the lemmas, the rest let go before the next value loads: at a
+        # million chunks the three values are most of the step's memory.
+        lemma_fields = lemmas.load()[["chunk_id", *LEMMA_FIELD_COLUMNS]]
         chunk_frame = chunks.load()
         content = IndexContent.assemble(
-            chunk_frame, lemmas.load(), embeddings.load(), nlp.fingerprint(), content_digest
+            chunk_frame, lemma_fields, embeddings.load(), nlp.fingerprint(), content_digest
         )
         gate = quality_settings.gate(nlp.pipeline, chunk_frame)  # loads the model only if it must judge
         try:

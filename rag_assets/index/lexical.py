@@ -15,7 +15,7 @@ idf(t) = log((N - n(t) + 0.5) / (n(t) + 0.5)), floored at 1e-6, N rows and n(t) 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,19 +96,25 @@ def index_terms(rowids: np.ndarray, fields: Sequence[tuple[float, Sequence[str]]
     }
 
 
-def merge_postings(parts: Iterable[dict[str, Postings]]) -> dict[str, Postings]:
-    """One posting list per term from blocks of ascending, disjoint row ranges."""
+def merge_postings(parts: Iterable[dict[str, Postings]]) -> Iterator[tuple[str, Postings]]:
+    """One posting list per term, in term order, from blocks of ascending, disjoint row ranges.
+
+    A term's pieces are let go as soon as it is merged, so the postings of a million rows are
+    held once, not twice.
+    """
     pieces: dict[str, list[Postings]] = {}
     for part in parts:
         for term, postings in part.items():
             pieces.setdefault(term, []).append(postings)
-    return {
-        term: Postings(
-            np.concatenate([p.rowids for p in found]).astype(ROWID),
-            np.concatenate([p.weights for p in found]).astype(WEIGHT),
+    for term in sorted(pieces):
+        found = pieces.pop(term)
+        yield (
+            term,
+            Postings(
+                np.concatenate([p.rowids for p in found]).astype(ROWID),
+                np.concatenate([p.weights for p in found]).astype(WEIGHT),
+            ),
         )
-        for term, found in pieces.items()
-    }
 
 
 @dataclass(frozen=True)
