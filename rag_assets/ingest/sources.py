@@ -204,12 +204,13 @@ _INDEX_MAX_BYTES = 16 << 20
 def fetch_source(location: str, fetcher: Fetcher) -> FetchedSource:
     """Read the source's files; a FAQ API index is parsed to find its course files."""
     top = fetcher.read_bytes(location)
-    if len(top) > _INDEX_MAX_BYTES or detect_shape(parse_json(top, location), location) != "faq_api":
-        return FetchedSource(location, None, [SourceFile(location, None, top)])
     files = [SourceFile(location, None, top)]
-    for course_location, course in _faq_course_files(
-        parse_json(top, location), faq_base_url(location), location
-    ):
+    if len(top) > _INDEX_MAX_BYTES:
+        return FetchedSource(location, None, files)
+    index = parse_json(top, location)
+    if detect_shape(index, location) != "faq_api":
+        return FetchedSource(location, None, files)
+    for course_location, course in _faq_course_files(index, faq_base_url(location), location):
         files.append(SourceFile(course_location, course, fetcher.read_bytes(course_location)))
     return FetchedSource(location, "faq_api", files)
 
@@ -222,7 +223,9 @@ def parse_source(fetched: FetchedSource, max_entry_chars: int = DEFAULT_MAX_ENTR
         entries = _zoomcamp_entries(payload, top.location)
     elif shape == "faq_api":
         if fetched.shape is None:
-            raise SourceError(f"{redact(top.location)}: an index of course files larger than 16 MB")
+            raise SourceError(
+                f"{redact(top.location)}: an index of course files larger than {_INDEX_MAX_BYTES >> 20} MB"
+            )
         entries = []
         for course_file in fetched.files[1:]:
             course_payload = parse_json(course_file.body, course_file.location)
