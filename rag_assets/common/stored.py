@@ -21,7 +21,9 @@ from typing import Any
 
 from rag_assets.common.errors import RagError
 
-KEEP_PER_STEP = 3  # the served value, the one before it, and a candidate that was refused
+# The newest value and the one before it: enough to re-execute the last run's steps and to reuse
+# a source that changed back; at a million chunks a generation of values is 3.3 GB on disk.
+KEEP_PER_STEP = 2
 
 
 def digest(*parts: object) -> str:
