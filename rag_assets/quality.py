@@ -177,9 +177,15 @@ def check_index_matches(served: Mapping[str, str], chunks: pd.DataFrame) -> Verd
     )
 
 
-def smoke_probes(chunks: pd.DataFrame, limit: int) -> list[GroundTruth]:
-    """Entries asked their own question (questions asked only once), spread over the source."""
-    firsts = chunks[chunks["chunk_index"] == 0].drop_duplicates(["course", "question"], keep=False)
+def smoke_probes(chunk_parts: Iterable[pd.DataFrame], limit: int) -> list[GroundTruth]:
+    """Entries asked their own question (questions asked only once), spread over the source.
+
+    The chunks are read part by part, keeping only each entry's first chunk and what a probe needs.
+    """
+    firsts = pd.concat(
+        [part.loc[part["chunk_index"] == 0, ["question", "course", "doc_id"]] for part in chunk_parts],
+        ignore_index=True,
+    ).drop_duplicates(["course", "question"], keep=False)
     step = max(1, len(firsts) // max(limit, 1))
     return [
         GroundTruth(row.question, row.course, row.doc_id)

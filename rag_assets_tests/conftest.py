@@ -13,19 +13,21 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pandas as pd
 import pytest
 from spacy.language import Language
 
-from rag_assets.index.backend import IndexContent
-from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
+from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, IndexContent
+from rag_assets.ingest.chunking import CHUNK_COLUMNS, ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import Fetcher, load_documents
 from rag_assets.nlp.analysis import load_pipeline, model_fingerprint
-from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
+from rag_assets.nlp.features import ChunkVectors, embed_chunks, lemmatize_chunks
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
@@ -150,6 +152,27 @@ def index_content(
     chunks = make_chunks(documents, config)
     lemmas = lemmatize_chunks(nlp, chunks)
     return IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
+
+
+def content_rows(content: IndexContent) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows (INDEX_COLUMNS) and vectors of `content`, whole: what the tests compare and edit."""
+    blocks = list(content.blocks())
+    return pd.concat([b.rows for b in blocks], ignore_index=True), np.concatenate([b.vectors for b in blocks])
+
+
+def content_of(rows: pd.DataFrame, vectors: np.ndarray, fingerprint: str) -> IndexContent:
+    """Content holding exactly these rows (INDEX_COLUMNS, their row hashes as given) and vectors."""
+    lemmas = rows[["chunk_id", *LEMMA_FIELD_COLUMNS]]
+    content = IndexContent.assemble(
+        rows[CHUNK_COLUMNS], lemmas, ChunkVectors(list(rows.chunk_id), vectors), fingerprint
+    )
+    return replace(content, row_hashes=list(rows.row_hash))
+
+
+def subset(content: IndexContent, keep: np.ndarray) -> IndexContent:
+    """The rows of `content` where `keep` holds."""
+    rows, vectors = content_rows(content)
+    return content_of(rows[keep].reset_index(drop=True), vectors[keep], content.fingerprint)
 
 
 def load_file(path: Path | str) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from rag_assets.defs.resources import ElasticsearchResource
 from rag_assets.index.backend import IndexContent, IndexNotFoundError, SearchBackend
 from rag_assets.index.embedded import EmbeddedIndex
 
-from .conftest import index_content
+from .conftest import content_of, content_rows, index_content, subset
 from .fake_elasticsearch import FakeElasticsearch
 
 LIVE_URL = os.environ.get("ELASTICSEARCH_URL")
@@ -65,56 +65,51 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SearchBa
             index.client.options(ignore_status=404).indices.delete(index=version.name)
 
 
-def subset(content: IndexContent, keep: np.ndarray) -> IndexContent:
-    return dataclasses.replace(
-        content, rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep]
-    )
-
-
 def test_nothing_published_yet(backend: SearchBackend) -> None:
     with pytest.raises(IndexNotFoundError):
         backend.stats()
 
 
 def test_publish_and_count(backend: SearchBackend, content: IndexContent) -> None:
+    rows, _ = content_rows(content)
     report = backend.publish(content)
-    assert (report.chunks, report.upserted, report.deleted) == (len(content.rows), len(content.rows), 0)
+    assert (report.chunks, report.upserted, report.deleted) == (len(content), len(content), 0)
     stats = backend.stats()
-    assert stats.chunks == len(content.rows)
-    assert stats.entries == content.rows.doc_id.nunique() == 75
-    assert stats.courses == {c: 25 for c in content.rows.course.unique()}
+    assert stats.chunks == len(content)
+    assert stats.entries == rows.doc_id.nunique() == 75
+    assert stats.courses == {c: 25 for c in rows.course.unique()}
     assert stats.published_at
-    assert backend.chunk_hashes() == dict(zip(content.rows.chunk_id, content.rows.content_hash, strict=True))
+    assert backend.chunk_hashes() == dict(zip(rows.chunk_id, rows.content_hash, strict=True))
 
 
 def test_replace_and_delete(backend: SearchBackend, content: IndexContent) -> None:
     backend.publish(content)
-    rows = content.rows
+    rows, vectors = content_rows(content)
     removed = rows.doc_id == rows.doc_id[4]
-    changed = content.rows.copy()
+    changed = rows.copy()
     changed.loc[0, ["text_lemmas", "row_hash"]] = ["quokka marsupial", "changed"]
-    replacement = subset(dataclasses.replace(content, rows=changed), ~removed.to_numpy())
+    replacement = subset(content_of(changed, vectors, content.fingerprint), ~removed.to_numpy())
     report = backend.publish(replacement)
     assert (report.upserted, report.deleted) == (1, int(removed.sum()))
-    assert backend.stats().chunks == len(replacement.rows)
-    assert set(backend.chunk_hashes()) == set(replacement.rows.chunk_id)
+    assert backend.stats().chunks == len(replacement)
+    assert set(backend.chunk_hashes()) == set(replacement.chunk_ids)
     assert backend.fetch(list(rows.chunk_id[removed])) == {}
     assert backend.lexical_search(["quokka"], None, 5) == [rows.chunk_id[0]]
     again = backend.publish(replacement)
-    assert (again.upserted, again.deleted, again.unchanged) == (0, 0, len(replacement.rows))
+    assert (again.upserted, again.deleted, again.unchanged) == (0, 0, len(replacement))
 
 
 def test_search_and_filter(backend: SearchBackend, content: IndexContent) -> None:
     backend.publish(content)
-    rows = content.rows
+    rows, vectors = content_rows(content)
     target = 30
     own_terms = rows.question_lemmas[target].split()
     hits = backend.lexical_search(own_terms, rows.course[target], 10)
     assert rows.chunk_id[target] in hits[:3]
-    assert backend.vector_search(content.vectors[target], None, 3)[0] == rows.chunk_id[target]
+    assert backend.vector_search(vectors[target], None, 3)[0] == rows.chunk_id[target]
     for course in rows.course.unique():
         ids = backend.lexical_search(["course", "docker", "error"], course, 50)
-        ids += backend.vector_search(content.vectors[target], course, 50)
+        ids += backend.vector_search(vectors[target], course, 50)
         assert ids
         assert {chunk.course for chunk in backend.fetch(ids).values()} == {course}
     fetched = backend.fetch([rows.chunk_id[target]])[rows.chunk_id[target]]
@@ -136,16 +131,16 @@ def test_confirm_holds_only_for_the_content_the_index_was_published_from(
     report = backend.confirm("first")
     assert report is not None
     assert (report.chunks, report.upserted, report.deleted, report.unchanged) == (
-        len(content.rows),
+        len(content),
         0,
         0,
-        len(content.rows),
+        len(content),
     )
     confirmed = backend.stats()
     assert confirmed.published_at == published.published_at
     assert (confirmed.confirmed_at or "") >= (published.confirmed_at or "")
 
-    keep = np.arange(len(content.rows)) % 2 == 0
+    keep = np.arange(len(content)) % 2 == 0
     backend.publish(dataclasses.replace(subset(content, keep), digest="second"))
     assert backend.confirm("first") is None
     assert backend.confirm("second") is not None

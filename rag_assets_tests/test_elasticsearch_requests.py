@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -29,7 +28,7 @@ from rag_assets.index.elasticsearch import (
     lexical_query,
 )
 
-from .conftest import index_content
+from .conftest import content_rows, index_content, subset
 from .fake_elasticsearch import FakeElasticsearch
 
 ALIAS = "faq"
@@ -106,17 +105,18 @@ def test_first_publish_creates_maps_loads_verifies_and_swaps(
         "similarity": "cosine",
     }
 
+    rows, _ = content_rows(content)
     actions = bulk_actions(fake)
-    assert actions == [("index", cid) for cid in content.rows.chunk_id]
+    assert actions == [("index", cid) for cid in rows.chunk_id]
     first_doc = fake.calls(pattern="/_bulk$")[0].body[1]
-    assert first_doc["chunk_id"] == content.rows.chunk_id[0]
+    assert first_doc["chunk_id"] == rows.chunk_id[0]
     assert len(first_doc["vector"]) == 300
-    assert first_doc["question_lemmas"] == content.rows.question_lemmas[0]
+    assert first_doc["question_lemmas"] == rows.question_lemmas[0]
 
     [swap] = fake.calls("POST", "^/_aliases$")
     assert swap.body == {"actions": [{"add": {"index": name, "alias": ALIAS}}]}
     assert live(fake) == name
-    assert (report.upserted, report.deleted, report.previous) == (len(content.rows), 0, None)
+    assert (report.upserted, report.deleted, report.previous) == (len(content), 0, None)
 
 
 def test_bulk_is_streamed_in_bounded_chunks(fake: FakeElasticsearch, content: IndexContent) -> None:
@@ -124,7 +124,7 @@ def test_bulk_is_streamed_in_bounded_chunks(fake: FakeElasticsearch, content: In
     index.bulk_chunk_size = 50
     index.publish(content)
     sizes = [len(call.body) // 2 for call in fake.calls(pattern="/_bulk$")]
-    assert sizes == [50, 50, len(content.rows) - 100]
+    assert sizes == [50, 50, len(content) - 100]
 
 
 def test_a_refresh_reindexes_server_side_and_sends_only_the_delta(
@@ -132,11 +132,9 @@ def test_a_refresh_reindexes_server_side_and_sends_only_the_delta(
 ) -> None:
     es = backend(fake)
     first = es.publish(content).version
-    rows = edited(content, [3]).rows
-    keep = rows.index != 7
-    delta = dataclasses.replace(
-        content, rows=rows[keep].reset_index(drop=True), vectors=content.vectors[keep]
-    )
+    keep = np.arange(len(content)) != 7
+    delta = subset(edited(content, [3]), keep)
+    rows, _ = content_rows(content)
     fake.requests.clear()
 
     report = es.publish(delta)
@@ -152,7 +150,7 @@ def test_a_refresh_reindexes_server_side_and_sends_only_the_delta(
         ]
     }
     assert (report.upserted, report.deleted, report.previous) == (1, 1, first)
-    assert es.chunk_hashes() == dict(zip(delta.rows.chunk_id, delta.rows.content_hash, strict=True))
+    assert es.chunk_hashes() == dict(zip(rows.chunk_id[keep], rows.content_hash[keep], strict=True))
 
 
 def test_an_unchanged_source_writes_nothing_but_the_confirmation(
@@ -198,14 +196,15 @@ def test_an_index_with_another_mapping_is_not_reused(fake: FakeElasticsearch, co
     fake.requests.clear()
     report = es.publish(content)
     assert not fake.calls(pattern="_reindex")
-    assert len(bulk_actions(fake)) == len(content.rows) == report.upserted
+    assert len(bulk_actions(fake)) == len(content) == report.upserted
 
 
 def edited(content: IndexContent, positions: list[int], row_hash: str = "edited") -> IndexContent:
     """The same chunks with a new row hash at `positions`, as a changed answer would have."""
-    rows = content.rows.copy()
-    rows.loc[positions, "row_hash"] = row_hash
-    return replace(content, rows=rows)
+    row_hashes = list(content.row_hashes)
+    for position in positions:
+        row_hashes[position] = row_hash
+    return replace(content, row_hashes=row_hashes)
 
 
 def publish_revisions(es: ElasticsearchIndex, content: IndexContent, n: int) -> list[str]:
@@ -256,7 +255,7 @@ def test_rollback_refuses_an_incomplete_version_or_one_that_lost_documents(
         f"not rolling back to {partial}: it was never marked complete (it holds 2 documents)"
     )
     fake.indices[first].docs.popitem()
-    n = len(content.rows)
+    n = len(content)
     with pytest.raises(RagError) as damaged:
         es.rollback()
     assert str(damaged.value) == (
@@ -343,7 +342,7 @@ def test_a_bulk_item_error_fails_with_its_reason_and_removes_the_new_index(
 ) -> None:
     es = backend(fake)
     first = es.publish(content).version
-    chunk_ids = content.rows.chunk_id
+    chunk_ids = content.chunk_ids
     fake.reject_ids = {chunk_ids[2], chunk_ids[5]}
     with pytest.raises(PublishError) as error:
         es.publish(edited(content, [2, 5]))
@@ -357,8 +356,8 @@ def test_a_count_mismatch_fails_before_the_swap(fake: FakeElasticsearch, content
     fake.count_offset = -1
     with pytest.raises(
         PublishError,
-        match=rf"failed while counting its documents \(it holds {len(content.rows) - 1}, "
-        rf"expected {len(content.rows)}\); the alias faq still points at nothing$",
+        match=rf"failed while counting its documents \(it holds {len(content) - 1}, "
+        rf"expected {len(content)}\); the alias faq still points at nothing$",
     ):
         backend(fake).publish(content)
     assert_failed_publish_left_everything(fake, None)
@@ -426,9 +425,9 @@ def test_a_passing_gate_reads_the_new_version_beside_the_live_one(
     def gate(candidate: SearchBackend, served: SearchBackend | None) -> GateVerdict:
         start = len(fake.requests)
         candidate.lexical_search(["docker"], None, 3)
-        candidate.vector_search(content.vectors[0], None, 3)
-        candidate.fetch([content.rows.chunk_id[0]])
-        assert candidate.stats().chunks == len(content.rows)
+        candidate.vector_search(content_rows(content)[1][0], None, 3)
+        candidate.fetch([content.chunk_ids[0]])
+        assert candidate.stats().chunks == len(content)
         if served is not None:
             served.lexical_search(["docker"], None, 3)
         seen.append((served, [r.path for r in fake.requests[start:] if "_alias" not in r.path]))
@@ -459,13 +458,11 @@ def test_reads_inside_a_snapshot_stay_on_one_version_while_a_publish_moves_the_a
 ) -> None:
     es = backend(fake)
     first = es.publish(content).version
-    gone = content.rows.chunk_id[7]
-    keep = (content.rows.chunk_id != gone).to_numpy()
-    without = dataclasses.replace(
-        content, rows=content.rows[keep].reset_index(drop=True), vectors=content.vectors[keep]
-    )
+    rows, _ = content_rows(content)
+    gone = rows.chunk_id[7]
+    without = subset(content, (rows.chunk_id != gone).to_numpy())
     with es.snapshot():
-        hits = es.lexical_search(content.rows.question_lemmas[7].split(), None, 5)
+        hits = es.lexical_search(rows.question_lemmas[7].split(), None, 5)
         second = backend(fake).publish(without).version
         lookups = len(fake.calls("GET", "^/_alias/"))
         with es.snapshot():
@@ -473,7 +470,7 @@ def test_reads_inside_a_snapshot_stay_on_one_version_while_a_publish_moves_the_a
         stats = es.stats()
         assert len(fake.calls("GET", "^/_alias/")) == lookups  # resolved once, by the outer snapshot
     assert live(fake) == second and gone in hits and gone in fetched
-    assert stats.chunks == len(content.rows) and stats.location.endswith(f"-> {first}")
+    assert stats.chunks == len(content) and stats.location.endswith(f"-> {first}")
     assert not fake.calls(pattern=rf"^/{ALIAS}/")
     assert gone not in es.fetch(hits)  # outside a snapshot the alias is read again
     assert fake.requests[-1].path == f"/{ALIAS}/_mget"
@@ -482,7 +479,7 @@ def test_reads_inside_a_snapshot_stay_on_one_version_while_a_publish_moves_the_a
 def test_throttled_bulk_items_are_retried(fake: FakeElasticsearch, content: IndexContent) -> None:
     fake.throttle_items = 5
     report = backend(fake).publish(content)
-    assert report.upserted == len(content.rows)
+    assert report.upserted == len(content)
     bulks = fake.calls(pattern="/_bulk$")
     assert len(bulks) == 2
     assert len(bulks[1].body) // 2 == 5  # only the rejected items are sent again
@@ -492,7 +489,7 @@ def test_queries(fake: FakeElasticsearch, content: IndexContent) -> None:
     es = backend(fake)
     es.publish(content)
     fake.requests.clear()
-    vector = content.vectors[0]
+    vector = content_rows(content)[1][0]
     es.lexical_search(["join", "course"], "data-engineering-zoomcamp", 7)
     es.vector_search(vector, "data-engineering-zoomcamp", 7)
     es.fetch(["a-0", "b-0"])

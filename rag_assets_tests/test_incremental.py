@@ -19,7 +19,7 @@ from rag_assets.nlp.cache import CACHE_FILENAME, NlpCache, cached_lemmas, cached
 from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
 from rag_assets.retrieval import Retriever
 
-from .conftest import DATA, load_file
+from .conftest import DATA, content_rows, load_file
 from .fake_elasticsearch import FakeElasticsearch
 
 
@@ -143,8 +143,9 @@ def test_a_delta_refresh_equals_a_cold_build(
     old, _ = build(nlp, old_docs, cache)
     new, computed = build(nlp, new_docs, cache)
 
-    old_hashes = dict(zip(old.rows.chunk_id, old.rows.content_hash, strict=True))
-    new_hashes = dict(zip(new.rows.chunk_id, new.rows.content_hash, strict=True))
+    old_rows, new_rows = content_rows(old)[0], content_rows(new)[0]
+    old_hashes = dict(zip(old_rows.chunk_id, old_rows.content_hash, strict=True))
+    new_hashes = dict(zip(new_rows.chunk_id, new_rows.content_hash, strict=True))
     changed_chunks = {c for c, h in new_hashes.items() if old_hashes.get(c) != h}
     removed_chunks = set(old_hashes) - set(new_hashes)
     entries_old, entries_new = set(old_docs.doc_id), set(new_docs.doc_id)
@@ -164,7 +165,7 @@ def test_a_delta_refresh_equals_a_cold_build(
     delta_backend.publish(old)
     report = delta_backend.publish(new)
     assert (report.upserted, report.deleted) == (len(changed_chunks), len(removed_chunks))
-    assert report.unchanged == len(new.rows) - len(changed_chunks)
+    assert report.unchanged == len(new) - len(changed_chunks)
     cold_backend.publish(build(nlp, new_docs, NlpCache(tmp_path / "cold-cache", "fp"))[0])
 
     assert delta_backend.chunk_hashes() == cold_backend.chunk_hashes() == new_hashes

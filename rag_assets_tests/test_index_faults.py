@@ -22,7 +22,7 @@ from rag_assets.index.embedded import INDEX_FILENAME, EmbeddedIndex
 from rag_assets.nlp.cache import CACHE_FILENAME, NlpCache, cached_lemmas
 from rag_assets.retrieval import Retriever
 
-from .conftest import entry, index_content, write_json
+from .conftest import content_rows, entry, index_content, write_json
 from .test_cli import rag
 from .test_definitions import materialize
 
@@ -61,12 +61,10 @@ def test_a_damaged_index_is_reported_in_one_line_and_rebuilt_by_the_next_publish
 
     progress: list[str] = []
     report = EmbeddedIndex(tmp_path, log=progress.append).publish(small)
-    assert report.upserted == len(small.rows)
+    assert report.upserted == len(small)
     assert len(report.warnings) == 1 and "set aside as index.sqlite.corrupt-" in report.warnings[0]
-    assert progress[-1].startswith(
-        f"index rows: {len(small.rows)}/{len(small.rows)} "
-    )  # progress, not warnings
-    assert EmbeddedIndex(tmp_path).stats().chunks == len(small.rows)
+    assert progress[-1].startswith(f"index rows: {len(small)}/{len(small)} ")  # progress, not warnings
+    assert EmbeddedIndex(tmp_path).stats().chunks == len(small)
     assert len(list(tmp_path.glob(f"{INDEX_FILENAME}.corrupt-*"))) == 1
     assert EmbeddedIndex(tmp_path).publish(small).warnings == ()  # healed: nothing set aside again
 
@@ -92,7 +90,7 @@ def test_the_next_refresh_heals_a_damaged_index(tmp_path: Path) -> None:
 def test_a_cache_with_damaged_pages_is_set_aside_once(
     nlp: Language, small: IndexContent, tmp_path: Path
 ) -> None:
-    chunks = small.rows.drop(columns=["row_hash"])
+    chunks = content_rows(small)[0].drop(columns=["row_hash"])
     cache = NlpCache(tmp_path, "fp")
     cached_lemmas(lambda: nlp, chunks, cache)
     cache.close()
@@ -128,7 +126,7 @@ def test_a_full_disk_is_named_and_the_served_index_survives(
         message = str(raised.value)
         assert f"the disk holding {mount / INDEX_FILENAME} is full" in message, message
         assert "the served index is unchanged" in message
-        assert EmbeddedIndex(mount).stats().chunks == len(small.rows)
+        assert EmbeddedIndex(mount).stats().chunks == len(small)
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
@@ -162,7 +160,7 @@ def test_search_in_a_read_only_directory(tmp_path: Path, small: IndexContent) ->
         stats = rag("stats", data_dir=view)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("1. [")
-    assert stats.returncode == 0 and f"chunks:       {len(small.rows)}" in stats.stdout, stats.stderr
+    assert stats.returncode == 0 and f"chunks:       {len(small)}" in stats.stdout, stats.stderr
 
 
 def test_searches_during_publishes_see_one_version(

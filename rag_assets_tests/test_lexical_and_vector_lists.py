@@ -4,7 +4,6 @@ that hold every row once through incremental publishes, and a list search close 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +17,29 @@ from rag_assets.index.lexical import index_terms, searchable
 from rag_assets.index.ranking import FIELD_WEIGHTS
 from rag_assets.nlp.analysis import analyse_query
 
+from .conftest import content_of, content_rows, subset
+
 DE = "data-engineering-zoomcamp"
 
 
 def fts5_scores(content: IndexContent, terms: list[str], course: str | None) -> dict[str, float]:
     """The reference: chunk id -> FTS5's weighted bm25 score (higher is better) of every match."""
+    rows, _ = content_rows(content)
     db = sqlite3.connect(":memory:")
     columns = ", ".join(LEMMA_FIELD_COLUMNS)
     db.execute(f"CREATE VIRTUAL TABLE f USING fts5 ({columns}, tokenize = 'unicode61 remove_diacritics 0')")
     db.executemany(
         f"INSERT INTO f (rowid, {columns}) VALUES (?, ?, ?, ?)",
-        [(i, *row) for i, row in enumerate(content.rows[LEMMA_FIELD_COLUMNS].itertuples(index=False))],
+        [(i, *row) for i, row in enumerate(rows[LEMMA_FIELD_COLUMNS].itertuples(index=False))],
     )
     weights = ", ".join(str(FIELD_WEIGHTS[c.removesuffix("_lemmas")]) for c in LEMMA_FIELD_COLUMNS)
     query = " OR ".join(f'"{t}"' for t in terms)
     scores = {
-        content.rows.chunk_id[rowid]: -score
+        rows.chunk_id[rowid]: -score
         for rowid, score in db.execute(f"SELECT rowid, bm25(f, {weights}) FROM f WHERE f MATCH ?", (query,))
     }
     if course is not None:
-        wanted = set(content.rows.chunk_id[content.rows.course == course])
+        wanted = set(rows.chunk_id[rows.course == course])
         scores = {c: s for c, s in scores.items() if c in wanted}
     return scores
 
@@ -53,7 +55,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, content_2025: IndexContent) 
 def test_bm25_ranks_exactly_as_fts5(
     built: EmbeddedIndex, content_2025: IndexContent, nlp: Language, course: str | None
 ) -> None:
-    questions = list(content_2025.rows.question.drop_duplicates()[::4])[:150]
+    questions = list(content_rows(content_2025)[0].question.drop_duplicates()[::4])[:150]
     compared = 0
     for question in questions:
         terms = searchable(analyse_query(nlp, question).lemmas)
@@ -71,19 +73,15 @@ def test_bm25_ranks_exactly_as_fts5(
 def test_an_incremental_publish_scores_as_a_build_from_scratch(
     tmp_path: Path, content_2025: IndexContent, nlp: Language
 ) -> None:
-    rows = content_2025.rows
-    older = replace(
-        content_2025, rows=rows.iloc[:900].reset_index(drop=True), vectors=content_2025.vectors[:900]
-    )
+    rows, vectors = content_rows(content_2025)
+    older = subset(content_2025, np.arange(len(rows)) < 900)
     changed = rows.copy()
     changed.loc[5, ["text_lemmas", "row_hash"]] = ["zyzzyva docker", "changed"]
-    newer = replace(
-        content_2025, rows=changed.iloc[40:].reset_index(drop=True), vectors=content_2025.vectors[40:]
-    )
+    newer = subset(content_of(changed, vectors, content_2025.fingerprint), np.arange(len(rows)) >= 40)
     index = EmbeddedIndex(tmp_path / "incremental")
     index.publish(older)
     report = index.publish(newer)
-    assert (report.upserted, report.deleted) == (len(newer.rows) - 860, 40)
+    assert (report.upserted, report.deleted) == (len(newer) - 860, 40)
     for question in ["How do I install docker?", "Can I still join the course?", "zyzzyva"]:
         terms = searchable(analyse_query(nlp, question).lemmas)
         expected = fts5_scores(newer, terms, None)
@@ -123,8 +121,8 @@ def stored_lists(index: EmbeddedIndex) -> list[int]:
 
 
 def exact_top(content: IndexContent, vector: np.ndarray, k: int) -> list[str]:
-    scores = content.vectors @ vector
-    return list(content.rows.chunk_id[np.argsort(-scores, kind="stable")[:k]])
+    rows, vectors = content_rows(content)
+    return list(rows.chunk_id[np.argsort(-(vectors @ vector), kind="stable")[:k]])
 
 
 @pytest.mark.usefixtures("small_lists")
@@ -134,9 +132,9 @@ def test_vector_lists_find_the_nearest_chunks(
     index = EmbeddedIndex(tmp_path)
     index.publish(content_2025)
     stored_lists(index)
-    rows = content_2025.rows
+    rows, vectors = content_rows(content_2025)
     for position in range(0, len(rows), 97):  # a chunk's own vector finds the chunk first
-        assert index.vector_search(content_2025.vectors[position], None, 5)[0] == rows.chunk_id[position]
+        assert index.vector_search(vectors[position], None, 5)[0] == rows.chunk_id[position]
     questions = list(rows.question.drop_duplicates()[::9])[:80]
     recall = []
     for question in questions:
@@ -150,17 +148,17 @@ def test_vector_lists_find_the_nearest_chunks(
 
 @pytest.mark.usefixtures("small_lists")
 def test_incremental_publishes_keep_every_row_in_one_list(tmp_path: Path, content_2025: IndexContent) -> None:
-    rows, vectors = content_2025.rows, content_2025.vectors
+    rows, vectors = content_rows(content_2025)
     index = EmbeddedIndex(tmp_path)
-    index.publish(replace(content_2025, rows=rows.iloc[:100].reset_index(drop=True), vectors=vectors[:100]))
+    index.publish(subset(content_2025, np.arange(len(rows)) < 100))
     assert len(set(stored_lists(index))) == 100
     index.publish(content_2025)  # 10x the rows: the lists are cut afresh for the new size
     assert sqlite3.connect(index.path).execute("SELECT COUNT(*) FROM vector_lists").fetchone()[0] > 10
     changed = rows.copy()
     changed.loc[[3, 500], "row_hash"] = "changed"
-    shrunk = replace(content_2025, rows=changed.iloc[10:].reset_index(drop=True), vectors=vectors[10:])
+    shrunk = subset(content_of(changed, vectors, content_2025.fingerprint), np.arange(len(rows)) >= 10)
     report = index.publish(shrunk)
     assert (report.upserted, report.deleted) == (1, 10)
     stored_lists(index)
     position = 500 - 10
-    assert index.vector_search(shrunk.vectors[position], None, 1) == [shrunk.rows.chunk_id[position]]
+    assert index.vector_search(vectors[10 + position], None, 1) == [shrunk.chunk_ids[position]]

@@ -213,7 +213,7 @@ def test_ready_only_once_an_index_is_published(tmp_path: Path, content_2025: Ind
         assert search.status_code == 503 and search.json()["detail"]
         assert server.get("/stats").status_code == 503
         EmbeddedIndex(tmp_path).publish(content_2025)
-        assert wait_ready(server)["chunks"] == len(content_2025.rows)
+        assert wait_ready(server)["chunks"] == len(content_2025)
         assert server.get("/search", params={"query": "join"}).status_code == 200
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from rag_assets.common import stored as stored_module
 from rag_assets.common.stored import KEEP_PER_STEP, StoredValueError, ValueStore, digest
+from rag_assets.nlp.analysis import VECTOR_DIM
+from rag_assets.nlp.features import ChunkVectors
 
 
 def test_a_value_is_made_once_and_then_found_with_its_facts(tmp_path: Path) -> None:
@@ -69,3 +75,31 @@ def test_only_the_newest_values_of_a_step_are_kept(tmp_path: Path) -> None:
 def test_the_digest_depends_on_every_part_and_their_order() -> None:
     assert digest("a", 1) == digest("a", 1)
     assert len({digest("a", 1), digest("a", 2), digest(1, "a"), digest("a1")}) == 4
+
+
+def test_frames_and_vectors_are_stored_in_parts_and_read_part_by_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stored_module, "PART_ROWS", 7)
+    store = ValueStore(tmp_path)
+    frame = pd.DataFrame({"chunk_id": [f"c{i}" for i in range(20)], "n": range(20)})
+    saved = store.save("chunks", "f", frame, {})
+    assert [len(part) for part in saved.parts()] == [7, 7, 6]
+    pd.testing.assert_frame_equal(saved.load(), frame)
+    matrix = np.random.default_rng(0).random((20, VECTOR_DIM), dtype=np.float32)
+    vectors = store.save("embeddings", "v", ChunkVectors(list(frame.chunk_id), matrix), {})
+    assert [part.chunk_ids[0] for part in vectors.parts()] == ["c0", "c7", "c14"]
+    joined = vectors.load()
+    assert joined.chunk_ids == list(frame.chunk_id) and np.array_equal(joined.matrix, matrix)
+    empty = store.save("lemmas", "e", frame.head(0), {}).load()
+    assert len(empty) == 0 and list(empty.columns) == ["chunk_id", "n"]
+
+
+def test_a_value_stored_in_an_older_layout_is_made_again(tmp_path: Path) -> None:
+    store = ValueStore(tmp_path)
+    saved = store.save("chunks", "d", [1], {})
+    facts_file = Path(saved.path).with_suffix(".json")
+    facts = json.loads(facts_file.read_text())
+    del facts["_format"]
+    facts_file.write_text(json.dumps(facts))
+    assert store.find("chunks", "d") is None

@@ -4,6 +4,10 @@ A refresh whose source did not change finds each step's output already made, and
 small `StoredValue` instead of recomputing, re-storing and reloading a million rows at every
 step. A digest names the inputs, settings and code of a value, so a stored value is never
 reused for anything else; only the newest few of each step are kept.
+
+A value is stored in parts of `PART_ROWS` rows (frames, and values that can `split` and `join`
+themselves), so a step can read it part by part: at a million chunks the publish reads chunks,
+lemmas and vectors 50,000 rows at a time instead of holding 3 GB of them at once.
 """
 
 from __future__ import annotations
@@ -13,17 +17,22 @@ import inspect
 import json
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import pandas as pd
 
 from rag_assets.common.errors import RagError
 
 # The newest value and the one before it: enough to re-execute the last run's steps and to reuse
 # a source that changed back; at a million chunks a generation of values is 3.3 GB on disk.
 KEEP_PER_STEP = 2
+PART_ROWS = 50_000
+# The layout of the stored file; values stored in another layout are made anew.
+_FORMAT = 2
 
 
 def digest(*parts: object) -> str:
@@ -55,19 +64,63 @@ class StoredValue:
     reused: bool = False
 
     def load(self) -> Any:
+        """The whole value."""
+        stored = self._read()
+        join, rows = next(stored)
+        return join(stored, rows) if join else next(stored)
+
+    def parts(self) -> Iterator[Any]:
+        """The value `PART_ROWS` rows at a time (a value that cannot be split: whole)."""
+        stored = self._read()
+        next(stored)
+        yield from stored
+
+    def _read(self) -> Iterator[Any]:
+        """The header (how to join the parts, how many rows), then each part as it is read."""
         try:
             with open(self.path, "rb") as stored:
-                return pickle.load(stored)
+                join, rows, count = pickle.load(stored)
+                yield join, rows
+                for _ in range(count):
+                    yield pickle.load(stored)
         except FileNotFoundError as exc:
             raise StoredValueError(
                 f"the stored {self.step} value {self.path} is no longer kept (only the newest "
                 f"{KEEP_PER_STEP} of each step are); run the whole refresh, which makes it anew"
             ) from exc
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             raise StoredValueError(
                 f"the stored {self.step} value {self.path} cannot be read ({exc}); "
                 "delete it and run the refresh again"
             ) from exc
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A value that was not stored, read part by part like a stored one."""
+
+    value: Any
+
+    def parts(self) -> Iterator[Any]:
+        return split(self.value)[2]
+
+
+def split(value: Any) -> tuple[Callable[[Iterable[Any], int], Any] | None, int, Iterator[Any]]:
+    """How to join `value`'s parts again, its rows, and its parts of `PART_ROWS` rows.
+
+    A frame is sliced; a value with `split(rows)` and `join(parts, rows)` splits itself; anything
+    else is one part, joined by nothing.
+    """
+    if isinstance(value, pd.DataFrame):
+        starts = range(0, max(len(value), 1), PART_ROWS)  # an empty frame: one part, its columns
+        return _join_frames, len(value), (value.iloc[start : start + PART_ROWS] for start in starts)
+    if hasattr(value, "split") and hasattr(value, "join"):
+        return type(value).join, len(value), value.split(PART_ROWS)
+    return None, 1, iter([value])
+
+
+def _join_frames(parts: Iterable[pd.DataFrame], rows: int) -> pd.DataFrame:
+    return pd.concat(list(parts), ignore_index=True)
 
 
 class ValueStore:
@@ -83,7 +136,7 @@ class ValueStore:
         pickled, facts_file = self._paths(step, value_digest)
         try:
             facts = json.loads(facts_file.read_text())
-            if pickled.stat().st_size != facts["_bytes"]:
+            if pickled.stat().st_size != facts["_bytes"] or facts.get("_format") != _FORMAT:
                 return None
         except (OSError, ValueError, KeyError):
             return None
@@ -94,8 +147,8 @@ class ValueStore:
     def save(self, step: str, value_digest: str, value: Any, facts: dict[str, Any]) -> StoredValue:
         pickled, facts_file = self._paths(step, value_digest)
         pickled.parent.mkdir(parents=True, exist_ok=True)
-        size = _write_atomically(pickled, lambda out: pickle.dump(value, out, protocol=5))
-        facts = {**facts, "_bytes": size}
+        size = _write_atomically(pickled, lambda out: _dump_parts(value, out))
+        facts = {**facts, "_bytes": size, "_format": _FORMAT}
         _write_atomically(facts_file, lambda out: out.write(json.dumps(facts).encode()))
         self._prune(step)
         return StoredValue(step, value_digest, str(pickled), facts)
@@ -115,6 +168,14 @@ class ValueStore:
         for old in facts[KEEP_PER_STEP:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".pkl").unlink(missing_ok=True)
+
+
+def _dump_parts(value: Any, out: Any) -> None:
+    join, rows, parts = split(value)
+    parts = list(parts)  # slices and views: no copy of the rows
+    pickle.dump((join, rows, len(parts)), out, protocol=5)
+    for part in parts:
+        pickle.dump(part, out, protocol=5)
 
 
 def _write_atomically(path: Path, write: Callable[[Any], object]) -> int:

@@ -24,7 +24,6 @@ from rag_assets.defs.resources import (
     SearchIndexResource,
 )
 from rag_assets.index.backend import (
-    LEMMA_FIELD_COLUMNS,
     IndexContent,
     PublishError,
     PublishRefusedError,
@@ -267,14 +266,9 @@ def es_index(
     if report is not None:
         context.log.info(f"{report.location} was published from this same content: confirmed as current")
     else:
-        # Only what is indexed of the lemmas, the rest let go before the next value loads: at a
-        # million chunks the three values are most of the step's memory.
-        lemma_fields = lemmas.load()[["chunk_id", *LEMMA_FIELD_COLUMNS]]
-        chunk_frame = chunks.load()
-        content = IndexContent.assemble(
-            chunk_frame, lemma_fields, embeddings.load(), nlp.fingerprint(), content_digest
-        )
-        gate = quality_settings.gate(nlp.pipeline, chunk_frame)  # loads the model only if it must judge
+        # Read part by part as the publish writes: at a million chunks the three values are 3 GB.
+        content = IndexContent.read(chunks, lemmas, embeddings, nlp.fingerprint(), content_digest)
+        gate = quality_settings.gate(nlp.pipeline, chunks.parts())  # loads the model only if it must judge
         try:
             report = backend.publish(content, gate)
         except PublishError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -181,11 +181,11 @@ class QualityResource(dg.ConfigurableResource):
     )
     gate_probes: int = Field(default=50, description="Publish gate: entries asked their own question")
 
-    def gate(self, nlp: Callable[[], Language], chunks: pd.DataFrame) -> RetrievalGate:
-        """The publish gate for a new version made of `chunks`."""
+    def gate(self, nlp: Callable[[], Language], chunk_parts: Iterable[pd.DataFrame]) -> RetrievalGate:
+        """The publish gate for a new version made of these chunks."""
         return RetrievalGate(
             nlp,
-            smoke_probes(chunks, self.gate_probes),
+            smoke_probes(chunk_parts, self.gate_probes),
             read_ground_truth(self.ground_truth) if self.ground_truth else [],
             eval_k=self.eval_k,
             max_drop=self.max_quality_drop,

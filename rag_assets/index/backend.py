@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 
 from rag_assets.common.errors import RagError
+from rag_assets.common.stored import InMemory
 from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.ingest.sources import stable_hash
+from rag_assets.nlp.analysis import VECTOR_DIM
 from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors
 
 LEMMA_FIELD_COLUMNS = [f"{f}_lemmas" for f in LEMMA_FIELDS]
@@ -67,16 +69,57 @@ class PublishGate(Protocol):
         ...
 
 
-@dataclass
-class IndexContent:
-    """Everything one publish writes: chunk rows aligned with their vectors."""
+class Parts(Protocol):
+    """A value read part by part: a stored value, or one in memory (`InMemory`)."""
 
+    def parts(self) -> Iterator[Any]: ...
+
+
+@dataclass(frozen=True)
+class ContentBlock:
+    """Some rows of the content (`INDEX_COLUMNS`) with their positions in it and their vectors."""
+
+    positions: np.ndarray
     rows: pd.DataFrame
     vectors: np.ndarray
+
+
+@dataclass
+class IndexContent:
+    """Everything one publish writes: chunk rows aligned with their vectors.
+
+    Only the ids and row hashes are held; the rows and vectors are read block by block from
+    the upstream values (`blocks`), so a million chunks with their lemmas and vectors (3 GB)
+    are never in memory at once. `row_hash` changes when the chunk's content or the analysis
+    fingerprint changes, which is what lets a publish skip rows already indexed as they should be.
+    """
+
+    chunks: Parts  # frames with CHUNK_COLUMNS
+    lemmas: Parts  # frames with chunk_id and LEMMA_FIELD_COLUMNS
+    vectors: Parts  # ChunkVectors
+    chunk_ids: list[str]
+    row_hashes: list[str]
     fingerprint: str  # how the rows were analysed (`model_fingerprint`); recorded by the index
     # What the content was made from (the stored values' digests); recorded by the index, so a
     # refresh that makes the same content can confirm it without reading it ("": unknown).
     digest: str = ""
+
+    @classmethod
+    def read(
+        cls, chunks: Parts, lemmas: Parts, vectors: Parts, fingerprint: str, digest: str = ""
+    ) -> IndexContent:
+        """The content of three upstream values; reads the chunks' ids and content hashes once.
+
+        The three must hold the same chunk ids in the same order: `blocks` refuses any mismatch.
+        """
+        chunk_ids: list[str] = []
+        row_hashes: list[str] = []
+        for part in chunks.parts():
+            chunk_ids.extend(part["chunk_id"])
+            row_hashes.extend(stable_hash(h, fingerprint) for h in part["content_hash"])
+        if len(set(chunk_ids)) != len(chunk_ids):
+            raise PublishError("duplicate chunk ids in the chunks to publish")
+        return cls(chunks, lemmas, vectors, chunk_ids, row_hashes, fingerprint, digest)
 
     @classmethod
     def assemble(
@@ -87,29 +130,65 @@ class IndexContent:
         fingerprint: str,
         digest: str = "",
     ) -> IndexContent:
-        """Join the three upstream outputs by chunk id, refusing any mismatch between them.
+        """The content of values in memory (evaluation, tests)."""
+        return cls.read(InMemory(chunks), InMemory(lemmas), InMemory(vectors), fingerprint, digest)
 
-        `row_hash` changes when the chunk's content or the analysis fingerprint changes, which is
-        what lets a publish skip rows that are already in the index as they should be.
-        """
-        ids = list(chunks["chunk_id"])
-        if list(lemmas["chunk_id"]) != ids or vectors.chunk_ids != ids:
-            raise PublishError(
-                "chunks, lemmas and embeddings disagree on the chunk ids; "
-                "materialize the upstream assets together"
-            )
-        if len(set(ids)) != len(ids):
-            raise PublishError("duplicate chunk ids in the chunks to publish")
-        rows = chunks[CHUNK_COLUMNS].reset_index(drop=True).copy()
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+    def blocks(self, positions: np.ndarray | None = None) -> Iterator[ContentBlock]:
+        """The rows at ascending `positions` (default: all) and their vectors, block by block."""
+        start = 0
+        parts = zip(self.chunks.parts(), self.lemmas.parts(), self.vectors.parts(), strict=False)
+        for chunks, lemmas, vectors in parts:
+            end = start + len(chunks)
+            ids = self.chunk_ids[start:end]
+            if list(lemmas["chunk_id"]) != ids or vectors.chunk_ids != ids or list(chunks["chunk_id"]) != ids:
+                raise _disagreement(f"rows {start}-{end - 1}")
+            inside = np.arange(start, end)
+            if positions is not None:
+                inside = positions[np.searchsorted(positions, start) : np.searchsorted(positions, end)]
+            if len(inside):
+                yield self._block(inside, inside - start, chunks, lemmas, vectors)
+            start = end
+        if start != len(self):
+            raise _disagreement(f"{start} rows read of {len(self)}")
+
+    def _block(
+        self,
+        positions: np.ndarray,
+        offsets: np.ndarray,
+        chunks: pd.DataFrame,
+        lemmas: pd.DataFrame,
+        vectors: ChunkVectors,
+    ) -> ContentBlock:
+        rows = chunks[CHUNK_COLUMNS].iloc[offsets].reset_index(drop=True)
         for column in LEMMA_FIELD_COLUMNS:
-            rows[column] = lemmas[column].to_numpy()
-        rows["row_hash"] = [stable_hash(h, fingerprint) for h in rows["content_hash"]]
-        return cls(
-            rows=rows[INDEX_COLUMNS],
-            vectors=np.ascontiguousarray(vectors.matrix),
-            fingerprint=fingerprint,
-            digest=digest,
-        )
+            rows[column] = lemmas[column].to_numpy()[offsets]
+        rows["row_hash"] = [self.row_hashes[p] for p in positions]
+        matrix = np.ascontiguousarray(vectors.matrix[offsets], dtype=np.float32)
+        return ContentBlock(positions, rows[INDEX_COLUMNS], matrix)
+
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """The vectors at ascending `positions`, reading only the vectors."""
+        found = np.empty((len(positions), VECTOR_DIM), dtype=np.float32)
+        start = done = 0
+        for part in self.vectors.parts():
+            end = start + len(part)
+            inside = positions[np.searchsorted(positions, start) : np.searchsorted(positions, end)]
+            found[done : done + len(inside)] = part.matrix[inside - start]
+            done += len(inside)
+            start = end
+        if done != len(positions):
+            raise _disagreement(f"{done} of {len(positions)} vectors found")
+        return found
+
+
+def _disagreement(where: str) -> PublishError:
+    return PublishError(
+        f"chunks, lemmas and embeddings disagree on the chunk ids ({where}); "
+        "materialize the upstream assets together"
+    )
 
 
 @dataclass(frozen=True)

@@ -138,10 +138,10 @@ def delta_actions(
     Made one at a time as `streaming_bulk` sends them: a million documents with their vectors as
     JSON numbers would not fit in memory at once.
     """
-    rows = content.rows.iloc[changed].itertuples(index=False)
-    for position, row in zip(changed, rows, strict=True):
-        source = chunk_source(row, content.vectors[position])
-        yield {"_op_type": "index", "_index": index, "_id": row.chunk_id, "_source": source}
+    for block in content.blocks(np.array(changed, dtype=np.int64)):
+        for row, vector in zip(block.rows.itertuples(index=False), block.vectors, strict=True):
+            source = chunk_source(row, vector)
+            yield {"_op_type": "index", "_index": index, "_id": row.chunk_id, "_source": source}
     for chunk_id in removed:
         yield {"_op_type": "delete", "_index": index, "_id": chunk_id}
 
@@ -253,19 +253,18 @@ class ElasticsearchIndex:
         live = self.live_index()
         live_meta = self._meta(live) if live is not None else {}
         served = self._served_hashes(live, live_meta)
-        rows = content.rows
         changed = [
             i
-            for i, (cid, h) in enumerate(zip(rows.chunk_id, rows.row_hash, strict=True))
+            for i, (cid, h) in enumerate(zip(content.chunk_ids, content.row_hashes, strict=True))
             if served.get(cid) != h
         ]
-        removed = sorted(set(served) - set(rows.chunk_id))
+        removed = sorted(set(served) - set(content.chunk_ids))
         report = PublishReport(
             location=self.location,
-            chunks=len(rows),
+            chunks=len(content),
             upserted=len(changed),
             deleted=len(removed),
-            unchanged=len(rows) - len(changed),
+            unchanged=len(content) - len(changed),
             version=live,
             previous=live,
         )
@@ -291,8 +290,8 @@ class ElasticsearchIndex:
                 self.client.indices.refresh(index=name)
             with self._step(name, live, "counting its documents"):
                 count = self.client.count(index=name)["count"]
-                if count != len(rows):
-                    raise _StepFailed(f"it holds {count}, expected {len(rows)}")
+                if count != len(content):
+                    raise _StepFailed(f"it holds {count}, expected {len(content)}")
             verdict = None
             if gate is not None:
                 verdict = gate(self._reading(name), self if live is not None else None)

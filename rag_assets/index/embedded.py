@@ -30,6 +30,7 @@ import pandas as pd
 from rag_assets.common import sqlite
 from rag_assets.common.progress import Progress
 from rag_assets.common.sqlite import immediate_transaction
+from rag_assets.common.stored import PART_ROWS
 from rag_assets.index import vector_lists
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
@@ -92,7 +93,7 @@ _TABLES = ("chunks", "postings", "vector_lists", "row_arrays")
 _OLD_TABLES = ("chunk_lemmas",)  # of earlier layouts
 # Most rows rewritten (a new analysis, a first build): build everything afresh.
 _REBUILD_SHARE = 0.5
-_BLOCK_ROWS = 50_000  # rows per block when indexing terms: bounds the memory of the token list
+_LIST_GROUP_ROWS = 200_000  # vectors held at once when writing the vector lists (240 MB)
 _IN_BATCH = 500  # ids per IN (...) list, below SQLite's variable limit
 _READ_MMAP_BYTES = 1 << 30  # readers map the file: blobs are read without a copy per page
 _LIST_CACHE_BYTES = 64 << 20  # vector lists a reader keeps in memory (about 55 lists of 1000)
@@ -227,9 +228,6 @@ class EmbeddedIndex:
         return replace(report, warnings=(*report.warnings, warning))
 
     def _publish(self, content: IndexContent, gate: PublishGate | None) -> PublishReport:
-        if content.vectors.ndim != 2 or content.vectors.shape[1] != VECTOR_DIM:
-            first = content.rows.chunk_id.iloc[0] if len(content.rows) else "-"
-            raise ValueError(f"chunk {first}: vector has {content.vectors.shape[-1]} dimensions")
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode = WAL")
@@ -264,10 +262,10 @@ class EmbeddedIndex:
             db.close()
         return PublishReport(
             location=self.location,
-            chunks=len(content.rows),
+            chunks=len(content),
             upserted=upserted,
             deleted=deleted,
-            unchanged=len(content.rows) - upserted,
+            unchanged=len(content) - upserted,
             gate=verdict,
         )
 
@@ -323,9 +321,8 @@ class EmbeddedIndex:
         }
         fresh: list[int] = []  # positions in `content` to insert
         gone: list[int] = []  # row ids to delete: changed rows and rows no longer in the source
-        for position, (chunk_id, row_hash) in enumerate(
-            zip(content.rows.chunk_id, content.rows.row_hash, strict=True)
-        ):
+        pairs = zip(content.chunk_ids, content.row_hashes, strict=True)
+        for position, (chunk_id, row_hash) in enumerate(pairs):
             current = existing.pop(chunk_id, None)
             if current is not None and current[1] == row_hash:
                 continue
@@ -335,7 +332,7 @@ class EmbeddedIndex:
         deleted = len(existing)
         gone.extend(rowid for rowid, _ in existing.values())
         arrays = RowArrays.load(lambda sql: db.execute(sql).fetchall())
-        rows = len(content.rows)
+        rows = len(content)
         if (
             arrays is None
             or len(fresh) + len(gone) > _REBUILD_SHARE * max(rows, 1)
@@ -352,16 +349,12 @@ class EmbeddedIndex:
         """Every row, its postings and its vector list, afresh (row ids 1..n in source order)."""
         for table in _TABLES:
             db.execute(f"DELETE FROM {table}")
-        rowids = np.arange(1, len(content.rows) + 1)
-        centroids = vector_lists.train_centroids(content.vectors, vector_lists.list_count(len(content.rows)))
-        arrays = RowArrays.empty(centroids)
-        self._add_rows(db, content, np.arange(len(content.rows)), rowids, arrays)
-        self._write_postings(db, merge_postings(self._term_blocks(content.rows, rowids)))
-        members = arrays.lists[rowids]
-        order = np.argsort(members, kind="stable")
-        lists, starts = np.unique(members[order], return_index=True)
-        for number, block in zip(lists, np.split(order, starts[1:]), strict=True):
-            self._write_vector_list(db, int(number), rowids[block], content.vectors[block])
+        count = vector_lists.list_count(len(content))
+        sample = content.vectors_at(vector_lists.training_sample(len(content), count))
+        arrays = RowArrays.empty(vector_lists.train_centroids(sample, count))
+        rowids = np.arange(1, len(content) + 1)
+        self._write_postings(db, merge_postings(self._add_rows(db, content, None, rowids, arrays)))
+        self._write_vector_lists(db, content, rowids, arrays.lists[rowids])
         arrays.save(db)
 
     def _write_changes(
@@ -375,7 +368,10 @@ class EmbeddedIndex:
         """Delete the `gone` row ids, add the `fresh` positions of `content`, and rewrite only the
         postings of their terms and the vector lists they leave or join."""
         old = self._stored_rows(db, gone)
-        affected = {term for part in self._term_blocks(old, gone) for term in part}
+        affected: set[str] = set()
+        for start in range(0, len(gone), PART_ROWS):
+            part = old.iloc[start : start + PART_ROWS]
+            affected.update(index_terms(gone[start : start + PART_ROWS], _lemma_fields(part)))
         left_lists = set(arrays.lists[gone].tolist())
         arrays.lengths[gone], arrays.courses[gone], arrays.lists[gone] = 0, -1, -1
         for start in range(0, len(gone), _IN_BATCH):
@@ -384,14 +380,14 @@ class EmbeddedIndex:
         (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM chunks").fetchone()
         last_id = max(last_id, len(arrays.lengths) - 1)  # never reuse an id still in a posting
         rowids = np.arange(last_id + 1, last_id + 1 + len(fresh))
-        self._add_rows(db, content, fresh, rowids, arrays)
-        added = dict(merge_postings(self._term_blocks(content.rows.iloc[fresh], rowids)))
+        added = dict(merge_postings(self._add_rows(db, content, fresh, rowids, arrays)))
         changed: dict[str, Postings] = {}
         for term in sorted(affected | set(added)):
             found = db.execute("SELECT rowids, weights FROM postings WHERE term = ?", (term,)).fetchone()
             current = Postings.from_blobs(*found) if found else Postings(np.empty(0), np.empty(0))
             changed[term] = current.replace_rows(gone, added.get(term))
         self._write_postings(db, sorted(changed.items()))
+        fresh_vectors = content.vectors_at(fresh)
         for number in sorted(left_lists | set(arrays.lists[rowids].tolist())):
             found = db.execute(
                 "SELECT rowids, vectors FROM vector_lists WHERE list = ?", (number,)
@@ -404,7 +400,7 @@ class EmbeddedIndex:
                 db,
                 number,
                 np.concatenate([ids[keep], rowids[joining]]),
-                np.concatenate([vectors[keep], content.vectors[fresh[joining]]]),
+                np.concatenate([vectors[keep], fresh_vectors[joining]]),
             )
         arrays.save(db)
 
@@ -412,36 +408,53 @@ class EmbeddedIndex:
         self,
         db: sqlite3.Connection,
         content: IndexContent,
-        positions: np.ndarray,
+        positions: np.ndarray | None,
         rowids: np.ndarray,
         arrays: RowArrays,
-    ) -> None:
-        """Insert the rows at `positions` of `content` as `rowids`; record them in `arrays`."""
-        rows = content.rows.iloc[positions]
+    ) -> list[dict[str, Postings]]:
+        """Insert the rows at `positions` of `content` (None: all) as `rowids`, block by block;
+        record them in `arrays` and return each block's postings."""
         arrays.grow(int(rowids[-1]) + 1 if len(rowids) else 0)
-        arrays.courses[rowids] = arrays.course_codes(list(rows.course))
-        progress = Progress("index rows", len(rows), self._log)
+        progress = Progress("index rows", len(rowids), self._log)
         insert = (
             f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}) "
             f"VALUES (?, {', '.join('?' * len(_STORED_COLUMNS))})"
         )
-        for start in range(0, len(rows), _BLOCK_ROWS):
-            block = rows.iloc[start : start + _BLOCK_ROWS]
-            ids = rowids[start : start + _BLOCK_ROWS]
-            values = block[list(_STORED_COLUMNS)].itertuples(index=False, name=None)
+        postings = []
+        done = 0
+        for block in content.blocks(positions):
+            ids = rowids[done : done + len(block.rows)]
+            done += len(block.rows)
+            values = block.rows[list(_STORED_COLUMNS)].itertuples(index=False, name=None)
             db.executemany(insert, ((int(i), *v) for i, v in zip(ids, values, strict=True)))
-            arrays.lengths[ids] = row_lengths(_lemma_fields(block))
-            # Block by block: a fancy index of a million vectors would copy 1.2 GB.
-            block_vectors = content.vectors[positions[start : start + _BLOCK_ROWS]]
-            arrays.lists[ids] = vector_lists.nearest(block_vectors, arrays.centroids)
-            progress.update(len(block))
+            fields = _lemma_fields(block.rows)
+            arrays.lengths[ids] = row_lengths(fields)
+            arrays.courses[ids] = arrays.course_codes(list(block.rows.course))
+            arrays.lists[ids] = vector_lists.nearest(block.vectors, arrays.centroids)
+            postings.append(index_terms(ids, fields))
+            progress.update(len(block.rows))
         progress.close()
+        return postings
 
-    @staticmethod
-    def _term_blocks(rows: pd.DataFrame, rowids: np.ndarray) -> Iterator[dict[str, Postings]]:
-        for start in range(0, len(rows), _BLOCK_ROWS):
-            block = rows.iloc[start : start + _BLOCK_ROWS]
-            yield index_terms(rowids[start : start + _BLOCK_ROWS], _lemma_fields(block))
+    def _write_vector_lists(
+        self, db: sqlite3.Connection, content: IndexContent, rowids: np.ndarray, lists: np.ndarray
+    ) -> None:
+        """Every vector list, from the list of each row (row `rowids[i]` at position i).
+
+        The lists are written in groups of about `_LIST_GROUP_ROWS` vectors, each group reading
+        the vectors once: one pass for all would hold every vector (1.2 GB at a million chunks).
+        """
+        sizes = np.bincount(lists)
+        group_of_list = (np.cumsum(sizes) - sizes) // _LIST_GROUP_ROWS
+        group_of_row = group_of_list[lists]
+        for group in np.unique(group_of_row):
+            positions = np.flatnonzero(group_of_row == group)
+            vectors = content.vectors_at(positions)
+            members = lists[positions]
+            order = np.argsort(members, kind="stable")
+            numbers, starts = np.unique(members[order], return_index=True)
+            for number, block in zip(numbers, np.split(order, starts[1:]), strict=True):
+                self._write_vector_list(db, int(number), rowids[positions[block]], vectors[block])
 
     @staticmethod
     def _stored_rows(db: sqlite3.Connection, rowids: np.ndarray) -> pd.DataFrame:

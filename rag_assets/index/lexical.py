@@ -96,15 +96,16 @@ def index_terms(rowids: np.ndarray, fields: Sequence[tuple[float, Sequence[str]]
     }
 
 
-def merge_postings(parts: Iterable[dict[str, Postings]]) -> Iterator[tuple[str, Postings]]:
+def merge_postings(parts: list[dict[str, Postings]]) -> Iterator[tuple[str, Postings]]:
     """One posting list per term, in term order, from blocks of ascending, disjoint row ranges.
 
-    A term's pieces are let go as soon as it is merged, so the postings of a million rows are
-    held once, not twice.
+    `parts` is emptied as it is read, and a term's pieces are let go as soon as it is merged, so
+    the postings of a million rows are held once, not twice.
     """
     pieces: dict[str, list[Postings]] = {}
-    for part in parts:
-        for term, postings in part.items():
+    parts.reverse()
+    while parts:
+        for term, postings in parts.pop().items():
             pieces.setdefault(term, []).append(postings)
     for term in sorted(pieces):
         found = pieces.pop(term)

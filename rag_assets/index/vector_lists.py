@@ -30,14 +30,21 @@ def needs_new_lists(lists: int, rows: int) -> bool:
     return lists * 2 <= target or target * 2 <= lists
 
 
-def train_centroids(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
-    """Spherical k-means on a fixed sample: unit centroids, the same for the same input."""
-    if count <= 1 or len(vectors) <= count:
-        return _unit(vectors.mean(axis=0, keepdims=True, dtype=np.float64)).astype(np.float32)
+def training_sample(rows: int, count: int, seed: int = 0) -> np.ndarray:
+    """Ascending positions of the vectors `count` centroids are trained on: a fixed sample of
+    `_SAMPLE_PER_LIST` per list, or all of them (one list is their mean)."""
+    if count <= 1 or rows <= count * _SAMPLE_PER_LIST:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, count * _SAMPLE_PER_LIST, replace=False))
+
+
+def train_centroids(sample: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Spherical k-means on the `training_sample` vectors: unit centroids, the same for the same input."""
+    if count <= 1 or len(sample) <= count:
+        return _unit(sample.mean(axis=0, keepdims=True, dtype=np.float64)).astype(np.float32)
     rng = np.random.default_rng(seed)
-    size = min(len(vectors), count * _SAMPLE_PER_LIST)
-    sample = vectors[np.sort(rng.choice(len(vectors), size, replace=False))].astype(np.float32)
-    centroids = sample[rng.choice(size, count, replace=False)].copy()
+    sample = np.asarray(sample, dtype=np.float32)
+    centroids = sample[rng.choice(len(sample), count, replace=False)].copy()
     for _ in range(_KMEANS_ITERATIONS):
         members = nearest(sample, centroids)
         order = np.argsort(members, kind="stable")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,24 @@ class ChunkVectors:
             raise ValueError(
                 f"vector matrix has shape {self.matrix.shape}, expected ({len(self.chunk_ids)}, {VECTOR_DIM})"
             )
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+    def split(self, rows: int) -> Iterator[ChunkVectors]:
+        """Parts of `rows` rows (views of the matrix), as the stored value is written."""
+        for start in range(0, max(len(self), 1), rows):
+            yield ChunkVectors(self.chunk_ids[start : start + rows], self.matrix[start : start + rows])
+
+    @classmethod
+    def join(cls, parts: Iterable[ChunkVectors], rows: int) -> ChunkVectors:
+        """Parts into one matrix filled as they come: never the parts and the whole at once."""
+        chunk_ids: list[str] = []
+        matrix = np.empty((rows, VECTOR_DIM), dtype=np.float32)
+        for part in parts:
+            matrix[len(chunk_ids) : len(chunk_ids) + len(part)] = part.matrix
+            chunk_ids.extend(part.chunk_ids)
+        return cls(chunk_ids, matrix)
 
 
 def embed_chunks(nlp: Language, lemmas: pd.DataFrame) -> ChunkVectors:
