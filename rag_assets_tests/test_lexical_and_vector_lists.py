@@ -13,7 +13,7 @@ from spacy.language import Language
 from rag_assets.index import vector_lists
 from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets.index.lexical import index_terms, searchable
+from rag_assets.index.lexical import index_terms, merge_postings, searchable
 from rag_assets.index.ranking import FIELD_WEIGHTS
 from rag_assets.nlp.analysis import analyse_query
 
@@ -91,7 +91,9 @@ def test_an_incremental_publish_scores_as_a_build_from_scratch(
 
 
 def test_index_terms_weights_fields_and_counts_tokens() -> None:
-    postings = index_terms(np.array([7, 9]), [(2.0, ["docker run", "spark"]), (1.0, ["docker docker", ""])])
+    postings = dict(
+        index_terms(np.array([7, 9]), [(2.0, ["docker run", "spark"]), (1.0, ["docker docker", ""])]).items()
+    )
     assert postings["docker"].rowids.tolist() == [7]
     assert postings["docker"].weights.tolist() == [4.0]  # 2 x 1 in the question, 1 x 2 in the text
     assert postings["spark"].rowids.tolist() == [9] and postings["spark"].weights.tolist() == [2.0]
@@ -162,3 +164,19 @@ def test_incremental_publishes_keep_every_row_in_one_list(tmp_path: Path, conten
     stored_lists(index)
     position = 500 - 10
     assert index.vector_search(vectors[10 + position], None, 1) == [shrunk.chunk_ids[position]]
+
+
+def test_postings_merged_from_blocks_equal_the_postings_of_all_rows(content_2025: IndexContent) -> None:
+    rows, _ = content_rows(content_2025)
+    fields = [(1.0 + i, list(rows[column])) for i, column in enumerate(LEMMA_FIELD_COLUMNS)]
+    rowids = np.arange(1, len(rows) + 1)
+    whole = list(index_terms(rowids, fields).items())
+    blocks = [
+        index_terms(rowids[start : start + 150], [(w, texts[start : start + 150]) for w, texts in fields])
+        for start in range(0, len(rows), 150)
+    ]
+    merged = list(merge_postings(blocks))
+    assert [term for term, _ in merged] == [term for term, _ in whole] and len(whole) > 1000
+    for (_, found), (_, expected) in zip(merged, whole, strict=True):
+        assert found.rowids.tolist() == expected.rowids.tolist()
+        assert found.weights.tolist() == expected.weights.tolist()

@@ -86,6 +86,7 @@ def test_frames_and_vectors_are_stored_in_parts_and_read_part_by_part(
     saved = store.save("chunks", "f", frame, {})
     assert [len(part) for part in saved.parts()] == [7, 7, 6]
     pd.testing.assert_frame_equal(saved.load(), frame)
+    pd.testing.assert_frame_equal(saved.load(columns=["n"]), frame[["n"]])
     matrix = np.random.default_rng(0).random((20, VECTOR_DIM), dtype=np.float32)
     vectors = store.save("embeddings", "v", ChunkVectors(list(frame.chunk_id), matrix), {})
     assert [part.chunk_ids[0] for part in vectors.parts()] == ["c0", "c7", "c14"]

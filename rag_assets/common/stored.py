@@ -63,11 +63,13 @@ class StoredValue:
     facts: dict[str, Any] = field(default_factory=dict)
     reused: bool = False
 
-    def load(self) -> Any:
-        """The whole value."""
+    def load(self, columns: list[str] | None = None) -> Any:
+        """The whole value; of a frame, only `columns` (taken part by part: the other columns of a
+        million rows are never held)."""
         stored = self._read()
         join, rows = next(stored)
-        return join(stored, rows) if join else next(stored)
+        parts = stored if columns is None else (part[columns] for part in stored)
+        return join(parts, rows) if join else next(parts)
 
     def parts(self) -> Iterator[Any]:
         """The value `PART_ROWS` rows at a time (a value that cannot be split: whole)."""

@@ -216,7 +216,7 @@ def embeddings(
     started = time.perf_counter()
 
     def embed() -> tuple[ChunkVectors, dict[str, Any]]:
-        lemma_frame = lemmas.load()
+        lemma_frame = lemmas.load(columns=["chunk_id", "content_hash", "vector_words"])
         vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp.cache(context.log.warning))
         shown = pd.DataFrame(
             {

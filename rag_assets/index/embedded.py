@@ -46,6 +46,7 @@ from rag_assets.index.backend import (
     StoredChunk,
 )
 from rag_assets.index.lexical import (
+    PackedPostings,
     Postings,
     RowTable,
     bm25_top,
@@ -371,7 +372,7 @@ class EmbeddedIndex:
         affected: set[str] = set()
         for start in range(0, len(gone), PART_ROWS):
             part = old.iloc[start : start + PART_ROWS]
-            affected.update(index_terms(gone[start : start + PART_ROWS], _lemma_fields(part)))
+            affected.update(index_terms(gone[start : start + PART_ROWS], _lemma_fields(part)).terms)
         left_lists = set(arrays.lists[gone].tolist())
         arrays.lengths[gone], arrays.courses[gone], arrays.lists[gone] = 0, -1, -1
         for start in range(0, len(gone), _IN_BATCH):
@@ -411,7 +412,7 @@ class EmbeddedIndex:
         positions: np.ndarray | None,
         rowids: np.ndarray,
         arrays: RowArrays,
-    ) -> list[dict[str, Postings]]:
+    ) -> list[PackedPostings]:
         """Insert the rows at `positions` of `content` (None: all) as `rowids`, block by block;
         record them in `arrays` and return each block's postings."""
         arrays.grow(int(rowids[-1]) + 1 if len(rowids) else 0)

@@ -15,6 +15,9 @@ idf(t) = log((N - n(t) + 0.5) / (n(t) + 0.5)), floored at 1e-6, N rows and n(t) 
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,7 +66,27 @@ def row_lengths(fields: Sequence[tuple[float, Sequence[str]]]) -> np.ndarray:
     return np.sum([token_counts(texts) for _, texts in fields], axis=0)
 
 
-def index_terms(rowids: np.ndarray, fields: Sequence[tuple[float, Sequence[str]]]) -> dict[str, Postings]:
+@dataclass(frozen=True)
+class PackedPostings:
+    """The postings of a block of rows in four arrays: the i-th term (in term order) is held by
+    rows `rowids[bounds[i]:bounds[i + 1]]`. A million rows' postings are a few arrays per block,
+    not a pair of arrays per term and block (which cost more than the postings themselves)."""
+
+    terms: np.ndarray  # str, ascending
+    bounds: np.ndarray
+    rowids: np.ndarray
+    weights: np.ndarray
+
+    def postings(self, i: int) -> Postings:
+        start, end = self.bounds[i], self.bounds[i + 1]
+        return Postings(self.rowids[start:end], self.weights[start:end])
+
+    def items(self) -> Iterator[tuple[str, Postings]]:
+        for i, term in enumerate(self.terms):
+            yield str(term), self.postings(i)
+
+
+def index_terms(rowids: np.ndarray, fields: Sequence[tuple[float, Sequence[str]]]) -> PackedPostings:
     """Postings of rows whose fields hold space-separated terms, as (field weight, texts) pairs.
 
     Vectorised over the rows: one split and one factorisation of all their tokens, then a sort
@@ -80,7 +103,10 @@ def index_terms(rowids: np.ndarray, fields: Sequence[tuple[float, Sequence[str]]
         per_field_counts.append(counts)
         token_weights.append(np.full(int(counts.sum()), weight, dtype=np.float64))
     if not tokens:
-        return {}
+        empty = np.empty(0)
+        return PackedPostings(
+            empty.astype(object), np.zeros(1, dtype=np.int64), empty.astype(ROWID), empty.astype(WEIGHT)
+        )
     codes, terms = pd.factorize(np.array(tokens, dtype=object), sort=True)
     positions = np.concatenate([np.repeat(np.arange(len(rowids)), counts) for counts in per_field_counts])
     keys = codes.astype(np.int64) * len(rowids) + positions
@@ -88,34 +114,29 @@ def index_terms(rowids: np.ndarray, fields: Sequence[tuple[float, Sequence[str]]
     weights = np.bincount(inverse, weights=np.concatenate(token_weights))
     pair_terms, pair_rows = np.divmod(pairs, len(rowids))
     bounds = np.searchsorted(pair_terms, np.arange(len(terms) + 1))
-    row_of = rowids[pair_rows].astype(ROWID)
-    weights = weights.astype(WEIGHT)
-    return {
-        str(term): Postings(row_of[bounds[i] : bounds[i + 1]], weights[bounds[i] : bounds[i + 1]])
-        for i, term in enumerate(terms)
-    }
+    return PackedPostings(
+        np.asarray(terms, dtype=object), bounds, rowids[pair_rows].astype(ROWID), weights.astype(WEIGHT)
+    )
 
 
-def merge_postings(parts: list[dict[str, Postings]]) -> Iterator[tuple[str, Postings]]:
-    """One posting list per term, in term order, from blocks of ascending, disjoint row ranges.
-
-    `parts` is emptied as it is read, and a term's pieces are let go as soon as it is merged, so
-    the postings of a million rows are held once, not twice.
-    """
-    pieces: dict[str, list[Postings]] = {}
-    parts.reverse()
-    while parts:
-        for term, postings in parts.pop().items():
-            pieces.setdefault(term, []).append(postings)
-    for term in sorted(pieces):
-        found = pieces.pop(term)
+def merge_postings(parts: Sequence[PackedPostings]) -> Iterator[tuple[str, Postings]]:
+    """One posting list per term, in term order, from blocks of ascending, disjoint row ranges:
+    a merge of the blocks' sorted terms, so only the merged list of one term is made at a time."""
+    terms = heapq.merge(*(_numbered_terms(block, part) for block, part in enumerate(parts)))
+    for term, found in itertools.groupby(terms, key=operator.itemgetter(0)):
+        pieces = [parts[block].postings(i) for _, block, i in found]  # blocks in row order
         yield (
             term,
             Postings(
-                np.concatenate([p.rowids for p in found]).astype(ROWID),
-                np.concatenate([p.weights for p in found]).astype(WEIGHT),
+                np.concatenate([p.rowids for p in pieces]).astype(ROWID),
+                np.concatenate([p.weights for p in pieces]).astype(WEIGHT),
             ),
         )
+
+
+def _numbered_terms(block: int, part: PackedPostings) -> Iterator[tuple[str, int, int]]:
+    for i, term in enumerate(part.terms):
+        yield str(term), block, i
 
 
 @dataclass(frozen=True)
