@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -50,11 +49,3 @@ class Progress:
         return (
             f"{self.label}: {self.done}/{self.total} ({self.done / elapsed:,.0f}/s, {elapsed:.1f}s elapsed)"
         )
-
-
-def peak_rss_mb() -> float:
-    """The largest resident memory of this process so far (workers not included), in MB.
-
-    With the in-process executor, a step's figure is the run's peak up to the end of that step.
-    """
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

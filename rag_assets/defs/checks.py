@@ -11,6 +11,7 @@ from collections.abc import Callable
 import dagster as dg
 
 from rag_assets import quality
+from rag_assets.common.memory import release_freed_memory
 from rag_assets.common.stored import StoredValue, code_digest, digest
 from rag_assets.defs import assets
 from rag_assets.defs.resources import (
@@ -50,6 +51,7 @@ def memoized(
 
     def judge() -> tuple[None, dict[str, object]]:
         verdict = rule()
+        release_freed_memory()  # the values the rule loaded, before the next step
         return None, {"problems": verdict.problems, "metadata": verdict.metadata}
 
     stored = refresh_lock.stored_values().find_or_make(
