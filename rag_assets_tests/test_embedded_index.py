@@ -302,4 +302,8 @@ def test_a_disagreement_found_in_a_later_part_leaves_the_served_index(
     broken = replace(content, lemmas=ValueStore(tmp_path / "values").save("lemmas", "broken", lemmas, {}))
     with pytest.raises(PublishError, match=r"disagree on the chunk ids \(rows 600-699\)"):
         index.publish(broken)
+    fewer = lemmas.assign(chunk_id=rows.chunk_id).head(900)  # nine parts, the chunks ten
+    broken = replace(content, lemmas=ValueStore(tmp_path / "values").save("lemmas", "fewer", fewer, {}))
+    with pytest.raises(PublishError, match="they hold different numbers of parts"):
+        index.publish(broken)
     assert index_files(index) == before

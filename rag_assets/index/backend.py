@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -138,9 +139,14 @@ class IndexContent:
 
     def blocks(self, positions: np.ndarray | None = None) -> Iterator[ContentBlock]:
         """The rows at ascending `positions` (default: all) and their vectors, block by block."""
+        if positions is not None and not len(positions):
+            return
         start = 0
-        parts = zip(self.chunks.parts(), self.lemmas.parts(), self.vectors.parts(), strict=False)
-        for chunks, lemmas, vectors in parts:
+        for chunks, lemmas, vectors in itertools.zip_longest(
+            self.chunks.parts(), self.lemmas.parts(), self.vectors.parts()
+        ):
+            if chunks is None or lemmas is None or vectors is None:
+                raise _disagreement("they hold different numbers of parts")
             end = start + len(chunks)
             ids = self.chunk_ids[start:end]
             if list(lemmas["chunk_id"]) != ids or vectors.chunk_ids != ids or list(chunks["chunk_id"]) != ids:
@@ -172,6 +178,8 @@ class IndexContent:
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The vectors at ascending `positions`, reading only the vectors."""
         found = np.empty((len(positions), VECTOR_DIM), dtype=np.float32)
+        if not len(positions):
+            return found
         start = done = 0
         for part in self.vectors.parts():
             end = start + len(part)
