@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from rag_assets.common.errors import RagError
+from rag_assets.common.memory import release_freed_memory
 
 # The newest value and the one before it: enough to re-execute the last run's steps and to reuse
 # a source that changed back; at a million chunks a generation of values is 3.3 GB on disk.
@@ -158,8 +159,17 @@ class ValueStore:
     def find_or_make(
         self, step: str, value_digest: str, make: Callable[[], tuple[Any, dict[str, Any]]]
     ) -> StoredValue:
-        """The stored value of this digest, or `make()`'s (value, facts) stored under it."""
-        return self.find(step, value_digest) or self.save(step, value_digest, *make())
+        """The stored value of this digest, or `make()`'s (value, facts) stored under it.
+
+        A value made here is let go once stored, and the memory its making freed is handed back
+        before the run's next step (`release_freed_memory`).
+        """
+        found = self.find(step, value_digest)
+        if found is not None:
+            return found
+        stored = self.save(step, value_digest, *make())
+        release_freed_memory()
+        return stored
 
     def _paths(self, step: str, value_digest: str) -> tuple[Path, Path]:
         folder = self.directory / step

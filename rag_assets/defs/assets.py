@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import Field
 
 from rag_assets import quality
-from rag_assets.common.memory import peak_rss_mb, release_freed_memory
+from rag_assets.common.memory import peak_rss_mb
 from rag_assets.common.stored import StoredValue, code_digest, digest
 from rag_assets.defs.resources import (
     DocumentSourceResource,
@@ -66,7 +66,6 @@ def preview(frame: pd.DataFrame, columns: list[str], width: int = 80) -> str:
 
 def value_metadata(stored: StoredValue, started: float) -> dict[str, Any]:
     """The facts of a step's value as Dagster metadata, and whether this run made or reused it."""
-    release_freed_memory()  # before the next step: the step's inputs and work are let go by now
     facts = {key: value for key, value in stored.facts.items() if not key.startswith("_")}
     if stored.reused and "computed" in facts:  # nothing was analysed by this run
         facts.update(computed=0, reused=facts["chunks"], cache_pruned=0, computed_per_s=0.0)
@@ -268,7 +267,6 @@ def es_index(
         context.log.info(f"{report.location} was published from this same content: confirmed as current")
     else:
         # Read part by part as the publish writes: at a million chunks the three values are 3 GB.
-        release_freed_memory()  # what the checks before this step loaded and let go
         content = IndexContent.read(chunks, lemmas, embeddings, nlp.fingerprint(), content_digest)
         gate = quality_settings.gate(nlp.pipeline, chunks.parts())  # loads the model only if it must judge
         try:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import dagster as dg
 
 from rag_assets import quality
-from rag_assets.common.memory import release_freed_memory
 from rag_assets.common.stored import StoredValue, code_digest, digest
 from rag_assets.defs import assets
 from rag_assets.defs.resources import (
@@ -51,7 +50,6 @@ def memoized(
 
     def judge() -> tuple[None, dict[str, object]]:
         verdict = rule()
-        release_freed_memory()  # the values the rule loaded, before the next step
         return None, {"problems": verdict.problems, "metadata": verdict.metadata}
 
     stored = refresh_lock.stored_values().find_or_make(
@@ -101,8 +99,8 @@ def raw_documents_count_guard(
 
 
 def chunk_ids(chunks: StoredValue) -> list[str]:
-    """Read part by part: the whole chunks value (1.2 GB at a million) is not needed for the ids."""
-    return [chunk_id for part in chunks.parts() for chunk_id in part["chunk_id"]]
+    """Only the ids column: the whole chunks value (1.2 GB at a million) is not needed for them."""
+    return list(chunks.load(columns=["chunk_id"])["chunk_id"])
 
 
 @dg.asset_check(asset=assets.chunks, blocking=True)
@@ -167,7 +165,7 @@ def es_index_matches_chunks(
     if quality.hashes_digest(served.items()) == chunks.facts["hashes_digest"]:
         verdict = quality.Verdict([], {"served_chunks": len(served), "expected_chunks": len(served)})
     else:
-        verdict = quality.check_index_matches(served, chunks.load())
+        verdict = quality.check_index_matches(served, chunks.load(columns=["chunk_id", "content_hash"]))
     return result(context, verdict)
 
 
