@@ -85,5 +85,5 @@ class ChunkVectors:
 
 
 def embed_chunks(nlp: Language, lemmas: pd.DataFrame) -> ChunkVectors:
-    matrix = embed_texts(nlp, [words.split() for words in lemmas["vector_words"]])
+    matrix = embed_texts(nlp, lemmas["vector_words"].tolist())
     return ChunkVectors(chunk_ids=list(lemmas["chunk_id"]), matrix=matrix)
