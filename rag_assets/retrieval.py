@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from spacy.language import Language
@@ -95,7 +95,7 @@ class Retriever:
             entry_rankings, shown = rank_entries(rankings)
             fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)[:k]
             chunks = self.backend.fetch([shown[doc_id] for doc_id, _ in fused])
-        return [Hit(**asdict(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused]
+        return [Hit(**vars(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused]
 
     def _check_analysis(self) -> None:
         """Stems ranked against lemmas would rank quietly wrong: refuse instead."""

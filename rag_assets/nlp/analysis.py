@@ -306,5 +306,6 @@ class QueryTerms:
 
 
 def analyse_query(nlp: Language, query: str) -> QueryTerms:
-    terms = doc_terms(nlp(query))
+    """Tokenized as the chunks are (`_analyse_batch`): no pipeline component is run."""
+    terms = doc_terms(nlp.tokenizer(query))
     return QueryTerms(lemmas=terms.lemmas, vector=embed_words(nlp, terms.words))
