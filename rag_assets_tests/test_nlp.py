@@ -12,6 +12,7 @@ from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.nlp import analysis
 from rag_assets.nlp.analysis import (
     LEMMA_TABLE,
+    TOKENIZER_CACHE_SPANS,
     UNUSED_COMPONENTS,
     VECTOR_DIM,
     analyse_query,
@@ -34,12 +35,13 @@ def test_pipeline_is_the_real_model_tokenizer_and_vectors_only(nlp: Language) ->
 
 
 def test_the_trimmed_vocabulary_changes_no_output(documents_2025: pd.DataFrame) -> None:
-    """The full vocabulary (strings, lookups, every lexeme attribute) analyses every chunk the
-    same way as the trimmed one `load_pipeline` gives."""
+    """The full vocabulary (strings, lookups, every lexeme attribute) and spaCy's own tokenizer
+    cache size analyse every chunk the same way as the trimmed one `load_pipeline` gives."""
     nlp = load_pipeline.__wrapped__()  # a fresh one, not the session's
     full = spacy.load(model_location(), exclude=list(UNUSED_COMPONENTS))
     assert len(full.vocab.strings) > 100 * len(nlp.vocab.strings)  # it really was left out
     assert len(full.vocab.lex_attr_getters) > 3 * len(nlp.vocab.lex_attr_getters)
+    assert nlp.tokenizer.max_cache_size == TOKENIZER_CACHE_SPANS > 10 * full.tokenizer.max_cache_size
     analysis._CONTENT.clear()  # the token memo is per vocabulary, but start both afresh
     chunks = make_chunks(documents_2025, ChunkingConfig())
     lemmas = lemmatize_chunks(nlp, chunks)
