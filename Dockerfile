@@ -16,5 +16,6 @@ COPY rag_assets ./rag_assets
 RUN pip install --no-cache-dir --no-deps -e .
 COPY workspace.yaml ./
 COPY deploy/dagster.yaml ${DAGSTER_HOME}/dagster.yaml
+COPY deploy/dagster_celery_config.py ./deploy/
 
 EXPOSE 3000 8000

@@ -19,7 +19,7 @@ REHEARSE_OUT ?= .rehearsal
 REHEARSE_MAX_RUNTIME_S ?= 90
 LINTED := rag_assets rag_assets_tests benchmarks deploy
 
-.PHONY: setup lock run test lint dev serve bench bench-1m bench-serve rehearse clean
+.PHONY: setup lock run test lint dev serve bench bench-1m bench-scale-out bench-serve rehearse clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ bench: setup
 # The 1M-chunk scale point alone (about 20 minutes on 2 cores): cold, queries, warm.
 bench-1m: setup
 	$(PY) benchmarks/refresh.py --new $(BENCH_NEW) --scale 1000000 --scale-only --out bench-1m-results.json
+
+# Four courses of 25,000 chunks: a cold refresh with one and with two course workers (about 15 minutes).
+bench-scale-out: setup
+	$(PY) benchmarks/scale_out.py --new $(BENCH_NEW) --out scale-out-results.json
 
 # The deployment without containers: Postgres, daemon, webserver, Chromium; about 5 minutes.
 rehearse: setup

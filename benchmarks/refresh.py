@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from rag_assets.definitions import load_definitions, with_resources
-from rag_assets.defs.automation import JOB_NAME
+from rag_assets.defs.refresh import refresh
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -45,7 +45,7 @@ from rag_assets.nlp.analysis import NlpSettings, analyse_query, default_processe
 from rag_assets.nlp.features import LEMMA_FIELDS
 from rag_assets.retrieval import Retriever
 
-ASSETS = ["raw_documents", "chunks", "lemmas", "embeddings", "es_index"]
+ASSETS = ["faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"]
 RESULTS = Path("bench-results.json")
 
 
@@ -58,41 +58,50 @@ def peak_rss_mb() -> dict[str, float]:
 
 
 def run_job(documents: str, workdir: Path, processes: int) -> dict[str, Any]:
-    """One real run of the refresh job; seconds per asset step and the counts from its metadata."""
+    """One real refresh (the source run, a run per course, the publish); seconds per asset step,
+    summed over the course runs, and the counts from their metadata."""
     resources = {
         "source": DocumentSourceResource(url=documents),
         "nlp": NlpResource(processes=processes, cache_dir=str(workdir / "cache")),
         "search_index": SearchIndexResource(data_dir=str(workdir)),
-        "quality_settings": QualityResource(max_entry_drop=1.0),
+        "quality_settings": QualityResource(max_entry_drop=1.0, max_course_entry_drop=1.0),
         "io_manager": dg.FilesystemIOManager(base_dir=str(workdir / "assets")),
         "refresh_lock": RefreshLockResource(data_dir=str(workdir)),
     }
-    job = with_resources(load_definitions(), resources).resolve_job_def(JOB_NAME)
+    definitions = with_resources(load_definitions(), resources)
     (workdir / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.local_temp(str(workdir / "dagster")) as instance:
         started = time.perf_counter()
-        result = job.execute_in_process(instance=instance)
+        done = refresh(instance, definitions)
         wall = time.perf_counter() - started
-    seconds = {
-        event.step_key: event.event_specific_data.duration_ms / 1000
-        for event in result.all_events
-        if event.is_step_success and event.step_key in ASSETS
-    }
-    metadata = {
-        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
-        for e in result.get_asset_materialization_events()
-    }
+        assert done.success, [run.problems for run in done.runs]
+        logs = [entry for run in done.runs for entry in instance.all_logs(run.run_id)]
+    seconds = dict.fromkeys(ASSETS, 0.0)
+    totals: dict[str, dict[str, Any]] = {asset: {} for asset in ASSETS}
+    peaks = dict.fromkeys(ASSETS, 0.0)
+    for entry in logs:
+        event = entry.dagster_event
+        if event is not None and event.is_step_success and event.step_key in ASSETS:
+            seconds[event.step_key] += event.event_specific_data.duration_ms / 1000
+        materialization = entry.asset_materialization
+        if materialization is not None:
+            asset = materialization.asset_key.to_user_string()
+            for key, value in materialization.metadata.items():
+                if isinstance(value.value, int | float) and not isinstance(value.value, bool):
+                    totals[asset][key] = totals[asset].get(key, 0) + value.value
+            peaks[asset] = max(peaks[asset], float(materialization.metadata["peak_rss_mb"].value))
     return {
         "seconds": {asset: round(seconds[asset], 3) for asset in ASSETS},
         "run_wall_s": round(wall, 3),
-        "chunks": metadata["chunks"]["chunks"],
-        "lemmas_computed": metadata["lemmas"]["computed"],
-        "lemmas_reused": metadata["lemmas"]["reused"],
-        "embeddings_computed": metadata["embeddings"]["computed"],
-        "embeddings_reused": metadata["embeddings"]["reused"],
-        "index_upserted": metadata["es_index"]["upserted"],
-        "index_deleted": metadata["es_index"]["deleted"],
-        "peak_rss_mb_after_step": {asset: metadata[asset]["peak_rss_mb"] for asset in ASSETS},
+        "course_runs": len(done.courses),
+        "chunks": totals["chunks"]["chunks"],
+        "lemmas_computed": totals["lemmas"]["computed"],
+        "lemmas_reused": totals["lemmas"]["reused"],
+        "embeddings_computed": totals["embeddings"]["computed"],
+        "embeddings_reused": totals["embeddings"]["reused"],
+        "index_upserted": totals["es_index"]["upserted"],
+        "index_deleted": totals["es_index"]["deleted"],
+        "peak_rss_mb_after_step": peaks,
     }
 
 
@@ -106,7 +115,9 @@ def spacy_floor(workdir: Path) -> dict[str, Any]:
 
     Runs in a fresh process like the cold run, so neither profits from the other's warm-up; the
     model is loaded before the clock starts."""
-    chunks = pd.read_pickle(workdir / "assets" / "chunks").load()  # the handle the run passed on
+    # the handles the course runs passed on, one per course partition
+    handles = sorted((workdir / "assets" / "chunks").iterdir())
+    chunks = pd.concat([pd.read_pickle(handle).load() for handle in handles], ignore_index=True)
     texts = list(dict.fromkeys(field_texts(chunks)))
     nlp = load_pipeline()
     started = time.perf_counter()
@@ -279,7 +290,7 @@ def summarise(scenarios: dict[str, Any]) -> dict[str, Any]:
         warm_steps = sum(warm["seconds"].values())
         summary |= {
             "cold 1k: NLP ms per chunk (target <= 0.5)": round(1000 * nlp / cold["chunks"], 3),
-            "cold 1k: five steps' own seconds (target <= 3)": round(steps, 3),
+            "cold 1k: the steps' own seconds, all runs of the refresh (target <= 3)": round(steps, 3),
             "cold 1k: run wall seconds, process start-up not included": cold["run_wall_s"],
             "cold 1k: model load seconds (inside lemmas)": cold["model_load_s"],
             "cold 1k: floor, spaCy's tokenizer over the distinct texts in one process, s": cold["floor"][

@@ -1,6 +1,7 @@
 """The deployment rehearsal (`make rehearse`): the docker-compose deployment without the containers.
 
-It starts PostgreSQL, `dagster-daemon` and `dagster-webserver` on 127.0.0.1 with the deployment's
+It starts PostgreSQL, Redis, two Celery run workers, `dagster-daemon` and `dagster-webserver` on
+127.0.0.1 with the deployment's
 own instance configuration (deploy/dagster.yaml, byte for byte) and the environment variables
 docker-compose sets, serves the FAQ from a local HTTP server, and then only watches: every
 observation comes from the webserver's GraphQL API, the files of the served index and a headless
@@ -38,8 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTANCE_CONFIG = ROOT / "deploy" / "dagster.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
 # Names an operator sees in the UI; the rehearsal observes them from outside, as a user would.
-ASSETS = ("raw_documents", "chunks", "lemmas", "embeddings", "es_index")
-FRESHNESS_ASSETS = ("raw_documents", "es_index")
+ASSETS = ("faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index")
+COURSE_ASSETS = ("raw_documents", "chunks", "lemmas", "embeddings")
+FRESHNESS_ASSETS = ("faq_source", "es_index")
+COURSE_JOB = "course_refresh"
+PUBLISH_JOB = "index_publish"
+BACKFILL_COURSE = "mlops-zoomcamp"  # the course the one-course backfill rebuilds
 GROUP = "faq_index"
 SENSOR = "initial_index_build"
 SCHEDULE = "daily_document_refresh"
@@ -47,7 +52,14 @@ INDEX_FILE = "index.sqlite"
 POSTGRES_PORT = 5432  # fixed in deploy/dagster.yaml
 CHROMIUM = "/usr/bin/chromium"
 # Debian package -> a program it installs (psql alone comes with the client package, not initdb).
-DEBIAN_PACKAGES = {"postgresql": "/usr/lib/postgresql/*/bin/initdb", "chromium": CHROMIUM}
+DEBIAN_PACKAGES = {
+    "postgresql": "/usr/lib/postgresql/*/bin/initdb",
+    "chromium": CHROMIUM,
+    "redis-server": "/usr/bin/redis-server",
+}
+CELERY_WORKERS = 2  # docker-compose.yml's celery-worker replicas
+CELERY_TASK_TAG = "dagster-celery/task_id"
+RUN_STARTED = "Started process for run"  # a run's first engine event, with the pid running it
 # Without the background-networking flags Chromium keeps dialling Google's hosts on a closed network.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -414,6 +426,37 @@ class DagsterApi:
             t=timestamp,
         )["runsOrError"]["results"]
 
+    def runs(self, **run_filter: Any) -> list[dict[str, Any]]:
+        """Runs matching a RunsFilter (tags as {key: value}), oldest first."""
+        if "tags" in run_filter:
+            run_filter["tags"] = [{"key": k, "value": v} for k, v in run_filter["tags"].items()]
+        return self.query(
+            "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { results { runId status jobName"
+            " creationTime startTime endTime tags { key value } } } } }",
+            f=run_filter,
+        )["runsOrError"]["results"][::-1]
+
+    def materializations(self, asset: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Newest first, with the partition and the JSON and numeric metadata."""
+        return self.query(
+            "query($k: AssetKeyInput!, $n: Int) { assetOrError(assetKey: $k) { ... on Asset"
+            " { assetMaterializations(limit: $n) { runId partition timestamp metadataEntries { label"
+            " ... on JsonMetadataEntry { jsonString } ... on IntMetadataEntry { intValue } } } } } }",
+            k={"path": [asset]},
+            n=limit,
+        )["assetOrError"]["assetMaterializations"]
+
+    def launch_backfill(self, assets: tuple[str, ...], partitions: list[str]) -> str:
+        """What the UI's "Materialize selected partitions" does: an asset backfill."""
+        result = self.query(
+            "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p)"
+            " { __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }",
+            p={"assetSelection": [{"path": [a]} for a in assets], "partitionNames": partitions},
+        )["launchPartitionBackfill"]
+        if result["__typename"] != "LaunchBackfillSuccess":
+            raise ObservationFailed(f"backfill not launched: {result}")
+        return result["backfillId"]
+
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self.query(
             "query($id: ID!) { logsForRun(runId: $id, limit: 10000) { __typename ... on EventConnection"
@@ -444,6 +487,16 @@ def tag(run: dict[str, Any], key: str) -> str | None:
     return next((t["value"] for t in run.get("tags", []) if t["key"] == key), None)
 
 
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) spans running at one moment (one ending as another starts:
+    not at once)."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = [0]
+    for _, step in edges:
+        running.append(running[-1] + step)
+    return max(running)
+
+
 def compose_environment(service: str) -> dict[str, str]:
     """The environment docker-compose gives `service` (anchors merged)."""
     return yaml.safe_load(COMPOSE.read_text())["services"][service]["environment"]
@@ -470,12 +523,12 @@ def index_digest(data_dir: Path) -> str:
 
 
 def ensure_packages() -> str:
-    """Debian's postgresql and chromium, installed when missing (CI starts without them)."""
+    """Debian's postgresql, chromium and redis-server, installed when missing (CI starts without them)."""
     missing = [
         name for name, program in DEBIAN_PACKAGES.items() if not any(Path("/").glob(program.lstrip("/")))
     ]
     if not missing:
-        return "postgresql and chromium already installed"
+        return f"{', '.join(DEBIAN_PACKAGES)} already installed"
     if os.geteuid() != 0:
         raise ObservationFailed(
             f"missing Debian packages {missing}; run as root or `apt-get install {' '.join(missing)}`"
@@ -505,10 +558,13 @@ class Rehearsal:
         self.home = out / "dagster_home"
         self.data = out / "data"
         self.port = free_port()
+        self.redis_port = free_port()
         self.api = DagsterApi(f"http://127.0.0.1:{self.port}")
         self.first_run = self.scheduled_run = self.slow_run = self.slow_run_status = ""
+        self.first_publish = self.scheduled_publish = ""
+        self.scheduled_end = 0.0
+        self.course_runs: list[str] = []
         self.served_digest = ""
-        self.slow_since = 0.0
         # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
         self.password = secrets.token_urlsafe(24)
         self.api_key = secrets.token_urlsafe(24)
@@ -530,6 +586,8 @@ class Rehearsal:
             "DOCUMENTS_URL": self.source.url,
             "RAG_DATA_DIR": str(self.data),
             "RAG_API_KEY": self.api_key,
+            "DAGSTER_CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "PYTHONPATH": str(ROOT / "deploy"),
         }
         # No cluster can run here: without ELASTICSEARCH_* the same code serves the embedded index.
         wanted = {name for name in compose_environment(service) if not name.startswith("ELASTICSEARCH_")}
@@ -558,18 +616,22 @@ class Rehearsal:
             observe("PostgreSQL started, Dagster database created", self.postgres.start)
             self.source.start()
             observe("webserver started with deploy/dagster.yaml", self.start_webserver)
+            observe("Redis and two Celery run workers started", self.start_celery_workers)
             observe("search service up, not ready before the first build", self.start_search_service)
             observe("daemon started at the start of a minute", self.start_daemon)
             observe("initial-build sensor launched the first build", self.sensor_launched_first_build)
             observe(
                 "first build went through the run queue and succeeded", self.first_build_queued_and_succeeded
             )
+            observe("a run per course, then one publish, followed it", self.first_build_courses_and_publish)
+            observe("the Celery workers ran every run, two course runs at once", self.runs_on_celery_workers)
             observe(
-                "five assets materialized by it, their checks passed", self.assets_materialized_checks_passed
+                "six assets materialized by them, their checks passed", self.assets_materialized_checks_passed
             )
             observe("search service ready after the first build, answering with its key", self.search_answers)
-            observe("schedule ticked and its run succeeded", self.schedule_produced_run)
-            observe("freshness of raw_documents and es_index passing", self.freshness_passing)
+            observe("a one-course backfill rebuilt and published that course alone", self.one_course_backfill)
+            observe("schedule ticked and its whole refresh succeeded", self.schedule_produced_run)
+            observe("freshness of faq_source and es_index passing", self.freshness_passing)
             observe("lineage and asset page rendered in headless Chromium", self.lineage_and_asset_pages)
             observe("schedule launched a run against the slow source", self.slow_run_started)
             observe("schedule tick skipped while the slow run is in progress", self.tick_skipped_for_slow_run)
@@ -595,6 +657,54 @@ class Rehearsal:
         )
         location = wait_for("code location loaded in the webserver", self._location_loaded, 180)
         return f"{self.api.base_url}, code location {location}, Postgres storage, source {self.source.url}"
+
+    def start_celery_workers(self) -> str:
+        redis = self.processes.start(
+            "redis-server",
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", ""],
+        )
+        wait_for("Redis answering", lambda: port_open(self.redis_port) or None, 30, 0.2)
+        pids = []
+        for n in range(1, CELERY_WORKERS + 1):
+            argv = [*compose_command("celery-worker"), "--hostname", f"worker{n}@%h"]
+            worker = self.processes.start(f"celery-worker-{n}", argv, self.environment("celery-worker"))
+            pids.append(worker.pid)
+        wait_for("Celery workers ready", self._celery_workers_ready, 120)
+        return f"redis-server pid {redis.pid} on 127.0.0.1:{self.redis_port}; worker pids {pids}"
+
+    def _celery_workers_ready(self) -> bool | None:
+        logs = [self.out / "logs" / f"celery-worker-{n}.log" for n in range(1, CELERY_WORKERS + 1)]
+        for n, log in enumerate(logs, 1):
+            if not self.processes.alive(f"celery-worker-{n}"):
+                raise ObservationFailed(f"celery-worker-{n} exited; see {log}")
+        return all(log.exists() and "ready." in log.read_text(errors="replace") for log in logs) or None
+
+    def runs_on_celery_workers(self) -> str:
+        """Each run of the first build was a Celery task, run by a process of a worker (the pid
+        its run logs), never by the daemon; the course runs by more than one process."""
+        workers = {
+            pid
+            for n in range(1, CELERY_WORKERS + 1)
+            for name, process, _ in self.processes.started
+            if name == f"celery-worker-{n}"
+            for pid in session_members(process.pid)
+        }
+        ran_in: dict[str, int] = {}
+        for run_id in [self.first_run, *self.course_runs, self.first_publish]:
+            if not tag(self.api.run(run_id), CELERY_TASK_TAG):
+                raise ObservationFailed(f"run {run_id} has no {CELERY_TASK_TAG} tag: not launched on Celery")
+            started = [e["message"] for e in self.api.events(run_id) if e["message"].startswith(RUN_STARTED)]
+            pid = int(started[0].split("pid: ")[1].rstrip(").")) if started else 0
+            if pid not in workers:
+                raise ObservationFailed(f"run {run_id} ran in pid {pid}, not in a worker's {sorted(workers)}")
+            ran_in[run_id] = pid
+        course_pids = {ran_in[r] for r in self.course_runs}
+        if len(course_pids) < 2:
+            raise ObservationFailed(f"all course runs ran in one process: {course_pids}")
+        return (
+            f"{len(ran_in)} runs in worker processes {sorted(set(ran_in.values()))}; "
+            f"course runs in {sorted(course_pids)}"
+        )
 
     def _location_loaded(self) -> str | None:
         if not self.processes.alive("dagster-webserver"):
@@ -691,16 +801,61 @@ class Rehearsal:
             raise ObservationFailed(f"status {run['status']}, lifecycle events {lifecycle}")
         return f"{' -> '.join(lifecycle)} in {run['endTime'] - run['creationTime']:.1f} s"
 
+    def courses_and_publish_after(self, source_run: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The course runs the source run led to, and the publish after them, once all finished."""
+        source = self.api.wait_run_finished(source_run, self.max_runtime_s + 120)
+        if source["status"] != "SUCCESS":
+            raise ObservationFailed(f"source run {source_run}: {source['status']}")
+
+        def finished() -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+            courses = self.api.runs(tags={"rag/refresh": source_run})
+            if not courses or any(r["status"] not in ("SUCCESS", "FAILURE", "CANCELED") for r in courses):
+                return None
+            last = max(r["endTime"] for r in courses)
+            publishes = [r for r in self.api.runs(pipelineName=PUBLISH_JOB) if r["creationTime"] >= last]
+            if not publishes or publishes[0]["status"] not in ("SUCCESS", "FAILURE", "CANCELED"):
+                return None
+            return courses, publishes[0]
+
+        # The sensors look every 30 s; the course runs take the queue's slots in turn.
+        return wait_for("the course runs and the publish", finished, 4 * (self.max_runtime_s + 120))
+
+    def first_build_courses_and_publish(self) -> str:
+        courses, publish = self.courses_and_publish_after(self.first_run)
+        self.course_runs = [r["runId"] for r in courses]
+        self.first_publish = publish["runId"]
+        failed = [r for r in [*courses, publish] if r["status"] != "SUCCESS"]
+        if len(courses) != 3 or failed:
+            raise ObservationFailed(f"{len(courses)} course runs; not succeeded: {failed}")
+        overlap = most_at_once([(r["startTime"], r["endTime"]) for r in courses])
+        spans = ", ".join(
+            f"{tag(r, 'dagster/partition')} {r['endTime'] - r['startTime']:.0f} s" for r in courses
+        )
+        return (
+            f"{len(courses)} course runs ({spans}; up to {overlap} at once), then publish run "
+            f"{self.first_publish} ({publish['endTime'] - publish['startTime']:.0f} s)"
+        )
+
     def assets_materialized_checks_passed(self) -> str:
         assets = self.api.assets()
+        made_by = {"faq_source": {self.first_run}, "es_index": {self.first_publish}}
         wrong = [
             name
             for name in ASSETS
             if not assets.get(name, {}).get("assetMaterializations")
-            or assets[name]["assetMaterializations"][0]["runId"] != self.first_run
+            or assets[name]["assetMaterializations"][0]["runId"]
+            not in made_by.get(name, set(self.course_runs))
         ]
         if wrong:
-            raise ObservationFailed(f"not materialized by run {self.first_run}: {wrong}")
+            raise ObservationFailed(f"not materialized by the first build's runs: {wrong}")
+        partitions = {
+            name: sorted(
+                m["partition"] for m in self.api.materializations(name) if m["runId"] in self.course_runs
+            )
+            for name in COURSE_ASSETS
+        }
+        if len({tuple(p) for p in partitions.values()}) != 1 or len(partitions["raw_documents"]) != 3:
+            raise ObservationFailed(f"partitions materialized per asset: {partitions}")
         checks = [
             (name, check["name"], (check["executionForLatestMaterialization"] or {}).get("status"))
             for name in ASSETS
@@ -709,7 +864,47 @@ class Rehearsal:
         failing = [c for c in checks if c[2] != "SUCCEEDED"]
         if not checks or failing:
             raise ObservationFailed(f"checks not passed: {failing or 'no checks found'}")
-        return f"{len(ASSETS)} assets, {len(checks)} checks SUCCEEDED ({', '.join(c[1] for c in checks)})"
+        return (
+            f"{len(ASSETS)} assets (the four per-course ones for {', '.join(partitions['raw_documents'])}), "
+            f"{len(checks)} checks SUCCEEDED ({', '.join(c[1] for c in checks)})"
+        )
+
+    def one_course_backfill(self) -> str:
+        since = time.time()
+        backfill = self.api.launch_backfill(COURSE_ASSETS, [BACKFILL_COURSE])
+
+        def published() -> dict[str, Any] | None:
+            runs = self.api.runs(tags={"dagster/backfill": backfill})
+            if not runs or any(r["status"] not in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+                return None
+            after = [r for r in self.api.runs(pipelineName=PUBLISH_JOB) if r["creationTime"] >= since]
+            done = [r for r in after if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
+            return {"runs": runs, "publish": done[0]} if done else None
+
+        found = wait_for(
+            "the backfill's runs and a publish after them", published, 2 * (self.max_runtime_s + 120)
+        )
+        runs, publish = found["runs"], found["publish"]
+        if any(r["status"] != "SUCCESS" for r in [*runs, publish]):
+            raise ObservationFailed(f"backfill runs {runs}, publish {publish}")
+        backfill_runs = {r["runId"] for r in runs}
+        touched = {
+            name: sorted(
+                {m["partition"] for m in self.api.materializations(name) if m["runId"] in backfill_runs}
+            )
+            for name in COURSE_ASSETS
+        }
+        [published] = [m for m in self.api.materializations("es_index") if m["runId"] == publish["runId"]]
+        meta = {e["label"]: e.get("jsonString") for e in published["metadataEntries"]}
+        refreshed = json.loads(meta["courses_refreshed"] or "[]")
+        as_served = json.loads(meta["courses_as_served"] or "[]")
+        if set(map(tuple, touched.values())) != {(BACKFILL_COURSE,)} or refreshed != [BACKFILL_COURSE]:
+            raise ObservationFailed(f"touched {touched}; the publish refreshed {refreshed}")
+        return (
+            f"backfill {backfill}: {len(runs)} run(s) materialized {', '.join(COURSE_ASSETS)} of "
+            f"{BACKFILL_COURSE} only; publish run {publish['runId']} took it, kept "
+            f"{', '.join(as_served)} as served"
+        )
 
     def schedule_produced_run(self) -> str:
         tick = self.api.wait_tick_with_run("schedule", SCHEDULE)
@@ -717,15 +912,22 @@ class Rehearsal:
         run = self.api.wait_run_finished(self.scheduled_run, self.max_runtime_s + 120)
         if run["status"] != "SUCCESS" or tag(run, "dagster/schedule_name") != SCHEDULE:
             raise ObservationFailed(f"run {self.scheduled_run}: status {run['status']}, tags {run['tags']}")
+        courses, publish = self.courses_and_publish_after(self.scheduled_run)
+        failed = [r for r in [*courses, publish] if r["status"] != "SUCCESS"]
+        if failed:
+            raise ObservationFailed(f"not succeeded: {failed}")
+        self.scheduled_publish = publish["runId"]
+        self.scheduled_end = publish["endTime"]
         skipped = [t["skipReason"] for t in self.api.ticks("schedule", SCHEDULE) if t["status"] == "SKIPPED"]
         ticked = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%H:%M:%S")
         return (
-            f"tick at {ticked} UTC -> run {self.scheduled_run}, SUCCESS in "
-            f"{run['endTime'] - run['creationTime']:.1f} s; earlier skipped ticks: {skipped or 'none'}"
+            f"tick at {ticked} UTC -> run {self.scheduled_run}, {len(courses)} course runs, publish run "
+            f"{self.scheduled_publish}, in {publish['endTime'] - run['creationTime']:.1f} s; "
+            f"earlier skipped ticks: {skipped or 'none'}"
         )
 
     def freshness_passing(self) -> str:
-        refreshed = self.api.run(self.scheduled_run)["startTime"]
+        refreshed = self.api.run(self.scheduled_run)["startTime"]  # the publish came after it
 
         def passing() -> dict[str, str] | None:
             assets = self.api.assets()
@@ -746,18 +948,19 @@ class Rehearsal:
     def slow_run_started(self) -> str:
         self.served_digest = index_digest(self.data)
         self.answer_before_slow_run = self.ask()
-        self.slow_since = time.time()
         self.source.slow.set()
+        # The tick that launches it may come just before the source turns slow: any scheduled run
+        # after the last refresh counts, once the source is being read slowly.
+        wait_for("the source being read slowly", lambda: True if self.source.slow_requests else None, 150)
 
         def slow_run() -> dict[str, Any] | None:
-            runs = [
-                r for r in self.api.runs_created_after(self.slow_since) if tag(r, "dagster/schedule_name")
-            ]
-            return runs[-1] if runs and runs[-1]["status"] == "STARTED" else None
+            scheduled = [
+                r for r in self.api.runs_created_after(self.scheduled_end) if tag(r, "dagster/schedule_name")
+            ]  # newest first; a refresh scheduled before the slow one may have finished meanwhile
+            return next((r for r in scheduled if r["status"] == "STARTED"), None)
 
-        run = wait_for("a scheduled run after the source turned slow", slow_run, 150)
+        run = wait_for("the scheduled run reading the slow source", slow_run, 60)
         self.slow_run = run["runId"]
-        wait_for("the run reading the slow source", lambda: True if self.source.slow_requests else None, 60)
         return f"run {self.slow_run} started; the source trickles one byte every {TRICKLE_EVERY_S:g} s"
 
     def tick_skipped_for_slow_run(self) -> str:
@@ -805,7 +1008,7 @@ class Rehearsal:
         self.source.slow.clear()
         digest = index_digest(self.data)
         latest = self.api.assets()["es_index"]["assetMaterializations"][0]["runId"]
-        if digest != self.served_digest or latest != self.scheduled_run:
+        if digest != self.served_digest or latest != self.scheduled_publish:
             raise ObservationFailed(
                 f"index sha256 {self.served_digest[:12]} -> {digest[:12]}; es_index last from run {latest}"
             )
@@ -867,12 +1070,12 @@ class Rehearsal:
             self.source.close()
             if self.postgres is not None:
                 self.postgres.remove()
-            left = [p for p in (POSTGRES_PORT, self.port, self.search_port) if port_open(p)]
-            if left:
+            ports = (POSTGRES_PORT, self.port, self.search_port, self.redis_port)
+            if left := [p for p in ports if port_open(p)]:
                 raise ObservationFailed(f"still listening on {left} after stopping {stopped}")
             if children := child_processes():
                 raise ObservationFailed(f"processes {children} of the rehearsal still running")
-            return f"stopped {stopped}; ports {POSTGRES_PORT}, {self.port} and {self.search_port} closed"
+            return f"stopped {stopped}; ports {', '.join(map(str, ports))} closed"
 
         with contextlib.suppress(ObservationFailed):
             self.report.observe("everything started was stopped", stop_everything)

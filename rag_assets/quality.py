@@ -121,33 +121,63 @@ def check_vectors(vectors: ChunkVectors, chunk_ids: list[str], max_zero_share: f
     )
 
 
-def check_entry_drop(
-    current: int, served: int | None, max_drop: float, why_none: str = "none published yet"
+def check_course_drops(
+    current: Mapping[str, int],
+    served: Mapping[str, int] | None,
+    max_drop: float,
+    max_course_drop: float,
+    why_none: str = "none published yet",
 ) -> Verdict:
-    """Refuse a source that lost more than `max_drop` of the entries the served index has."""
-    metadata: dict[str, float | int | str] = {"entries": current, "max_drop": max_drop}
+    """Refuse a source that lost more than `max_drop` of the entries the served index has, or
+    more than `max_course_drop` of any one course's (a course gone from the source lost all)."""
+    total = sum(current.values())
+    metadata: dict[str, float | int | str] = {"entries": total, "max_drop": max_drop}
     if served is None:
         metadata["served_entries"] = why_none
         return Verdict([], metadata)
-    drop = (served - current) / served if served else 0.0
-    metadata.update(served_entries=served, drop=round(drop, 4))
+    served_total = sum(served.values())
+    drop = _drop(served_total, total)
+    gone = sorted(set(served) - set(current))
+    metadata.update(served_entries=served_total, drop=round(drop, 4), courses_gone=", ".join(gone))
+    problems = []
     if drop > max_drop:
-        return Verdict(
-            [
-                f"entries dropped from {served} (served index) to {current} ({drop:.1%}), "
-                f"more than the allowed {max_drop:.0%}"
-            ],
-            metadata,
+        problems.append(
+            f"entries dropped from {served_total} (served index) to {total} ({drop:.1%}), "
+            f"more than the allowed {max_drop:.0%} (RAG_MAX_ENTRY_DROP)"
         )
-    return Verdict([], metadata)
+    for course, had in sorted(served.items()):
+        now = current.get(course, 0)
+        if _drop(had, now) > max_course_drop:
+            what = "is no longer in the source" if course in gone else f"dropped from {had} to {now} entries"
+            problems.append(
+                f"course {course!r} {what} ({_drop(had, now):.1%} of its {had} served entries), more than "
+                f"the allowed {max_course_drop:.0%} (RAG_MAX_COURSE_ENTRY_DROP)"
+            )
+    return Verdict(problems, metadata)
+
+
+def _drop(served: int, current: int) -> float:
+    return (served - current) / served if served else 0.0
+
+
+_DIGEST_MODULUS = 1 << 256
 
 
 def hashes_digest(chunk_hashes: Iterable[tuple[str, str]]) -> str:
-    """One digest of (chunk_id, content_hash) pairs, whatever their order: what an index must hold."""
-    content = hashlib.sha256()
-    for chunk_id, content_hash in sorted(chunk_hashes):
-        content.update(f"{chunk_id}\x1f{content_hash}\x1e".encode())
-    return content.hexdigest()
+    """One digest of (chunk_id, content_hash) pairs, whatever their order: what an index must hold.
+
+    The sum of the pairs' SHA-256 values, so the digest of several courses' chunks is the sum of
+    theirs (`combined_digest`) and a served index can be compared with them without loading them.
+    """
+    total = 0
+    for chunk_id, content_hash in chunk_hashes:
+        total += int.from_bytes(hashlib.sha256(f"{chunk_id}\x1f{content_hash}".encode()).digest())
+    return f"{total % _DIGEST_MODULUS:064x}"
+
+
+def combined_digest(digests: Iterable[str]) -> str:
+    """`hashes_digest` of the union of disjoint sets of pairs, from their digests."""
+    return f"{sum(int(d, 16) for d in digests) % _DIGEST_MODULUS:064x}"
 
 
 def check_index_matches(served: Mapping[str, str], chunks: pd.DataFrame) -> Verdict:

@@ -42,6 +42,7 @@ NLP_SETTINGS = {
 }
 QUALITY_SETTINGS = {
     "RAG_MAX_ENTRY_DROP": "max_entry_drop",
+    "RAG_MAX_COURSE_ENTRY_DROP": "max_course_entry_drop",
     "RAG_MAX_ZERO_VECTOR_SHARE": "max_zero_vector_share",
     "RAG_MAX_EMPTY_LEMMA_SHARE": "max_empty_lemma_share",
     "RAG_GROUND_TRUTH": "ground_truth",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -10,7 +12,7 @@ from spacy.language import Language
 
 from rag_assets.common.stored import StoredValue
 from rag_assets.definitions import load_definitions, with_resources
-from rag_assets.defs.automation import JOB_NAME
+from rag_assets.defs.refresh import Refresh, refresh
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -25,7 +27,8 @@ from rag_assets.retrieval import Retriever
 from .conftest import DATA, entry, write_json
 from .fake_elasticsearch import FakeElasticsearch
 
-ASSET_KEYS = {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
+ASSET_KEYS = {"faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
+COURSE_ASSETS = ("raw_documents", "chunks", "lemmas", "embeddings")
 JOIN_QUESTION = "Course - Can I still join the course after the start date?"
 
 
@@ -41,12 +44,58 @@ def run_resources(source: str, data_dir: Path, **overrides: object) -> dict[str,
     }
 
 
+@dataclass
+class RefreshEvents:
+    """The runs of one refresh (source, courses, publish), as a test reads their events."""
+
+    instance: dg.DagsterInstance
+    refresh: Refresh
+
+    @property
+    def success(self) -> bool:
+        return self.refresh.success
+
+    def logs(self) -> list[dg.EventLogEntry]:
+        return [log for run in self.refresh.runs for log in self.instance.all_logs(run.run_id)]
+
+    def materializations(self, asset: str) -> list[dg.AssetMaterialization]:
+        return [
+            log.asset_materialization
+            for log in self.logs()
+            if log.asset_materialization and log.asset_materialization.asset_key.to_user_string() == asset
+        ]
+
+    def metadata(self, asset: str, course: str | None = None) -> dict[str, Any]:
+        """The metadata values of the asset's one materialization (of `course`, if given)."""
+        found = [m for m in self.materializations(asset) if course is None or m.partition == course]
+        assert len(found) == 1, f"{len(found)} materializations of {asset}"
+        return {key: value.value for key, value in found[0].metadata.items()}
+
+    def checks(self) -> dict[str, dg.AssetCheckEvaluation]:
+        """Check name (`name[course]` for a per-course check) -> its evaluation."""
+        found = {}
+        for log in self.logs():
+            event = log.dagster_event
+            if event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+                evaluation = event.asset_check_evaluation_data
+                course = f"[{evaluation.partition}]" if evaluation.partition else ""
+                found[evaluation.check_name + course] = evaluation
+        return found
+
+    def failures(self) -> list[str]:
+        return [
+            log.dagster_event.step_failure_data.user_failure_data.description
+            for log in self.logs()
+            if log.dagster_event is not None and log.dagster_event.is_step_failure
+        ]
+
+
 def materialize(
     source: str, data_dir: Path, instance: dg.DagsterInstance, **overrides: object
-) -> dg.ExecuteInJobResult:
-    """A real run of the project's refresh job (assets and checks) with test resources."""
+) -> RefreshEvents:
+    """A real refresh with test resources: the source run, a run per course, the publish."""
     definitions = with_resources(load_definitions(), run_resources(source, data_dir, **overrides))
-    return definitions.resolve_job_def(JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
+    return RefreshEvents(instance, refresh(instance, definitions))
 
 
 def test_definitions_load_with_every_asset() -> None:
@@ -61,6 +110,8 @@ def test_definitions_load_with_every_asset() -> None:
         node = graph.get(dg.AssetKey(key))
         assert node.group_name == "faq_index"
         assert node.kinds
+        # the course is the unit of work; the source and the served index span every course
+        assert node.is_partitioned == (key in COURSE_ASSETS)
 
 
 def test_full_graph_replaces_the_index_and_survives_a_broken_source(tmp_path: Path, nlp: Language) -> None:
@@ -73,27 +124,31 @@ def test_full_graph_replaces_the_index_and_survives_a_broken_source(tmp_path: Pa
     assert second.success
     stats = EmbeddedIndex(tmp_path).stats()
     assert stats.entries == 948
-    events = {
-        e.asset_key.to_user_string(): e.materialization.metadata
-        for e in second.get_asset_materialization_events()
-    }
-    assert set(events) == ASSET_KEYS
-    assert events["raw_documents"]["entries"].value == 948
-    assert events["es_index"]["entries"].value == 948
-    assert events["es_index"]["deleted"].value == 68  # the removed entries, none of them split
-    assert events["chunks"]["chunks"].value == stats.chunks
-    assert "| doc_id" in events["raw_documents"]["preview"].value
-    assert all("preview" in metadata for metadata in events.values())
+    source = second.metadata("faq_source")
+    assert source["entries"] == 948 and sum(source["courses"].values()) == 948
+    courses = sorted(source["courses"])
+    assert sorted(instance.get_dynamic_partitions("course")) == courses
+    for asset in COURSE_ASSETS:  # one materialization per course, each of that course's rows
+        assert sorted(m.partition for m in second.materializations(asset)) == courses
+    per_course = {c: second.metadata("raw_documents", c)["entries"] for c in courses}
+    assert per_course == source["courses"]
+    published = second.metadata("es_index")
+    assert published["entries"] == 948
+    assert published["deleted"] == 68  # the removed entries, none of them split
+    assert published["courses_refreshed"] == courses
+    assert sum(second.metadata("chunks", c)["chunks"] for c in courses) == stats.chunks
+    assert "| doc_id" in source["preview"]
+    assert all("preview" in m.metadata for asset in ASSET_KEYS for m in second.materializations(asset))
     # the publish gate asked both versions before serving the new one
-    assert events["es_index"]["gate_smoke_hit_rate_new"].value >= 0.9
-    assert events["es_index"]["gate_smoke_hit_rate_served"].value >= 0.9
+    assert published["gate_smoke_hit_rate_new"] >= 0.9
+    assert published["gate_smoke_hit_rate_served"] >= 0.9
 
     broken = tmp_path / "broken.json"
     broken.write_text("[{oops")
     failed = materialize(str(broken), tmp_path, instance)
     assert not failed.success
-    [failure] = [e for e in failed.all_events if e.is_step_failure]
-    assert "broken.json is not valid JSON" in failure.step_failure_data.user_failure_data.description
+    [failure] = failed.failures()
+    assert "broken.json is not valid JSON" in failure
     assert EmbeddedIndex(tmp_path).stats().entries == 948
     hits = Retriever(EmbeddedIndex(tmp_path), nlp).search(
         "I just discovered the course, can I still join?", course="data-engineering-zoomcamp"
@@ -108,9 +163,9 @@ def test_dropped_entries_are_counted(tmp_path: Path) -> None:
     )
     result = materialize(str(source), tmp_path / "data", dg.DagsterInstance.ephemeral())
     assert result.success
-    metadata = result.asset_materializations_for_node("raw_documents")[0].metadata
-    assert metadata["entries"].value == 1
-    assert metadata["dropped_entries"].value == 1
+    metadata = result.metadata("faq_source")
+    assert (metadata["entries"], metadata["dropped_entries"]) == (1, 1)
+    assert result.metadata("raw_documents", "c")["entries"] == 1
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/documents.json"])
@@ -138,13 +193,13 @@ def test_es_index_publishes_to_elasticsearch_with_the_key_from_the_environment(
         )
         result = materialize(str(source), tmp_path, dg.DagsterInstance.ephemeral(), search_index=search_index)
         assert result.success
-        metadata = result.asset_materializations_for_node("es_index")[0].metadata
-        assert metadata["backend"].value == "elasticsearch"
-        assert metadata["index_version"].value == fake.aliases["faq"]
-        assert metadata["chunks"].value == 30
-        assert metadata["warnings"].value == "none"
+        metadata = result.metadata("es_index")
+        assert metadata["backend"] == "elasticsearch"
+        assert metadata["index_version"] == fake.aliases["faq"]
+        assert metadata["chunks"] == 30
+        assert metadata["warnings"] == "none"
         assert all(r.headers["authorization"] == f"ApiKey {secret}" for r in fake.requests)
-        logged = " ".join(str(event) for event in result.all_events)
+        logged = " ".join(str(log) for log in result.logs())
         assert secret not in logged
         assert not (tmp_path / "index.sqlite").exists()
     finally:
@@ -167,24 +222,20 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     monkeypatch.setattr(StoredValue, "load", refuse_to_load)
     unchanged = materialize(source, data_dir, instance)
     assert unchanged.success
-    events = {
-        e.asset_key.to_user_string(): e.materialization.metadata
-        for e in unchanged.get_asset_materialization_events()
-    }
-    assert set(events) == ASSET_KEYS  # all materialized: freshness sees the refresh
-    for step in ("raw_documents", "chunks", "lemmas", "embeddings"):
-        assert events[step]["stored_value"].value == "reused (inputs unchanged)"
-    assert (events["lemmas"]["computed"].value, events["lemmas"]["reused"].value) == (0, 30)
-    assert events["es_index"]["confirmed_without_reading"].value is True
-    assert events["es_index"]["upserted"].value == 0
-    evaluations = unchanged.get_asset_check_evaluations()
-    assert evaluations and all(e.passed for e in evaluations)
-    judged = {e.check_name: e.metadata["judged"].value for e in evaluations if "judged" in e.metadata}
+    events = {asset: unchanged.metadata(asset) for asset in ASSET_KEYS}  # all: freshness sees the refresh
+    for step in ("faq_source", *COURSE_ASSETS):
+        assert events[step]["stored_value"] == "reused (inputs unchanged)"
+    assert (events["lemmas"]["computed"], events["lemmas"]["reused"]) == (0, 30)
+    assert events["es_index"]["confirmed_without_reading"] is True
+    assert events["es_index"]["upserted"] == 0
+    evaluations = unchanged.checks()
+    assert evaluations and all(e.passed for e in evaluations.values())
+    judged = {name: e.metadata["judged"].value for name, e in evaluations.items() if "judged" in e.metadata}
     assert set(judged) == {
-        "raw_documents_well_formed",
-        "chunks_well_formed",
-        "lemmas_well_formed",
-        "embeddings_well_formed",
+        "faq_source_well_formed",
+        "chunks_well_formed[c]",
+        "lemmas_well_formed[c]",
+        "embeddings_well_formed[c]",
     }
     assert set(judged.values()) == {"earlier, of these same values"}
     assert EmbeddedIndex(data_dir).stats().published_at == published_at
@@ -194,11 +245,8 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     write_json(tmp_path / "flat.json", entries)
     changed = materialize(source, data_dir, instance)
     assert changed.success
-    metadata = {
-        e.asset_key.to_user_string(): e.materialization.metadata
-        for e in changed.get_asset_materialization_events()
-    }
-    assert {metadata[step]["stored_value"].value for step in ASSET_KEYS - {"es_index"}} == {"made"}
-    assert (metadata["lemmas"]["computed"].value, metadata["lemmas"]["reused"].value) == (1, 29)
-    assert metadata["es_index"]["confirmed_without_reading"].value is False
-    assert metadata["es_index"]["upserted"].value == 1
+    metadata = {asset: changed.metadata(asset) for asset in ASSET_KEYS}
+    assert {metadata[step]["stored_value"] for step in ASSET_KEYS - {"es_index"}} == {"made"}
+    assert (metadata["lemmas"]["computed"], metadata["lemmas"]["reused"]) == (1, 29)
+    assert metadata["es_index"]["confirmed_without_reading"] is False
+    assert metadata["es_index"]["upserted"] == 1

@@ -33,24 +33,38 @@ def env_example() -> dict[str, str]:
 
 def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"elasticsearch", "postgres", "webserver", "daemon", "search-api"}
+    assert set(services) == {
+        "elasticsearch",
+        "postgres",
+        "redis",
+        "celery-worker",
+        "webserver",
+        "daemon",
+        "search-api",
+    }
     assert services["webserver"]["ports"] == ["3000:3000"]
     assert services["search-api"]["ports"] == ["127.0.0.1:8000:8000"]  # not beyond the host
     assert services["search-api"]["command"][:2] == ["rag", "serve"]
     assert "/readyz" in " ".join(services["search-api"]["healthcheck"]["test"])
     assert services["elasticsearch"]["ports"] == ["9200:9200"]
-    for name in ("elasticsearch", "postgres"):
+    for name in ("elasticsearch", "postgres", "redis"):
         assert services[name]["healthcheck"]["test"]
+    for name in ("elasticsearch", "postgres"):
         [volume] = services[name]["volumes"]
         assert volume.split(":")[0] in compose["volumes"]
-    for name in ("webserver", "daemon", "search-api"):
+    for name in ("webserver", "daemon", "search-api", "celery-worker"):
         service = services[name]
         assert service["build"] == "."
-        assert service["depends_on"]["elasticsearch"]["condition"] == "service_healthy"
-        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        for needed in ("elasticsearch", "postgres", "redis"):
+            assert service["depends_on"][needed]["condition"] == "service_healthy"
     for name in ("webserver", "daemon"):
         assert services[name]["command"][-2:] == ["-w", "workspace.yaml"]
     assert services["daemon"]["command"][:2] == ["dagster-daemon", "run"]
+    worker = services["celery-worker"]
+    assert worker["command"][:4] == ["celery", "-A", "dagster_celery.app", "worker"]
+    # dagster_celery.app reads dagster_celery_config from the path; the image has it there
+    assert (ROOT / "deploy/dagster_celery_config.py").exists()
+    assert worker["environment"]["PYTHONPATH"] == "/opt/dagster/app/deploy"
 
 
 def test_every_variable_has_an_example_value() -> None:
@@ -66,12 +80,17 @@ def test_the_instance_config_gets_every_variable_it_reads(compose: dict[str, Any
         "DAGSTER_POSTGRES_PASSWORD",
         "DAGSTER_POSTGRES_HOST",
         "DAGSTER_POSTGRES_DB",
+        "DAGSTER_CELERY_BROKER_URL",
     }
-    for name in ("webserver", "daemon"):
+    for name in ("webserver", "daemon", "celery-worker"):
         assert needed <= set(compose["services"][name]["environment"])
     config = yaml.safe_load(text)
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["run_monitoring"]["enabled"] is True
+    # runs go to the Celery workers; the daemon's monitoring reads their state from Redis
+    launcher = config["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_celery.launcher", "CeleryRunLauncher")
+    assert launcher["config"]["backend"] == {"env": "DAGSTER_CELERY_BROKER_URL"}
 
 
 def test_the_local_instance_config_is_valid() -> None:

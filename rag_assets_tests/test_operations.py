@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -21,7 +22,14 @@ from spacy.language import Language
 
 from rag_assets import quality, settings
 from rag_assets.definitions import load_definitions
-from rag_assets.defs.automation import JOB_NAME, daily_document_refresh, initial_index_build
+from rag_assets.defs.assets import COURSES
+from rag_assets.defs.automation import (
+    COURSE_JOB_NAME,
+    JOB_NAME,
+    PUBLISH_JOB_NAME,
+    daily_document_refresh,
+    initial_index_build,
+)
 from rag_assets.defs.refresh import summary
 from rag_assets.defs.resources import QualityResource, environment_resources
 from rag_assets.index.backend import IndexContent
@@ -47,7 +55,7 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
 
 
 def add_run(
-    instance: dg.DagsterInstance, status: dg.DagsterRunStatus, job_name: str = JOB_NAME
+    instance: dg.DagsterInstance, status: dg.DagsterRunStatus, job_name: str = JOB_NAME, **tags: str
 ) -> dg.DagsterRun:
     """A run of a job (by default the refresh job) in the given state, as the daemon would store it."""
     origin = RemoteJobOrigin(
@@ -59,7 +67,7 @@ def add_run(
         ),
         job_name=job_name,
     )
-    tags = dict(defs.resolve_job_def(JOB_NAME).tags)
+    tags = {**defs.resolve_job_def(JOB_NAME).tags, **tags}
     return create_run_for_test(
         instance, job_name=job_name, status=status, tags=tags, remote_job_origin=origin
     )
@@ -68,17 +76,28 @@ def add_run(
 # -- schedule -------------------------------------------------------------------------------
 
 
-def test_schedule_targets_the_whole_graph_daily_at_midnight_utc() -> None:
+def test_schedule_starts_the_whole_refresh_daily_at_midnight_utc() -> None:
     schedule = defs.get_schedule_def("daily_document_refresh")
     assert schedule.cron_schedule == "0 0 * * *"
     assert schedule.execution_timezone == "UTC"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.job_name == JOB_NAME
-    job = defs.resolve_job_def(JOB_NAME)
-    assert job.tags["dagster/max_runtime"] == "3600"
-    keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
-    assert keys == {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
-    assert len(job.asset_layer.asset_graph.asset_check_keys) == 7
+    # the source run, then a run per course, then the publish: every run has the seed's limit
+    selected = {}
+    for name in (JOB_NAME, COURSE_JOB_NAME, PUBLISH_JOB_NAME):
+        job = defs.resolve_job_def(name)
+        assert job.tags["dagster/max_runtime"] == "3600"
+        selected[name] = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+    assert selected == {
+        JOB_NAME: {"faq_source"},
+        COURSE_JOB_NAME: {"raw_documents", "chunks", "lemmas", "embeddings"},
+        PUBLISH_JOB_NAME: {"es_index"},
+    }
+    assert defs.resolve_job_def(COURSE_JOB_NAME).partitions_def == COURSES
+    assert len(defs.resolve_asset_graph().asset_check_keys) == 7
+    sensors = {sensor.name: sensor for sensor in defs.sensors}
+    assert sensors["course_runs_after_source"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensors["publish_after_courses"].default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_schedule_settings_come_from_the_environment() -> None:
@@ -95,9 +114,23 @@ def test_schedule_settings_come_from_the_environment() -> None:
 
 
 def test_schedule_requests_a_run_when_idle(instance: dg.DagsterInstance) -> None:
-    add_run(instance, dg.DagsterRunStatus.SUCCESS)
+    assert isinstance(daily_document_refresh(dg.build_schedule_context(instance=instance)), dg.RunRequest)
+    source = add_run(instance, dg.DagsterRunStatus.SUCCESS)
+    # the sensors have yet to run its courses and publish them: the refresh is unfinished
+    skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
+    assert isinstance(skip, dg.SkipReason)
+    assert skip.skip_message == (
+        f"run {source.run_id} of {JOB_NAME} finished; its refresh is not published yet; skipping this tick"
+    )
+    add_run(instance, dg.DagsterRunStatus.SUCCESS, job_name=PUBLISH_JOB_NAME)
     request = daily_document_refresh(dg.build_schedule_context(instance=instance))
     assert isinstance(request, dg.RunRequest)
+    # a run of one course (a backfill's) finished after that publish: the next one has yet to follow
+    time.sleep(1.1)  # run storage records updates to the second
+    backfilled = {"dagster/partition": "mlops-zoomcamp", "dagster/backfill": "b1"}
+    course = add_run(instance, dg.DagsterRunStatus.FAILURE, job_name="__ASSET_JOB", **backfilled)
+    skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
+    assert isinstance(skip, dg.SkipReason) and course.run_id in skip.skip_message
 
 
 @pytest.mark.parametrize("status", [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED])
@@ -158,7 +191,7 @@ def test_run_monitoring_fails_a_run_past_its_max_runtime(
 
 def test_freshness_policies_on_the_source_and_the_served_index() -> None:
     graph = defs.resolve_asset_graph()
-    for key in ("raw_documents", "es_index"):
+    for key in ("faq_source", "es_index"):
         policy = graph.get(dg.AssetKey(key)).freshness_policy
         assert policy is not None, key
         assert policy.warn_window.to_timedelta() == timedelta(hours=25)
@@ -235,14 +268,26 @@ def test_vector_check(stages: tuple) -> None:
     assert "expected (n, 300)" in quality.check_vectors(narrow, ids, 0.05).description
 
 
-def test_entry_drop_guard() -> None:
-    assert quality.check_entry_drop(948, None, 0.2).passed
-    assert quality.check_entry_drop(800, 948, 0.2).passed
-    verdict = quality.check_entry_drop(700, 948, 0.2)
-    assert (
-        verdict.description
-        == "entries dropped from 948 (served index) to 700 (26.2%), more than the allowed 20%"
-    )
+def test_entry_drop_guard_in_all_and_per_course() -> None:
+    served = {"a": 600, "b": 348}
+    assert quality.check_course_drops({"a": 600, "b": 348}, None, 0.2, 0.5).passed
+    # 2024-06 -> 2025 took mlops-zoomcamp from 190 to 138 entries (27 %): within the course limit
+    assert quality.check_course_drops({"a": 600, "b": 250}, served, 0.2, 0.5).passed
+    overall = quality.check_course_drops({"a": 280, "b": 348}, served, 0.2, 0.5)
+    assert overall.problems == [
+        "entries dropped from 948 (served index) to 628 (33.8%), more than the allowed 20% "
+        "(RAG_MAX_ENTRY_DROP)",
+        "course 'a' dropped from 600 to 280 entries (53.3% of its 600 served entries), more than the "
+        "allowed 50% (RAG_MAX_COURSE_ENTRY_DROP)",
+    ]
+    # a small course gone from the source: within the overall limit, refused for itself
+    gone = quality.check_course_drops({"a": 600, "c": 10}, {"a": 600, "b": 40}, 0.2, 0.5)
+    assert gone.problems == [
+        "course 'b' is no longer in the source (100.0% of its 40 served entries), more than the allowed "
+        "50% (RAG_MAX_COURSE_ENTRY_DROP)"
+    ]
+    assert gone.metadata["courses_gone"] == "b"
+    assert quality.check_course_drops({"a": 600}, {"a": 600, "b": 40}, 0.2, 1.0).passed
 
 
 def test_index_checks(tmp_path: Path, nlp: Language, stages: tuple) -> None:
@@ -270,18 +315,15 @@ def test_index_checks(tmp_path: Path, nlp: Language, stages: tuple) -> None:
 # -- real runs ------------------------------------------------------------------------------
 
 
-def check_results(result: dg.ExecuteInJobResult) -> dict[str, dg.AssetCheckEvaluation]:
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
-
-
 def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_source(
     tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
     first = materialize(str(DATA / "documents-2025.json"), data, instance)
     assert first.success
-    evaluations = check_results(first)
-    assert len(evaluations) == 7
+    evaluations = first.checks()
+    # two on the source, three on each of the three courses' values, two on the served index
+    assert len(evaluations) == 2 + 3 * 3 + 2
     assert all(e.passed for e in evaluations.values()), {n: e.description for n, e in evaluations.items()}
 
     import json
@@ -294,20 +336,21 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
     fresh = dg.DagsterInstance.ephemeral()
     second = materialize(str(halved), data, fresh)
     assert not second.success
-    guard = check_results(second)["raw_documents_count_guard"]
+    guard = second.checks()["faq_source_count_guard"]
     assert not guard.passed
-    reason = "entries dropped from 948 (served index) to 473 (50.1%), more than the allowed 20%"
-    assert guard.description == reason
+    overall = "entries dropped from 948 (served index) to 473 (50.1%), more than the allowed 20%"
+    course = "course 'data-engineering-zoomcamp' dropped from 435 to 217 entries"
+    assert guard.description.startswith(f"{overall} (RAG_MAX_ENTRY_DROP); {course}")
     assert guard.metadata["served_entries"].value == 948
-    assert not second.asset_materializations_for_node("es_index")
+    assert second.refresh.courses == [] and second.refresh.publish is None  # nothing ran after it
     assert EmbeddedIndex(data).stats().entries == 948
-    errors = [e.user_message for e in fresh.all_logs(second.run_id) if e.level == logging.ERROR]
-    assert f"raw_documents_count_guard failed: {reason}" in errors
+    errors = [e.user_message for e in second.logs() if e.level == logging.ERROR]
+    assert f"faq_source_count_guard failed: {guard.description}" in errors
     monkeypatch.setenv("RAG_DATA_DIR", str(data))
-    lines = summary(second)  # how `make run` ends
+    lines = summary(second.refresh, fresh)  # how `make run` ends
     assert lines[:2] == [
-        f"run {second.run_id} did not publish:",
-        f"  blocked by raw_documents_count_guard: {reason}",
+        f"run {second.refresh.source.run_id} ({JOB_NAME}) did not succeed:",
+        f"  blocked by faq_source_count_guard: {guard.description}",
     ]
     assert len(lines) == 3 and lines[2].startswith(f"the served index is unchanged: 948 entries at {data}")
 
@@ -336,7 +379,7 @@ def test_the_retrieval_quality_check_measures_the_served_index(
         str(documents), tmp_path / "data", dg.DagsterInstance.ephemeral(), quality_settings=settings
     )
     assert run.success
-    evaluation = check_results(run)["es_index_retrieval_quality"]
+    evaluation = run.checks()["es_index_retrieval_quality"]
     assert evaluation.passed, evaluation.description
     assert evaluation.metadata["questions"].value == 80
     assert 0.8 <= evaluation.metadata["hit_rate"].value <= 1
@@ -346,6 +389,6 @@ def test_the_retrieval_quality_check_measures_the_served_index(
     failed = materialize(
         str(documents), tmp_path / "data", dg.DagsterInstance.ephemeral(), quality_settings=strict
     )
-    evaluation = check_results(failed)["es_index_retrieval_quality"]
+    evaluation = failed.checks()["es_index_retrieval_quality"]
     assert not evaluation.passed
     assert evaluation.description.startswith("hit rate ") and "below 1.01; MRR " in evaluation.description

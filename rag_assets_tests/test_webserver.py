@@ -22,6 +22,7 @@ QUERY = """
     groupName
     kinds
     dependencyKeys { path }
+    isPartitioned
     assetChecksOrError { ... on AssetChecks { checks { name blocking } } }
   }
   repositoriesOrError {
@@ -86,10 +87,11 @@ def graphql(url: str) -> dict:
 def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
     data = graphql(webserver)
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
-    assert set(nodes) == {"raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
+    assert set(nodes) == {"faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
     lineage = {key: sorted("/".join(d["path"]) for d in n["dependencyKeys"]) for key, n in nodes.items()}
     assert lineage == {
-        "raw_documents": [],
+        "faq_source": [],
+        "raw_documents": ["faq_source"],
         "chunks": ["raw_documents"],
         "lemmas": ["chunks"],
         "embeddings": ["lemmas"],
@@ -97,11 +99,14 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
     }
     assert {n["groupName"] for n in nodes.values()} == {"faq_index"}
     assert "spacy" in nodes["lemmas"]["kinds"]
+    partitioned = {key for key, n in nodes.items() if n["isPartitioned"]}
+    assert partitioned == {"raw_documents", "chunks", "lemmas", "embeddings"}  # by course
     checks = {
         key: {c["name"]: c["blocking"] for c in n["assetChecksOrError"]["checks"]} for key, n in nodes.items()
     }
     assert checks == {
-        "raw_documents": {"raw_documents_well_formed": True, "raw_documents_count_guard": True},
+        "faq_source": {"faq_source_well_formed": True, "faq_source_count_guard": True},
+        "raw_documents": {},
         "chunks": {"chunks_well_formed": True},
         "lemmas": {"lemmas_well_formed": True},
         "embeddings": {"embeddings_well_formed": True},
@@ -116,5 +121,9 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
         "UTC",
     )
     assert schedule["scheduleState"]["status"] == "RUNNING"
-    assert [s["name"] for s in repository["sensors"]] == ["initial_index_build"]
-    assert "faq_index_refresh" in {j["name"] for j in repository["jobs"]}
+    assert sorted(s["name"] for s in repository["sensors"]) == [
+        "course_runs_after_source",
+        "initial_index_build",
+        "publish_after_courses",
+    ]
+    assert {"faq_index_refresh", "course_refresh", "index_publish"} <= {j["name"] for j in repository["jobs"]}

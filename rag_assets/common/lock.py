@@ -1,8 +1,9 @@
-"""One refresh per data directory at a time, whoever starts it.
+"""One refresh per course and data directory at a time, whoever starts it; one publish at a time.
 
-An exclusive `flock` on a file in the directory, taken without waiting: a second refresh fails at
-once and names the holder. The kernel drops the lock when the holding process ends, however it
-ends, so a killed run never leaves the directory locked.
+An exclusive `flock` on a file in the directory. A refresh lock is taken without waiting: a
+second refresh of the same course fails at once and names the holder. The publish lock is
+waited for: the course runs of one refresh publish one after the other. The kernel drops a lock
+when the holding process ends, however it ends, so a killed run never leaves anything locked.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +20,7 @@ from typing import IO, Any
 from rag_assets.common.errors import RagError
 
 LOCK_FILENAME = "refresh.lock"
+_POLL_S = 0.2
 
 
 class DirectoryBusyError(RagError):
@@ -25,25 +28,35 @@ class DirectoryBusyError(RagError):
 
 
 class DirectoryLock:
-    def __init__(self, directory: Path | str) -> None:
-        self.path = Path(directory).resolve() / LOCK_FILENAME
+    def __init__(self, directory: Path | str, name: str = LOCK_FILENAME, purpose: str = "refreshed") -> None:
+        self.path = Path(directory).resolve() / name
+        self.purpose = purpose  # what the holder does, for the busy message
         self._handle: IO[str] | None = None
 
-    def acquire(self, holder: str) -> None:
-        """Take the lock for `holder` (a run id) or raise DirectoryBusyError naming the one who has it."""
+    def acquire(self, holder: str, wait_s: float = 0.0) -> None:
+        """Take the lock for `holder` (a run id), waiting up to `wait_s` seconds for it, or raise
+        DirectoryBusyError naming the one who has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(_POLL_S)
+                    continue
             handle.seek(0)
             owner = _parse(handle.read())
             handle.close()
+            waited = f" (waited {wait_s:.0f} s)" if wait_s else ""
             raise DirectoryBusyError(
-                f"{self.path.parent} is being refreshed by run {owner.get('holder', '(unknown)')} "
+                f"{self.path.parent} is being {self.purpose} by run {owner.get('holder', '(unknown)')} "
                 f"(pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since "
-                f"{owner.get('since', '?')}); this run stopped before reading or writing anything there"
-            ) from None
+                f"{owner.get('since', '?')}){waited}; this run stopped before reading or writing "
+                "anything there"
+            )
         handle.seek(0)
         handle.truncate()
         owner = {"holder": holder, "pid": os.getpid(), "host": socket.gethostname()}

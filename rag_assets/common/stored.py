@@ -34,6 +34,13 @@ KEEP_PER_STEP = 2
 PART_ROWS = 50_000
 # The layout of the stored file; values stored in another layout are made anew.
 _FORMAT = 2
+SERVED_FILENAME = "served.json"
+
+
+def course_folder(course: str) -> str:
+    """A folder name for any course name: readable, and distinct for distinct names."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in course)[:60]
+    return f"{readable}-{hashlib.sha256(course.encode()).hexdigest()[:8]}"
 
 
 def digest(*parts: object) -> str:
@@ -108,6 +115,17 @@ class InMemory:
         return split(self.value)[2]
 
 
+@dataclass(frozen=True)
+class Chained:
+    """Several values read part by part as one: the parts of the first, then of the next."""
+
+    values: list[Any]
+
+    def parts(self) -> Iterator[Any]:
+        for value in self.values:
+            yield from value.parts()
+
+
 def split(value: Any) -> tuple[Callable[[Iterable[Any], int], Any] | None, int, Iterator[Any]]:
     """How to join `value`'s parts again, its rows, and its parts of `PART_ROWS` rows.
 
@@ -130,10 +148,29 @@ class ValueStore:
     """`<directory>/<step>/<digest>.pkl` with its facts beside it in `<digest>.json`.
 
     The facts file is written last, so a value counts as stored only once it is complete.
+    Each course keeps its values in a store of its own (`for_course`): course runs running at the
+    same time never prune each other's values. The values the served index was published from
+    are kept whatever their age (`keep_served`), since a later publish of another course reads
+    them again.
     """
 
-    def __init__(self, directory: Path | str) -> None:
+    def __init__(self, directory: Path | str, root: Path | str | None = None) -> None:
         self.directory = Path(directory)
+        self.root = Path(root) if root is not None else self.directory
+
+    def for_course(self, course: str) -> ValueStore:
+        return ValueStore(self.root / "courses" / course_folder(course), self.root)
+
+    def keep_served(self, digests: Iterable[str]) -> None:
+        """Record the digests of the values the served index holds: pruning never removes them."""
+        served = sorted(set(digests))
+        _write_atomically(self.root / SERVED_FILENAME, lambda out: out.write(json.dumps(served).encode()))
+
+    def _served(self) -> set[str]:
+        try:
+            return set(json.loads((self.root / SERVED_FILENAME).read_text()))
+        except (OSError, ValueError):
+            return set()
 
     def find(self, step: str, value_digest: str) -> StoredValue | None:
         pickled, facts_file = self._paths(step, value_digest)
@@ -176,7 +213,12 @@ class ValueStore:
         return folder / f"{value_digest}.pkl", folder / f"{value_digest}.json"
 
     def _prune(self, step: str) -> None:
-        facts = sorted((self.directory / step).glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        served = self._served()
+        facts = sorted(
+            (path for path in (self.directory / step).glob("*.json") if path.stem not in served),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
         for old in facts[KEEP_PER_STEP:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".pkl").unlink(missing_ok=True)

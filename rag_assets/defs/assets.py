@@ -15,7 +15,7 @@ from pydantic import Field
 
 from rag_assets import quality
 from rag_assets.common.memory import peak_rss_mb
-from rag_assets.common.stored import StoredValue, code_digest, digest
+from rag_assets.common.stored import StoredValue, StoredValueError, code_digest, digest
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -24,6 +24,7 @@ from rag_assets.defs.resources import (
     SearchIndexResource,
 )
 from rag_assets.index.backend import (
+    CourseValues,
     IndexContent,
     PublishError,
     PublishRefusedError,
@@ -38,6 +39,8 @@ from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors, token_counts
 from rag_assets.settings import freshness_hours
 
 GROUP = "faq_index"
+# The unit of work: every course of the source is a partition of the per-course assets.
+COURSES = dg.DynamicPartitionsDefinition(name="course")
 PREVIEW_ROWS = 5
 # Known at load time without loading the model, so the UI flags the NLP assets as unsynced when
 # the model or the analysis rules change.
@@ -84,10 +87,11 @@ def per_course(frame: pd.DataFrame) -> dict[str, int]:
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "pandas"}, freshness_policy=FRESHNESS)
-def raw_documents(
+def faq_source(
     context: dg.AssetExecutionContext, refresh_lock: RefreshLockResource, source: DocumentSourceResource
 ) -> dg.MaterializeResult:
-    """FAQ entries from DOCUMENTS_URL, whichever of the three source shapes it has.
+    """Every FAQ entry from DOCUMENTS_URL, whichever of the three source shapes it has, and the
+    courses it names: the partitions of the per-course assets.
 
     The source is read every time; it is parsed only when its bytes changed.
     """
@@ -95,7 +99,7 @@ def raw_documents(
     try:
         fetched = source.fetch()
         stored = refresh_lock.stored_values().find_or_make(
-            "raw_documents",
+            "faq_source",
             digest(SOURCE_CODE, source.max_entry_chars, fetched.digest),
             lambda: documents_value(source.parse(fetched)),
         )
@@ -109,9 +113,10 @@ def raw_documents(
         context.log.warning(f"... and {facts['dropped_entries'] - LOGGED_EXAMPLES} more dropped entries")
     for doc_id in facts["renamed_examples"]:
         context.log.warning(f"repeated source id, kept as {doc_id}")
+    unchanged = " (unchanged since they were last parsed)" if stored.reused else ""
     context.log.info(
-        f"{facts['entries']} entries from {facts['source_files']} file(s), shape {facts['source_shape']}"
-        + (" (unchanged since they were last parsed)" if stored.reused else "")
+        f"{facts['entries']} entries of {len(facts['courses'])} courses from {facts['source_files']} "
+        f"file(s), shape {facts['source_shape']}{unchanged}"
     )
     return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
@@ -132,6 +137,38 @@ def documents_value(loaded: LoadedDocuments) -> tuple[pd.DataFrame, dict[str, An
     }
 
 
+@dg.asset(group_name=GROUP, kinds={"python", "pandas"}, partitions_def=COURSES)
+def raw_documents(
+    context: dg.AssetExecutionContext, refresh_lock: RefreshLockResource, faq_source: StoredValue
+) -> dg.MaterializeResult:
+    """The entries of one course, as the source has them now."""
+    started = time.perf_counter()
+    course = context.partition_key
+    known = faq_source.facts["courses"]
+    if course not in known:
+        raise dg.Failure(
+            description=f"course {course!r} is not in the source {faq_source.facts['source']} "
+            f"(it has: {', '.join(sorted(known)) or 'none'}); the next refresh removes it from the index",
+            allow_retries=False,
+        )
+    stored = refresh_lock.stored_values(course).find_or_make(
+        "raw_documents", digest(faq_source.digest, course), lambda: course_documents_value(faq_source, course)
+    )
+    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
+
+
+def course_documents_value(source: StoredValue, course: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read part by part: the whole source is never held to take one course out of it."""
+    frame = pd.concat([part[part["course"] == course] for part in source.parts()], ignore_index=True)
+    return frame, {
+        "entries": len(frame),
+        "course": course,
+        "source": source.facts["source"],
+        "source_value": source.digest,
+        "preview": preview(frame, ["doc_id", "section", "question", "answer"]),
+    }
+
+
 class ChunksConfig(dg.Config):
     max_chars: int = Field(default=ChunkingConfig.max_chars, description="Longest answer window")
     overlap_chars: int = Field(
@@ -139,14 +176,17 @@ class ChunksConfig(dg.Config):
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "pandas"})
+@dg.asset(group_name=GROUP, kinds={"python", "pandas"}, partitions_def=COURSES)
 def chunks(
-    refresh_lock: RefreshLockResource, config: ChunksConfig, raw_documents: StoredValue
+    context: dg.AssetExecutionContext,
+    refresh_lock: RefreshLockResource,
+    config: ChunksConfig,
+    raw_documents: StoredValue,
 ) -> dg.MaterializeResult:
     """Searchable units: one per entry, long answers cut into overlapping windows."""
     started = time.perf_counter()
     chunking_config = ChunkingConfig(config.max_chars, config.overlap_chars)
-    stored = refresh_lock.stored_values().find_or_make(
+    stored = refresh_lock.stored_values(context.partition_key).find_or_make(
         "chunks",
         digest(CHUNKING_CODE, raw_documents.digest, chunking_config.max_chars, chunking_config.overlap_chars),
         lambda: chunks_value(make_chunks(raw_documents.load(), chunking_config), chunking_config),
@@ -165,13 +205,13 @@ def chunks_value(frame: pd.DataFrame, config: ChunkingConfig) -> tuple[pd.DataFr
         "max_text_chars": int(sizes.max()),
         "mean_text_chars": round(float(sizes.mean()), 1),
         "preview": preview(frame, ["chunk_id", "course", "question", "text"]),
+        "smoke_probe": [probe.question, probe.course, probe.document],
         # what the es_index checks compare the served index with, without loading the chunks
         "hashes_digest": quality.hashes_digest(zip(frame["chunk_id"], frame["content_hash"], strict=True)),
-        "smoke_probe": [probe.question, probe.course, probe.document],
     }
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION)
+@dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION, partitions_def=COURSES)
 def lemmas(
     context: dg.AssetExecutionContext,
     refresh_lock: RefreshLockResource,
@@ -185,7 +225,7 @@ def lemmas(
     started = time.perf_counter()
 
     def analyse() -> tuple[pd.DataFrame, dict[str, Any]]:
-        nlp_cache = nlp.cache(context.log.warning)
+        nlp_cache = nlp.cache(context.partition_key, context.log.warning)
         frame, reuse = cached_lemmas(nlp.pipeline, chunks.load(), nlp_cache, nlp.settings(), context.log.info)
         context.log.info(f"lemmas: {reuse.computed} chunks analysed, {reuse.reused} from the cache")
         return frame, {
@@ -199,13 +239,13 @@ def lemmas(
             "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
         }
 
-    stored = refresh_lock.stored_values().find_or_make(
+    stored = refresh_lock.stored_values(context.partition_key).find_or_make(
         "lemmas", digest(NLP_CODE, nlp.fingerprint(), chunks.digest), analyse
     )
     return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION)
+@dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION, partitions_def=COURSES)
 def embeddings(
     context: dg.AssetExecutionContext,
     refresh_lock: RefreshLockResource,
@@ -217,7 +257,8 @@ def embeddings(
 
     def embed() -> tuple[ChunkVectors, dict[str, Any]]:
         lemma_frame = lemmas.load(columns=["chunk_id", "content_hash", "vector_words"])
-        vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp.cache(context.log.warning))
+        nlp_cache = nlp.cache(context.partition_key, context.log.warning)
+        vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp_cache)
         shown = pd.DataFrame(
             {
                 "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
@@ -236,62 +277,99 @@ def embeddings(
             "preview": preview(shown, list(shown.columns)),
         }
 
-    stored = refresh_lock.stored_values().find_or_make(
+    stored = refresh_lock.stored_values(context.partition_key).find_or_make(
         "embeddings", digest(NLP_CODE, nlp.fingerprint(), lemmas.digest), embed
     )
     return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
 
-@dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"}, freshness_policy=FRESHNESS)
+class PublishConfig(dg.Config):
+    courses: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per course, the digests of the chunks, lemmas and embeddings values its last "
+        "successful run made (the publish sensor fills it in); the other courses stay as served",
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"sqlite", "elasticsearch"},
+    freshness_policy=FRESHNESS,
+    deps=[chunks, lemmas, embeddings],
+)
 def es_index(
     context: dg.AssetExecutionContext,
+    config: PublishConfig,
     refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     nlp: NlpResource,
     quality_settings: QualityResource,
-    chunks: StoredValue,
-    lemmas: StoredValue,
-    embeddings: StoredValue,
 ) -> dg.MaterializeResult:
-    """The served search index: exactly the current chunks, published all at once, and only if
-    the new version answers the probe questions (and the ground truth) no worse than the live one.
+    """The served search index: every current course, published all at once, and only if the new
+    version answers the probe questions (and the ground truth) no worse than the live one.
 
-    An index published from this very content is confirmed without being read or rewritten.
+    A course takes the values of its last successful run (`config.courses`), else the ones it is
+    served from: a course whose run failed stays as served, and holds no other course back. A
+    course no longer in the source is removed. An index published from this very content is
+    confirmed without being read or rewritten.
     """
     started = time.perf_counter()
     backend = search_index.backend(context.log.info)  # progress of long publishes
-    content_digest = digest(chunks.digest, lemmas.digest, embeddings.digest)
-    report = backend.confirm(content_digest)
-    confirmed = report is not None
-    if report is not None:
-        context.log.info(f"{report.location} was published from this same content: confirmed as current")
-    else:
-        # Read part by part as the publish writes: at a million chunks the three values are 3 GB.
-        content = IndexContent.read(chunks, lemmas, embeddings, nlp.fingerprint(), content_digest)
-        gate = quality_settings.gate(nlp.pipeline, chunks.parts())  # loads the model only if it must judge
+    current = set(context.instance.get_dynamic_partitions(COURSES.name))
+    with refresh_lock.publishing(context.run.run_id):
+        served = backend.served_sources()
+        wanted = {c: d for c, d in {**served, **config.courses}.items() if c in current}
         try:
-            report = backend.publish(content, gate)
-        except PublishError as exc:
-            raise dg.Failure(description=str(exc), metadata=_gate_metadata(exc), allow_retries=False) from exc
-        context.log.info(
-            f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
-            f"{report.deleted} deleted, {report.unchanged} unchanged"
-        )
+            courses = {course: course_values(refresh_lock, course, d) for course, d in wanted.items()}
+        except StoredValueError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        content_digest = IndexContent.courses_digest(courses)
+        report = backend.confirm(content_digest)
+        confirmed = report is not None
+        if report is not None:
+            context.log.info(f"{report.location} was published from this same content: confirmed as current")
+        else:
+            content = IndexContent.of_courses(courses, nlp.fingerprint())
+            gate = quality_settings.gate(nlp.pipeline, content.chunks.parts())  # model loads only to judge
+            try:
+                report = backend.publish(content, gate)
+            except PublishError as exc:
+                raise dg.Failure(
+                    description=str(exc), metadata=_gate_metadata(exc), allow_retries=False
+                ) from exc
+            context.log.info(
+                f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
+                f"{report.deleted} deleted, {report.unchanged} unchanged"
+            )
+        refresh_lock.stored_values().keep_served(d for values in courses.values() for d in values.digests())
     for warning in report.warnings:
         context.log.warning(warning)
+    removed = sorted(set(served) - current)
+    if removed:
+        context.log.warning(f"courses no longer in the source, removed from the index: {', '.join(removed)}")
     stats = backend.stats()
-    courses = pd.DataFrame({"course": list(stats.courses), "entries": list(stats.courses.values())})
+    table = pd.DataFrame(
+        {
+            "course": sorted(courses),
+            "entries": [stats.courses.get(c, 0) for c in sorted(courses)],
+            "values": ["this refresh" if c in config.courses else "as served" for c in sorted(courses)],
+        }
+    )
     return dg.MaterializeResult(
         metadata={
             **({} if report.gate is None else report.gate.metadata),
             "published_at": stats.published_at or "",
             "confirmed_at": stats.confirmed_at or "",
-            "preview": dg.MetadataValue.md(preview(courses, ["course", "entries"])),
+            "preview": dg.MetadataValue.md(preview(table, list(table.columns))),
             "backend": backend.kind,
             "location": report.location,
             "entries": stats.entries,
             "chunks": stats.chunks,
             "courses": stats.courses,
+            "courses_refreshed": sorted(set(config.courses) & current),
+            "courses_as_served": sorted(set(courses) - set(config.courses)),
+            "courses_removed": removed,
+            "courses_not_built": sorted(current - set(courses)),
             "upserted": report.upserted,
             "deleted": report.deleted,
             "unchanged": report.unchanged,
@@ -304,6 +382,18 @@ def es_index(
             "peak_rss_mb": peak_rss_mb(),
         },
     )
+
+
+def course_values(refresh_lock: RefreshLockResource, course: str, digests: list[str]) -> CourseValues:
+    """A course's stored values by digest; refuses, naming the course, if one is no longer kept."""
+    store = refresh_lock.stored_values(course)
+    found = [store.find(step, d) for step, d in zip(("chunks", "lemmas", "embeddings"), digests, strict=True)]
+    if any(value is None for value in found):
+        raise StoredValueError(
+            f"the stored values of course {course!r} ({', '.join(digests)}) are no longer kept; "
+            "run the refresh of that course again"
+        )
+    return CourseValues(*found)
 
 
 def _gate_metadata(exc: PublishError) -> dict[str, object]:

@@ -1,6 +1,8 @@
 """Asset checks: the rules of `quality.py` in Dagster. The checks up to `embeddings` are blocking,
-so bad data stops the run before `es_index` publishes it; the `es_index` checks verify what is
-served. Each check holds the data directory's lock like the assets (`refresh_lock`).
+so bad data stops the run before its values can be published: a bad source stops the refresh
+before any course runs, a bad course stops that course's run, and the publish takes only the
+values of successful course runs. The `es_index` checks verify what is served. Each check holds
+the data directory's lock like the assets (`refresh_lock`).
 
 A rule over stored values alone gives the same verdict for the same values (their digests) and
 thresholds, so it is kept with them and reused: a refresh that changed nothing loads nothing.
@@ -9,6 +11,7 @@ thresholds, so it is kept with them and reused: a refresh that changed nothing l
 from collections.abc import Callable
 
 import dagster as dg
+import pandas as pd
 
 from rag_assets import quality
 from rag_assets.common.stored import StoredValue, code_digest, digest
@@ -21,7 +24,7 @@ from rag_assets.defs.resources import (
     environment_resources,
 )
 from rag_assets.evaluation import GroundTruth, read_ground_truth
-from rag_assets.index.backend import IndexDamagedError, IndexNotFoundError
+from rag_assets.index.backend import IndexDamagedError, IndexNotFoundError, SearchBackend
 from rag_assets.retrieval import Retriever
 
 CHUNKS = {"chunks": dg.AssetIn(key="chunks")}
@@ -52,7 +55,8 @@ def memoized(
         verdict = rule()
         return None, {"problems": verdict.problems, "metadata": verdict.metadata}
 
-    stored = refresh_lock.stored_values().find_or_make(
+    course = context.partition_key if context.has_partition_key else None
+    stored = refresh_lock.stored_values(course).find_or_make(
         f"check-{name}", digest(RULES_CODE, *(value.digest for value in inputs), *thresholds), judge
     )
     verdict = quality.Verdict(list(stored.facts["problems"]), dict(stored.facts["metadata"]))
@@ -60,40 +64,45 @@ def memoized(
     return result(context, verdict)
 
 
-@dg.asset_check(asset=assets.raw_documents, blocking=True)
-def raw_documents_well_formed(
-    context: Context, refresh_lock: RefreshLockResource, raw_documents: StoredValue
+@dg.asset_check(asset=assets.faq_source, blocking=True)
+def faq_source_well_formed(
+    context: Context, refresh_lock: RefreshLockResource, faq_source: StoredValue
 ) -> dg.AssetCheckResult:
     """Entries exist, have every field, and their doc ids are unique."""
     return memoized(
-        context, refresh_lock, [raw_documents], (), lambda: quality.check_documents(raw_documents.load())
+        context, refresh_lock, [faq_source], (), lambda: quality.check_documents(faq_source.load())
     )
 
 
-@dg.asset_check(asset=assets.raw_documents, blocking=True)
-def raw_documents_count_guard(
+@dg.asset_check(asset=assets.faq_source, blocking=True)
+def faq_source_count_guard(
     context: Context,
-    refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     quality_settings: QualityResource,
-    raw_documents: StoredValue,
+    faq_source: StoredValue,
 ) -> dg.AssetCheckResult:
-    """The source did not lose more than the allowed share of the entries being served.
+    """The source did not lose more than the allowed share of the entries being served, in all
+    or of any one course; a course gone from the source lost all of its entries, so it is removed
+    from the index only when that is allowed (RAG_MAX_COURSE_ENTRY_DROP=1 for one refresh).
 
     Compared with what the backend serves, not with run history, so a new or lost Dagster
     instance cannot let a shrunk source through. A damaged index serves nothing either: the
     publish sets it aside and rebuilds it, so it must not block the run that heals it.
     """
-    served: int | None = None
+    served: dict[str, int] | None = None
     why_none = "none published yet"
     try:
-        served = search_index.backend().stats().entries
+        served = search_index.backend().stats().courses
     except IndexDamagedError:
         why_none = "unreadable (damaged)"
     except IndexNotFoundError:
         pass
-    verdict = quality.check_entry_drop(
-        raw_documents.facts["entries"], served, quality_settings.max_entry_drop, why_none
+    verdict = quality.check_course_drops(
+        faq_source.facts["courses"],
+        served,
+        quality_settings.max_entry_drop,
+        quality_settings.max_course_entry_drop,
+        why_none,
     )
     return result(context, verdict)
 
@@ -103,7 +112,7 @@ def chunk_ids(chunks: StoredValue) -> list[str]:
     return list(chunks.load(columns=["chunk_id"])["chunk_id"])
 
 
-@dg.asset_check(asset=assets.chunks, blocking=True)
+@dg.asset_check(asset=assets.chunks, blocking=True, partitions_def=assets.COURSES)
 def chunks_well_formed(
     context: Context, refresh_lock: RefreshLockResource, chunks: StoredValue
 ) -> dg.AssetCheckResult:
@@ -112,7 +121,7 @@ def chunks_well_formed(
     return memoized(context, refresh_lock, [chunks], (), lambda: quality.check_chunks(chunks.load(), limit))
 
 
-@dg.asset_check(asset=assets.lemmas, blocking=True, additional_ins=CHUNKS)
+@dg.asset_check(asset=assets.lemmas, blocking=True, additional_ins=CHUNKS, partitions_def=assets.COURSES)
 def lemmas_well_formed(
     context: Context,
     refresh_lock: RefreshLockResource,
@@ -131,7 +140,7 @@ def lemmas_well_formed(
     )
 
 
-@dg.asset_check(asset=assets.embeddings, blocking=True, additional_ins=CHUNKS)
+@dg.asset_check(asset=assets.embeddings, blocking=True, additional_ins=CHUNKS, partitions_def=assets.COURSES)
 def embeddings_well_formed(
     context: Context,
     refresh_lock: RefreshLockResource,
@@ -150,36 +159,48 @@ def embeddings_well_formed(
     )
 
 
-@dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
+def served_chunks(refresh_lock: RefreshLockResource, backend: SearchBackend) -> list[StoredValue]:
+    """The chunks values of every course the served index says it was published from."""
+    sources = backend.served_sources()
+    return [assets.course_values(refresh_lock, course, sources[course]).chunks for course in sorted(sources)]
+
+
+@dg.asset_check(asset=assets.es_index)
 def es_index_matches_chunks(
-    context: Context,
-    refresh_lock: RefreshLockResource,
-    search_index: SearchIndexResource,
-    chunks: StoredValue,
+    context: Context, refresh_lock: RefreshLockResource, search_index: SearchIndexResource
 ) -> dg.AssetCheckResult:
-    """The served index holds exactly the current chunks.
+    """The served index holds exactly the chunks of the course values it was published from.
 
     What is served is read every time; the chunks are loaded only to say what differs.
     """
-    served = search_index.backend().chunk_hashes()
-    if quality.hashes_digest(served.items()) == chunks.facts["hashes_digest"]:
+    backend = search_index.backend()
+    served = backend.chunk_hashes()
+    chunks = served_chunks(refresh_lock, backend)
+    expected = quality.combined_digest(value.facts["hashes_digest"] for value in chunks)
+    if quality.hashes_digest(served.items()) == expected:
         verdict = quality.Verdict([], {"served_chunks": len(served), "expected_chunks": len(served)})
     else:
-        verdict = quality.check_index_matches(served, chunks.load(columns=["chunk_id", "content_hash"]))
+        columns = ["chunk_id", "content_hash"]
+        frames = [value.load(columns=columns) for value in chunks]
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        verdict = quality.check_index_matches(served, frame)
     return result(context, verdict)
 
 
-@dg.asset_check(asset=assets.es_index, additional_ins=CHUNKS)
+@dg.asset_check(asset=assets.es_index)
 def es_index_smoke_query(
     context: Context,
     refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     nlp: NlpResource,
-    chunks: StoredValue,
 ) -> dg.AssetCheckResult:
     """Asking an entry's own question finds that entry among the first three hits."""
-    retriever = Retriever(search_index.backend(), nlp.pipeline())
-    probe = GroundTruth(*chunks.facts["smoke_probe"])
+    backend = search_index.backend()
+    chunks = served_chunks(refresh_lock, backend)
+    if not chunks:
+        return result(context, quality.Verdict(["the served index was published from no course"], {}))
+    retriever = Retriever(backend, nlp.pipeline())
+    probe = GroundTruth(*chunks[0].facts["smoke_probe"])
     return result(context, quality.check_smoke_query(retriever, probe))
 
 
@@ -205,8 +226,8 @@ def es_index_retrieval_quality(
 
 
 STRUCTURAL_CHECKS = [
-    raw_documents_well_formed,
-    raw_documents_count_guard,
+    faq_source_well_formed,
+    faq_source_count_guard,
     chunks_well_formed,
     lemmas_well_formed,
     embeddings_well_formed,

@@ -14,8 +14,8 @@ from pydantic import Field
 from spacy.language import Language
 
 from rag_assets import settings
-from rag_assets.common.lock import DirectoryBusyError, DirectoryLock
-from rag_assets.common.stored import ValueStore
+from rag_assets.common.lock import LOCK_FILENAME, DirectoryBusyError, DirectoryLock
+from rag_assets.common.stored import ValueStore, course_folder
 from rag_assets.evaluation import read_ground_truth
 from rag_assets.index.backend import SearchBackend
 from rag_assets.index.elasticsearch import ElasticsearchIndex, ElasticsearchSettings
@@ -38,6 +38,10 @@ from rag_assets.nlp.analysis import (
 )
 from rag_assets.nlp.cache import NlpCache
 from rag_assets.quality import RetrievalGate, smoke_probes
+
+PARTITION_TAG = "dagster/partition"  # what every run of one course carries, whatever its job
+
+PUBLISH_LOCK_FILENAME = "publish.lock"
 
 
 class DocumentSourceResource(dg.ConfigurableResource):
@@ -90,8 +94,10 @@ class NlpResource(dg.ConfigurableResource):
     def fingerprint(self) -> str:
         return model_fingerprint(self.model)
 
-    def cache(self, log: Callable[[str], None] | None = None) -> NlpCache:
-        return NlpCache(Path(self.cache_dir), self.fingerprint(), self.cache_ttl_days, log)
+    def cache(self, course: str, log: Callable[[str], None] | None = None) -> NlpCache:
+        """A course's own cache: course runs side by side never write to the same file."""
+        directory = Path(self.cache_dir) / "courses" / course_folder(course)
+        return NlpCache(directory, self.fingerprint(), self.cache_ttl_days, log)
 
 
 class ElasticsearchResource(dg.ConfigurableResource):
@@ -135,19 +141,27 @@ class SearchIndexResource(dg.ConfigurableResource):
 
 
 class RefreshLockResource(dg.ConfigurableResource):
-    """Holds the data directory for the whole run, so two refreshes never mix their data.
+    """Holds the data directory for one course (or, in a run of no course, for the source) for
+    the whole run, so two refreshes never mix their data; and serialises the publishes.
 
     Runs launched through the daemon could be serialised by the run queue, but `dagster asset
     materialize`, `dagster job execute` and `make run` execute in process and bypass it; a lock
     taken when the run's resources are set up covers every entry point. With the in-process
-    executor that is once per run, before the first step, released after the last.
+    executor that is once per run, before the first step, released after the last. Runs of
+    different courses take different locks and run side by side.
     """
 
     data_dir: str = Field(default=".rag", description="The data directory to hold (RAG_DATA_DIR)")
+    publish_wait_s: float = Field(
+        default=3600.0, description="Longest wait for another run's publish to finish"
+    )
 
     @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[RefreshLockResource]:
-        lock = DirectoryLock(self.data_dir)
+        course = context.run.tags.get(PARTITION_TAG) if context.run else None
+        lock = DirectoryLock(
+            self.data_dir, f"refresh-{course_folder(course)}.lock" if course else LOCK_FILENAME
+        )
         try:
             lock.acquire(holder=context.run.run_id if context.run else "(no run)")
         except DirectoryBusyError as exc:
@@ -157,9 +171,23 @@ class RefreshLockResource(dg.ConfigurableResource):
         finally:
             lock.release()
 
-    def stored_values(self) -> ValueStore:
-        """The steps' outputs, kept in the data directory this lock holds."""
-        return ValueStore(Path(self.data_dir) / "values")
+    def stored_values(self, course: str | None = None) -> ValueStore:
+        """The steps' outputs, kept in the data directory this lock holds (a course's in its own)."""
+        store = ValueStore(Path(self.data_dir) / "values")
+        return store if course is None else store.for_course(course)
+
+    @contextmanager
+    def publishing(self, holder: str) -> Iterator[None]:
+        """One publish at a time: the next waits for the one before to finish."""
+        lock = DirectoryLock(self.data_dir, PUBLISH_LOCK_FILENAME, purpose="published")
+        try:
+            lock.acquire(holder, wait_s=self.publish_wait_s)
+        except DirectoryBusyError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 class QualityResource(dg.ConfigurableResource):
@@ -167,6 +195,9 @@ class QualityResource(dg.ConfigurableResource):
 
     max_entry_drop: float = Field(
         default=0.2, description="Largest allowed drop in entries vs the served index"
+    )
+    max_course_entry_drop: float = Field(
+        default=0.5, description="Largest allowed drop in one course's entries vs the served index"
     )
     max_zero_vector_share: float = Field(default=0.05, description="Largest allowed share of zero vectors")
     max_empty_lemma_share: float = Field(default=0.02, description="Largest share of chunks without lemmas")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rag_assets.common.errors import RagError
-from rag_assets.common.stored import InMemory
+from rag_assets.common.stored import Chained, InMemory, StoredValue, digest
 from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.ingest.sources import stable_hash
 from rag_assets.nlp.analysis import VECTOR_DIM
@@ -85,6 +85,18 @@ class ContentBlock:
     vectors: np.ndarray
 
 
+@dataclass(frozen=True)
+class CourseValues:
+    """One course's stored chunks, lemmas and vectors: what a publish takes of each course."""
+
+    chunks: StoredValue
+    lemmas: StoredValue
+    embeddings: StoredValue
+
+    def digests(self) -> list[str]:
+        return [self.chunks.digest, self.lemmas.digest, self.embeddings.digest]
+
+
 @dataclass
 class IndexContent:
     """Everything one publish writes: chunk rows aligned with their vectors.
@@ -104,6 +116,9 @@ class IndexContent:
     # What the content was made from (the stored values' digests); recorded by the index, so a
     # refresh that makes the same content can confirm it without reading it ("": unknown).
     digest: str = ""
+    # Per course, the digests of its values (`CourseValues.digests`); recorded by the index, so
+    # the next publish of one course takes the others as they are served.
+    sources: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def read(
@@ -121,6 +136,26 @@ class IndexContent:
         if len(set(chunk_ids)) != len(chunk_ids):
             raise PublishError("duplicate chunk ids in the chunks to publish")
         return cls(chunks, lemmas, vectors, chunk_ids, row_hashes, fingerprint, digest)
+
+    @staticmethod
+    def courses_digest(courses: dict[str, CourseValues]) -> str:
+        """The digest `of_courses` gives the content, known without reading a value: an index
+        published from it is confirmed before a million chunk hashes are read."""
+        return digest(*(f"{name}\x1d{'/'.join(courses[name].digests())}" for name in sorted(courses)))
+
+    @classmethod
+    def of_courses(cls, courses: dict[str, CourseValues], fingerprint: str) -> IndexContent:
+        """The content of every course's values, course after course in name order."""
+        names = sorted(courses)
+        content = cls.read(
+            Chained([courses[name].chunks for name in names]),
+            Chained([courses[name].lemmas for name in names]),
+            Chained([courses[name].embeddings for name in names]),
+            fingerprint,
+            cls.courses_digest(courses),
+        )
+        content.sources = {name: courses[name].digests() for name in names}
+        return content
 
     @classmethod
     def assemble(
@@ -274,4 +309,9 @@ class SearchBackend(Protocol):
 
     def analysis_fingerprint(self) -> str | None:
         """How the served chunks were analysed (None: an index from before this was recorded)."""
+        ...
+
+    def served_sources(self) -> dict[str, list[str]]:
+        """Per course, the digests of the values the served index was published from ({}: none
+        published, or published before this was recorded)."""
         ...

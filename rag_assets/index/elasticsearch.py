@@ -85,6 +85,7 @@ def index_meta(published_at: str, content: IndexContent) -> dict[str, Any]:
         "mapping_version": MAPPING_VERSION,
         "analysis_fingerprint": content.fingerprint,
         "content_digest": content.digest,
+        "content_sources": content.sources,
         "complete": False,
     }
 
@@ -271,7 +272,7 @@ class ElasticsearchIndex:
         same_analysis = live_meta.get("analysis_fingerprint") == content.fingerprint
         if live is not None and not changed and not removed and same_analysis:
             # The live index already holds exactly this content: only say it was found current.
-            confirmed = {**live_meta, "content_digest": content.digest}
+            confirmed = {**live_meta, "content_digest": content.digest, "content_sources": content.sources}
             return replace(report, warnings=tuple(self._confirm(live, confirmed)))
         now = datetime.now(UTC)
         name = f"{self.alias}-{now:%Y%m%d%H%M%S%f}-{uuid.uuid4().hex[:6]}"
@@ -587,6 +588,10 @@ class ElasticsearchIndex:
         if index not in self._fingerprints:
             self._fingerprints[index] = self._meta(index).get("analysis_fingerprint")
         return self._fingerprints[index]
+
+    def served_sources(self) -> dict[str, list[str]]:
+        live = self.live_index()
+        return {} if live is None else dict(self._meta(live).get("content_sources", {}))
 
     def _hashes(self, index: str) -> dict[str, tuple[str, str]]:
         """chunk_id -> (content_hash, row_hash), paged with search_after on the chunk id."""

@@ -244,7 +244,11 @@ class EmbeddedIndex:
                     or meta.get("analysis_fingerprint") != content.fingerprint
                 )
                 now = _now()
-                updates = [("confirmed_at", now), ("content_digest", content.digest)]
+                updates = [
+                    ("confirmed_at", now),
+                    ("content_digest", content.digest),
+                    ("content_sources", json.dumps(content.sources, sort_keys=True)),
+                ]
                 if changed:
                     generation = str(int(meta.get("generation", "0")) + 1)
                     updates += [
@@ -754,6 +758,15 @@ class EmbeddedIndex:
 
     def analysis_fingerprint(self) -> str | None:
         return self._meta_value("analysis_fingerprint")
+
+    def served_sources(self) -> dict[str, list[str]]:
+        try:
+            recorded = self._meta_value("content_sources")
+        except (IndexNotFoundError, IndexDamagedError):  # nothing to keep: the publish rebuilds it all
+            return {}
+        finally:
+            self.close()
+        return json.loads(recorded) if recorded else {}
 
     def close(self) -> None:
         if self._reader is not None and not self._snapshot_depth:
