@@ -12,4 +12,3 @@ broker_url = os.environ["DAGSTER_CELERY_BROKER_URL"]
 result_backend = broker_url
 # One run at a time per worker process, taken only when the worker is free.
 worker_prefetch_multiplier = 1
-task_acks_late = False
