@@ -17,8 +17,8 @@ from rag_assets.defs.automation import (
     COURSE_JOB_NAME,
     JOB_NAME,
     PUBLISH_JOB_NAME,
+    course_run_digests,
     course_runs_after_source,
-    course_values,
     publish_after_courses,
     publish_run_config,
 )
@@ -109,7 +109,7 @@ def test_one_course_backfill_touches_only_that_course(tmp_path: Path) -> None:
     assert run.success
     touched = {(e.asset_key.to_user_string(), e.partition) for e in run.get_asset_materialization_events()}
     assert touched == {(asset, "beta") for asset in ("raw_documents", "chunks", "lemmas", "embeddings")}
-    values = course_values(instance, [run.run_id])
+    values = course_run_digests(instance, [run.run_id])
     assert list(values) == ["beta"]
     publish = definitions.resolve_job_def(PUBLISH_JOB_NAME).execute_in_process(
         instance=instance, run_config=publish_run_config(values)
@@ -156,7 +156,7 @@ def test_the_sensors_run_each_course_then_publish_what_succeeded(tmp_path: Path)
     [request] = publish.run_requests
     assert (
         request.run_config
-        == publish_run_config(course_values(instance, [r.run_id for r in runs])).to_config_dict()
+        == publish_run_config(course_run_digests(instance, [r.run_id for r in runs])).to_config_dict()
     )
     assert set(request.run_config["ops"]["es_index"]["config"]["courses"]) == {"alpha", "beta"}
     again = publish_after_courses(dg.build_sensor_context(instance=instance, cursor=publish.cursor))

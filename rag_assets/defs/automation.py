@@ -135,7 +135,7 @@ def sync_courses(instance: dg.DagsterInstance, courses: list[str]) -> None:
         instance.delete_dynamic_partition(COURSES.name, course)
 
 
-def course_values(instance: dg.DagsterInstance, run_ids: Iterable[str]) -> dict[str, list[str]]:
+def course_run_digests(instance: dg.DagsterInstance, run_ids: Iterable[str]) -> dict[str, list[str]]:
     """Per course, the digests of the values these (successful) course runs made; of two runs of
     one course, the later one's."""
     found: dict[str, dict[str, str]] = {}
@@ -237,7 +237,7 @@ def publish_after_courses(context: dg.SensorEvaluationContext) -> dg.SensorResul
             dg.RunRequest(
                 run_key=f"publish-{newest}",
                 run_config=publish_run_config(
-                    course_values(context.instance, (r.dagster_run.run_id for r in succeeded))
+                    course_run_digests(context.instance, (r.dagster_run.run_id for r in succeeded))
                 ),
                 tags={
                     "rag/course_runs": str(len(finished)),

@@ -30,7 +30,7 @@ from rag_assets.defs.automation import (
     JOB_NAME,
     PUBLISH_JOB_NAME,
     REFRESH_TAG,
-    course_values,
+    course_run_digests,
     publish_run_config,
     source_courses,
     sync_courses,
@@ -135,7 +135,7 @@ def refresh(instance: dg.DagsterInstance, definitions: dg.Definitions, workers: 
             done.courses = list(pool.map(run_course, courses, itertools.repeat(source.run_id)))
         else:
             done.courses = [run_course(course, source.run_id, instance, definitions) for course in courses]
-    approved = course_values(instance, [run.run_id for run in done.courses if run.success])
+    approved = course_run_digests(instance, [run.run_id for run in done.courses if run.success])
     publish = definitions.resolve_job_def(PUBLISH_JOB_NAME).execute_in_process(
         instance=instance,
         run_config={**publish_run_config(approved).to_config_dict(), **CONSOLE_AT_INFO},
