@@ -23,12 +23,10 @@ from typing import Any
 
 from refresh import synthetic_corpus
 
-from rag_assets.index.backend import IndexContent
+from rag_assets.evaluation import build_index
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import Fetcher, load_documents
-from rag_assets.nlp.analysis import NlpSettings, load_pipeline, model_fingerprint
-from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
+from rag_assets.nlp.analysis import NlpSettings, load_pipeline
 from rag_assets.retrieval import Retriever
 
 
@@ -72,12 +70,7 @@ def refresh(corpus: Path, workdir: Path, workers: int, nlp_processes: int) -> di
 def unpartitioned(corpus: Path, workdir: Path) -> float:
     """The whole corpus analysed and published at once, without Dagster."""
     started = time.perf_counter()
-    nlp = load_pipeline()
-    chunks = make_chunks(load_documents(str(corpus), Fetcher()).frame, ChunkingConfig())
-    lemmas = lemmatize_chunks(nlp, chunks, NlpSettings(processes=2))
-    EmbeddedIndex(workdir).publish(
-        IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
-    )
+    build_index(str(corpus), workdir, load_pipeline(), nlp_settings=NlpSettings(processes=2))
     return round(time.perf_counter() - started, 1)
 
 

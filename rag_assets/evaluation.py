@@ -56,6 +56,7 @@ def build_index(
     chunking: ChunkingConfig = ChunkingConfig(),
     log: Callable[[str], None] | None = None,
     ground_truth: list[GroundTruth] | None = None,
+    nlp_settings: NlpSettings = NlpSettings(),
 ) -> EmbeddedIndex:
     """Index a source file with the same steps as the assets, into a throwaway directory.
 
@@ -66,7 +67,7 @@ def build_index(
     if ground_truth is not None:
         check_ids_match(ground_truth, set(loaded.frame["doc_id"]), documents)
     chunks = make_chunks(loaded.frame, chunking)
-    lemmas = lemmatize_chunks(nlp, chunks, NlpSettings(), log)
+    lemmas = lemmatize_chunks(nlp, chunks, nlp_settings, log)
     content = IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
     index = EmbeddedIndex(data_dir)
     index.publish(content)

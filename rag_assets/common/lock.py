@@ -2,7 +2,8 @@
 
 An exclusive `flock` on a file in the directory. A refresh lock is taken without waiting: a
 second refresh of the same course fails at once and names the holder. The publish lock is
-waited for: the course runs of one refresh publish one after the other. The kernel drops a lock
+waited for: a publish run that starts while another publishes (a backfill's and a refresh's)
+writes after it. The kernel drops a lock
 when the holding process ends, however it ends, so a killed run never leaves anything locked.
 """
 
