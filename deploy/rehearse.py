@@ -73,6 +73,7 @@ CHROMIUM_FLAGS = [
 TRICKLE_EVERY_S = 2.0
 SEARCH_QUESTION = "Can I still join the course after the start date?"
 # A run the queue launched: enqueued by the coordinator, started by the queue daemon.
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")  # run statuses that do not change any more
 QUEUED_PATH = ["RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent", "RunSuccessEvent"]
 LIFECYCLE = {*QUEUED_PATH, "RunDequeuedEvent"}
 
@@ -476,9 +477,7 @@ class DagsterApi:
     def wait_run_finished(self, run_id: str, timeout_s: float) -> dict[str, Any]:
         return wait_for(
             f"run {run_id} finished",
-            lambda: (
-                run if (run := self.run(run_id))["status"] in ("SUCCESS", "FAILURE", "CANCELED") else None
-            ),
+            lambda: run if (run := self.run(run_id))["status"] in FINISHED else None,
             timeout_s,
         )
 
@@ -564,7 +563,7 @@ class Rehearsal:
         self.first_publish = self.scheduled_publish = ""
         self.scheduled_end = 0.0
         self.course_runs: list[str] = []
-        self.served_digest = ""
+        self.served_digest = self.served_publish = ""
         # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
         self.password = secrets.token_urlsafe(24)
         self.api_key = secrets.token_urlsafe(24)
@@ -809,11 +808,11 @@ class Rehearsal:
 
         def finished() -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
             courses = self.api.runs(tags={"rag/refresh": source_run})
-            if not courses or any(r["status"] not in ("SUCCESS", "FAILURE", "CANCELED") for r in courses):
+            if not courses or any(r["status"] not in FINISHED for r in courses):
                 return None
             last = max(r["endTime"] for r in courses)
             publishes = [r for r in self.api.runs(pipelineName=PUBLISH_JOB) if r["creationTime"] >= last]
-            if not publishes or publishes[0]["status"] not in ("SUCCESS", "FAILURE", "CANCELED"):
+            if not publishes or publishes[0]["status"] not in FINISHED:
                 return None
             return courses, publishes[0]
 
@@ -875,10 +874,10 @@ class Rehearsal:
 
         def published() -> dict[str, Any] | None:
             runs = self.api.runs(tags={"dagster/backfill": backfill})
-            if not runs or any(r["status"] not in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+            if not runs or any(r["status"] not in FINISHED for r in runs):
                 return None
             after = [r for r in self.api.runs(pipelineName=PUBLISH_JOB) if r["creationTime"] >= since]
-            done = [r for r in after if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
+            done = [r for r in after if r["status"] in FINISHED]
             return {"runs": runs, "publish": done[0]} if done else None
 
         found = wait_for(
@@ -946,8 +945,6 @@ class Rehearsal:
         )
 
     def slow_run_started(self) -> str:
-        self.served_digest = index_digest(self.data)
-        self.answer_before_slow_run = self.ask()
         self.source.slow.set()
         # The tick that launches it may come just before the source turns slow: any scheduled run
         # after the last refresh counts, once the source is being read slowly.
@@ -961,7 +958,26 @@ class Rehearsal:
 
         run = wait_for("the scheduled run reading the slow source", slow_run, 60)
         self.slow_run = run["runId"]
-        return f"run {self.slow_run} started; the source trickles one byte every {TRICKLE_EVERY_S:g} s"
+        # A tick just before the source turned slow may have started a refresh that read it fast
+        # and publishes meanwhile: the served index to keep is the one once every other run is done.
+        wait_for(
+            "every run but the slow one finished",
+            lambda: (
+                all(
+                    r["status"] in FINISHED or r["runId"] == self.slow_run
+                    for r in self.api.runs_created_after(self.scheduled_end)
+                )
+                or None
+            ),
+            self.max_runtime_s,
+        )
+        self.served_digest = index_digest(self.data)
+        self.served_publish = self.api.assets()["es_index"]["assetMaterializations"][0]["runId"]
+        self.answer_before_slow_run = self.ask()
+        return (
+            f"run {self.slow_run} started; the source trickles one byte every {TRICKLE_EVERY_S:g} s; "
+            f"served: es_index from run {self.served_publish}"
+        )
 
     def tick_skipped_for_slow_run(self) -> str:
         tick = wait_for(
@@ -1008,7 +1024,7 @@ class Rehearsal:
         self.source.slow.clear()
         digest = index_digest(self.data)
         latest = self.api.assets()["es_index"]["assetMaterializations"][0]["runId"]
-        if digest != self.served_digest or latest != self.scheduled_publish:
+        if digest != self.served_digest or latest != self.served_publish:
             raise ObservationFailed(
                 f"index sha256 {self.served_digest[:12]} -> {digest[:12]}; es_index last from run {latest}"
             )
