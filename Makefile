@@ -17,9 +17,12 @@ BENCH_SCALE ?= 10000,100000
 REHEARSE_DOCUMENTS ?= ../shared/data/documents-2025.json
 REHEARSE_OUT ?= .rehearsal
 REHEARSE_MAX_RUNTIME_S ?= 90
+# `make fit-reranker`: the ground truth the committed reranker weights are fitted on.
+EVAL_DOCUMENTS ?= ../shared/eval/documents-with-ids.json
+EVAL_GROUND_TRUTH ?= ../shared/eval/ground-truth-dev.csv
 LINTED := rag_assets rag_assets_tests benchmarks deploy
 
-.PHONY: setup lock run test lint dev serve bench bench-1m bench-scale-out bench-serve rehearse clean
+.PHONY: setup lock run test lint dev serve bench bench-1m bench-scale-out bench-serve rehearse fit-reranker clean
 
 setup: $(STAMP)
 
@@ -68,6 +71,11 @@ rehearse: setup
 # `rag serve` under load (wrk, installed from Debian's packages when missing), and under a publish.
 bench-serve: setup
 	$(PY) benchmarks/serve.py --new $(BENCH_NEW) --old $(BENCH_OLD) --ground-truth ../shared/eval/ground-truth-dev.csv --out serve-bench-results.json
+
+# Grouped cross-validated figures of every RAG_RERANKER mode, and the weights the package ships
+# (rag_assets/index/rerankers/); about 3 minutes.
+fit-reranker: setup
+	$(VENV)/bin/rag fit-reranker --documents $(EVAL_DOCUMENTS) --ground-truth $(EVAL_GROUND_TRUTH) --write
 
 # The retrieval service on http://127.0.0.1:8000 (docs at /docs) over the index `make run` built.
 serve: setup

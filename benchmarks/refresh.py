@@ -7,7 +7,10 @@ Scenarios (each in its own process, so peak RSS is its own):
 - warm: the cold directory again with the same snapshot (everything cached, nothing to write);
 - delta: a fresh directory built from the old snapshot, then refreshed to the new one; its index
   is compared with the cold build's (ids, content hashes and search results);
-- scale: synthetic corpora of N chunks grown from the real one (copies with perturbed words).
+- scale: synthetic corpora of N chunks grown from the real one (copies with perturbed words);
+- semantic: a cold run with RAG_RERANKER=semantic (sentence vectors made), and the cost of a
+  sentence vector per chunk on a sample of each synthetic corpus; queries are timed in every
+  reranking mode.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from rag_assets.common.cores import usable_cores
 from rag_assets.definitions import load_definitions, with_resources
 from rag_assets.defs.refresh import refresh
 from rag_assets.defs.resources import (
@@ -38,12 +42,15 @@ from rag_assets.defs.resources import (
     RefreshLockResource,
     SearchIndexResource,
 )
+from rag_assets.index.backend import SEMANTIC
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import Fetcher, load_documents
 from rag_assets.nlp.analysis import NlpSettings, analyse_query, default_processes, load_pipeline
 from rag_assets.nlp.features import LEMMA_FIELDS
+from rag_assets.nlp.sentence import chunk_sentences, sentence_encoder
 from rag_assets.retrieval import Retriever
+from rag_assets.settings import DEFAULT_RERANKER
 
 ASSETS = ["faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"]
 RESULTS = Path("bench-results.json")
@@ -57,12 +64,14 @@ def peak_rss_mb() -> dict[str, float]:
     }
 
 
-def run_job(documents: str, workdir: Path, processes: int) -> dict[str, Any]:
+def run_job(
+    documents: str, workdir: Path, processes: int, reranker: str = DEFAULT_RERANKER
+) -> dict[str, Any]:
     """One real refresh (the source run, a run per course, the publish); seconds per asset step,
     summed over the course runs, and the counts from their metadata."""
     resources = {
         "source": DocumentSourceResource(url=documents),
-        "nlp": NlpResource(processes=processes, cache_dir=str(workdir / "cache")),
+        "nlp": NlpResource(processes=processes, cache_dir=str(workdir / "cache"), reranker=reranker),
         "search_index": SearchIndexResource(data_dir=str(workdir)),
         "quality_settings": QualityResource(max_entry_drop=1.0, max_course_entry_drop=1.0),
         "io_manager": dg.FilesystemIOManager(base_dir=str(workdir / "assets")),
@@ -99,6 +108,8 @@ def run_job(documents: str, workdir: Path, processes: int) -> dict[str, Any]:
         "lemmas_reused": totals["lemmas"]["reused"],
         "embeddings_computed": totals["embeddings"]["computed"],
         "embeddings_reused": totals["embeddings"]["reused"],
+        "sentence_computed": totals["embeddings"].get("sentence_computed", 0),
+        "sentence_s": round(totals["embeddings"].get("sentence_s", 0.0), 3),
         "index_upserted": totals["es_index"]["upserted"],
         "index_deleted": totals["es_index"]["deleted"],
         "peak_rss_mb_after_step": peaks,
@@ -135,11 +146,13 @@ def search_snapshot(workdir: Path, documents: pd.DataFrame) -> list[list[str]]:
     ]
 
 
-def query_latency(workdir: Path, documents: pd.DataFrame, queries: int = 300) -> dict[str, Any]:
+def query_latency(
+    workdir: Path, documents: pd.DataFrame, reranker: str, queries: int = 300
+) -> dict[str, Any]:
     """Median and 95th percentile of `Retriever.search` on the built index, in a fresh process
     with the model loaded, with and without the course filter; questions are the entries' own."""
     started = time.perf_counter()
-    retriever = Retriever(EmbeddedIndex(workdir), load_pipeline())
+    retriever = Retriever(EmbeddedIndex(workdir), load_pipeline(), reranker=reranker)
     retriever.search("warm up the caches")
     open_s = time.perf_counter() - started
     probes = documents.sample(min(queries, len(documents)), random_state=11)
@@ -208,8 +221,27 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
             "total_ms_per_chunk": round(1000 * sum(run["seconds"].values()) / run["chunks"], 3),
         }
     if args.scenario == "queries":
-        return query_latency(workdir, load_documents(args.new, Fetcher()).frame)
+        return query_latency(workdir, load_documents(args.new, Fetcher()).frame, args.reranker)
+    if args.scenario == "semantic":
+        run = run_job(args.new, workdir, args.processes, SEMANTIC)
+        return {**run, "sentence_ms_per_chunk": round(1000 * run["sentence_s"] / run["sentence_computed"], 2)}
+    if args.scenario == "sentence_sample":
+        return sentence_sample(args.new)
     raise ValueError(args.scenario)
+
+
+def sentence_sample(documents: str, size: int = 2000) -> dict[str, Any]:
+    """A sentence vector's cost per chunk on a random sample of a corpus's chunks (the whole of
+    a large corpus would take hours), with every usable core, as the embeddings step runs it."""
+    chunks = make_chunks(load_documents(documents, Fetcher()).frame, ChunkingConfig())
+    sample = chunks.sample(min(size, len(chunks)), random_state=5)
+    encoder = sentence_encoder(usable_cores())
+    encoder.encode(["warm up"])
+    started = time.perf_counter()
+    encoder.encode(chunk_sentences(sample))
+    seconds = time.perf_counter() - started
+    per_chunk = round(1000 * seconds / len(sample), 2)
+    return {"chunks": len(chunks), "sampled": len(sample), "ms_per_chunk": per_chunk}
 
 
 def synthetic_corpus(source: str, chunks_wanted: int, path: Path, seed: int = 13) -> None:
@@ -252,6 +284,7 @@ def run_scenario(name: str, workdir: Path, args: argparse.Namespace, **extra: st
     ]
     if "compare" in extra:
         command += ["--compare", extra["compare"]]
+    command += ["--reranker", extra.get("reranker", DEFAULT_RERANKER)]
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -310,6 +343,16 @@ def summarise(scenarios: dict[str, Any]) -> dict[str, Any]:
                 delta["index_deleted"],
             ],
             "delta: identical to cold": delta["identical_to_cold"],
+            "query 1k: p50 / p95 ms, course filter, RAG_RERANKER=none": cold["queries_none"]["with_course"],
+        }
+    if "semantic" in scenarios:
+        semantic = scenarios["semantic"]
+        queries = semantic["queries"]
+        summary |= {
+            "semantic 1k: sentence vector ms per chunk, in embeddings": semantic["sentence_ms_per_chunk"],
+            "semantic 1k: the steps' own seconds, all runs": round(sum(semantic["seconds"].values()), 3),
+            "semantic 1k: query p50 / p95 ms, course filter (target p50 <= 8)": queries["with_course"],
+            "semantic 1k: query p50 / p95 ms, no filter": queries["without_course"],
         }
     for name in sorted((k for k in scenarios if re.fullmatch(r"scale_\d+", k)), key=lambda k: int(k[6:])):
         run, warm = scenarios[name], scenarios[f"{name}_warm"]
@@ -328,6 +371,7 @@ def summarise(scenarios: dict[str, Any]) -> dict[str, Any]:
                 "vector_recall_at_50"
             ],
             f"{size}: run's peak RSS MB at the end of each step": run["peak_rss_mb_after_step"],
+            f"{size}: semantic: sentence vector ms per chunk (a sample of its chunks)": run["sentences"],
             f"{size}: warm refresh wall s, share of cold (target <= 0.05)": [
                 warm["run_wall_s"],
                 round(warm["run_wall_s"] / run["run_wall_s"], 4),
@@ -351,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--compare", help=argparse.SUPPRESS)
+    parser.add_argument("--reranker", default=DEFAULT_RERANKER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.scenario:
         print(json.dumps({**scenario(args), "peak_rss_mb": peak_rss_mb()}))
@@ -361,7 +406,12 @@ def main(argv: list[str] | None = None) -> None:
         if not args.scale_only:
             scenarios["cold"] = run_scenario("cold", root / "cold", args)
             scenarios["cold"]["floor"] = run_scenario("floor", root / "cold", args)
-            scenarios["cold"]["queries"] = run_scenario("queries", root / "cold", args)
+            scenarios["cold"]["queries"] = run_scenario("queries", root / "cold", args)  # the default mode
+            scenarios["cold"]["queries_none"] = run_scenario("queries", root / "cold", args, reranker="none")
+            scenarios["semantic"] = run_scenario("semantic", root / "semantic", args)
+            scenarios["semantic"]["queries"] = run_scenario(
+                "queries", root / "semantic", args, reranker=SEMANTIC
+            )
             scenarios["warm"] = run_scenario("warm", root / "cold", args)
             scenarios["delta"] = run_scenario("delta", root / "delta", args, compare=str(root / "cold"))
         for size in [int(s) for s in args.scale.split(",") if s.strip()]:
@@ -371,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
             scenarios[f"scale_{size}"] = run_scenario("scale", workdir, args, new=str(corpus))
             scenarios[f"scale_{size}"]["queries"] = run_scenario("queries", workdir, args, new=str(corpus))
             scenarios[f"scale_{size}_warm"] = run_scenario("scale", workdir, args, new=str(corpus))
+            scenarios[f"scale_{size}"]["sentences"] = run_scenario(
+                "sentence_sample", workdir, args, new=str(corpus)
+            )
             corpus.unlink()
     results = {"processes": args.processes, "scenarios": scenarios, "summary": summarise(scenarios)}
     Path(args.out).write_text(json.dumps(results, indent=2))

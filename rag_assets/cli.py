@@ -71,18 +71,36 @@ def cmd_stats(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     nlp = load_pipeline()
     ground_truth = read_ground_truth(args.ground_truth)
+    reranker = settings.reranker()
     log = None if args.json else print
     with tempfile.TemporaryDirectory(prefix="rag-eval-") as tmp:
-        index = build_index(args.documents, Path(tmp), nlp, log=log, ground_truth=ground_truth)
-        result = evaluate(Retriever(index, nlp), ground_truth, k=args.k, log=log)
+        index = build_index(
+            args.documents, Path(tmp), nlp, log=log, ground_truth=ground_truth, reranker=reranker
+        )
+        result = evaluate(Retriever(index, nlp, reranker=reranker), ground_truth, k=args.k, log=log)
         index.close()
     if args.json:
         _print_json(result)
     else:
+        print(f"reranker: {result.reranker} (RAG_RERANKER)")
         print(f"questions: {result.questions}")
         print(f"hit rate@{args.k}: {result.hit_rate:.4f}")
         print(f"MRR@{args.k}:      {result.mrr:.4f}")
         print(f"median query: {result.p50_ms:.2f} ms")
+
+
+def cmd_fit_reranker(args: argparse.Namespace) -> None:
+    from rag_assets.fitting import FOLDS, fit_rerankers, save  # scikit-learn: a dev dependency
+
+    ground_truth = read_ground_truth(args.ground_truth)
+    results, models = fit_rerankers(args.documents, ground_truth, load_pipeline(), log=print)
+    print(f"{len(ground_truth)} questions; reranking the fused top 20, {FOLDS} folds grouped by gold entry")
+    print(f"{'mode':<10} {'hit@5':>7} {'MRR@5':>7}")
+    for mode, found in results.items():
+        print(f"{mode:<10} {found.hit_rate:>7.4f} {found.mrr:>7.4f}")
+    if args.write:
+        for path in save(models):
+            print(f"wrote {path}")
 
 
 def _versioned_backend() -> ElasticsearchIndex:
@@ -147,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--documents", required=True, help="source file with entry ids")
     evaluation.add_argument("--ground-truth", required=True, help="CSV: question,course,document")
     evaluation.add_argument("--k", type=int, default=5)
+
+    fitting = command(
+        "fit-reranker", "fit the reranker; grouped cross-validated figures", cmd_fit_reranker, False
+    )
+    fitting.add_argument("--documents", required=True, help="source file with entry ids")
+    fitting.add_argument("--ground-truth", required=True, help="CSV: question,course,document")
+    fitting.add_argument("--write", action="store_true", help="write the weights the package ships")
 
     serve = command("serve", "answer searches over HTTP (docs at /docs)", cmd_serve, False)
     serve.add_argument(

@@ -11,14 +11,16 @@ from pathlib import Path
 
 from spacy.language import Language
 
+from rag_assets.common.cores import usable_cores
 from rag_assets.common.errors import RagError
 from rag_assets.common.progress import Progress
-from rag_assets.index.backend import IndexContent, UnknownCourseError
+from rag_assets.index.backend import SEMANTIC, IndexContent, UnknownCourseError
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import Fetcher, load_documents
 from rag_assets.nlp.analysis import NlpSettings, model_fingerprint
 from rag_assets.nlp.features import embed_chunks, lemmatize_chunks
+from rag_assets.nlp.sentence import chunk_sentences, sentence_encoder
 from rag_assets.retrieval import Retriever
 
 
@@ -31,6 +33,7 @@ class GroundTruth:
 
 @dataclass(frozen=True)
 class EvalResult:
+    reranker: str  # the mode the searches ran in (features when semantic fell back)
     hit_rate: float
     mrr: float
     questions: int
@@ -57,8 +60,10 @@ def build_index(
     log: Callable[[str], None] | None = None,
     ground_truth: list[GroundTruth] | None = None,
     nlp_settings: NlpSettings = NlpSettings(),
+    reranker: str = "none",
 ) -> EmbeddedIndex:
-    """Index a source file with the same steps as the assets, into a throwaway directory.
+    """Index a source file with the same steps as the assets, into a throwaway directory, for
+    the RAG_RERANKER mode `reranker` (semantic: with sentence vectors).
 
     With a ground truth, refuse (before the costly analysis) documents whose ids it never names:
     every answer would count as a miss and the figures would mean nothing.
@@ -68,7 +73,10 @@ def build_index(
         check_ids_match(ground_truth, set(loaded.frame["doc_id"]), documents)
     chunks = make_chunks(loaded.frame, chunking)
     lemmas = lemmatize_chunks(nlp, chunks, nlp_settings, log)
-    content = IndexContent.assemble(chunks, lemmas, embed_chunks(nlp, lemmas), model_fingerprint())
+    vectors = embed_chunks(nlp, lemmas)
+    if reranker == SEMANTIC:
+        vectors.sentences = sentence_encoder(usable_cores()).encode(chunk_sentences(chunks), log)
+    content = IndexContent.assemble(chunks, lemmas, vectors, model_fingerprint(), reranker=reranker)
     index = EmbeddedIndex(data_dir)
     index.publish(content)
     return index
@@ -105,7 +113,9 @@ def evaluate(
         progress.update()
     progress.close()
     n = len(reciprocal_ranks)
+    fell_back = f"features ({retriever.fallbacks} semantic searches fell back)" if retriever.fallbacks else ""
     return EvalResult(
+        reranker=fell_back or retriever.reranker,
         hit_rate=round(sum(1 for r in reciprocal_ranks if r > 0) / n, 4),
         mrr=round(sum(reciprocal_ranks) / n, 4),
         questions=n,

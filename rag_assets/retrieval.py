@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,10 +11,27 @@ from spacy.language import Language
 
 from rag_assets import settings
 from rag_assets.common.errors import RagError
-from rag_assets.index.backend import AnalysisMismatchError, SearchBackend, UnknownCourseError
+from rag_assets.index.backend import (
+    SEMANTIC,
+    AnalysisMismatchError,
+    Candidate,
+    SearchBackend,
+    StoredChunk,
+    UnknownCourseError,
+)
 from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
+from rag_assets.index.reranking import (
+    FEATURES,
+    RERANK_DEPTH,
+    SEMANTIC_FEATURES,
+    RerankModel,
+    candidate_features,
+)
 from rag_assets.ingest.chunking import doc_id_of
-from rag_assets.nlp.analysis import analyse_query, load_pipeline, model_fingerprint
+from rag_assets.nlp.analysis import QueryTerms, analyse_query, load_pipeline, model_fingerprint
+from rag_assets.nlp.sentence import sentence_encoder
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,36 +84,102 @@ def check_query(query: str, k: int) -> None:
 
 
 class Retriever:
+    """Lexical and vector rankings fused, then (unless `reranker` is none) the top
+    RERANK_DEPTH entries ordered again by the mode's model (`reranking`)."""
+
     def __init__(
         self,
         backend: SearchBackend,
         nlp: Language | None = None,
         fusion: FusionSettings = FusionSettings(),
         fingerprint: str | None = None,
+        reranker: str | None = None,
     ) -> None:
         self.backend = backend
         self.nlp = nlp or load_pipeline()
         self.fusion = fusion
         self.fingerprint = fingerprint or model_fingerprint()
+        self.reranker = reranker or settings.reranker()
+        # features is also the fallback when the index holds no sentence vectors
+        used = {"none": (), "features": ("features",), SEMANTIC: (SEMANTIC, "features")}[self.reranker]
+        self.models = {mode: RerankModel.load(mode) for mode in used}
+        self.fallbacks = 0  # semantic searches answered in the features mode
 
     def search(self, query: str, course: str | None = None, k: int = 5) -> list[Hit]:
         check_query(query, k)
         terms = analyse_query(self.nlp, query)
-        depth = max(self.fusion.candidates, k)
         with self.backend.snapshot():  # ranking and fetching read the same version
             self._check_analysis()
-            rankings: dict[str, list[str]] = {}
-            if self.fusion.weights.get("lexical", 0) > 0:
-                rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
-            if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
-                rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
-            if not any(rankings.values()):
+            first = self._first_stage(terms, course, max(self.fusion.candidates, k))
+            if first is None:
                 self._check_course(course)
                 return []
-            entry_rankings, shown = rank_entries(rankings)
-            fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)[:k]
-            chunks = self.backend.fetch([shown[doc_id] for doc_id, _ in fused])
+            fused, entry_rankings, shown = first
+            chunks: dict[str, StoredChunk] = {}
+            if self.reranker != "none":
+                top = [doc_id for doc_id, _ in fused[:RERANK_DEPTH]]
+                matrix, found, mode = self._features(query, terms, top, entry_rankings, shown, self.reranker)
+                scores = self.models[mode].scores(matrix)
+                reranked = [(top[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
+                fused = reranked + fused[RERANK_DEPTH:]
+                chunks = {chunk_id: candidate.chunk for chunk_id, candidate in found.items()}
+            fused = fused[:k]
+            chunks.update(self.backend.fetch([shown[d] for d, _ in fused if shown[d] not in chunks]))
         return [Hit(**vars(chunks[shown[doc_id]]), score=round(score, 6)) for doc_id, score in fused]
+
+    def candidate_table(self, query: str, course: str | None, mode: str) -> tuple[list[str], np.ndarray]:
+        """The fused top RERANK_DEPTH entries of a query and their features in `mode`: what the
+        reranker is fitted on (`fitting`)."""
+        terms = analyse_query(self.nlp, query)
+        with self.backend.snapshot():
+            first = self._first_stage(terms, course, self.fusion.candidates)
+            if first is None:
+                return [], np.empty((0, len(SEMANTIC_FEATURES if mode == SEMANTIC else FEATURES)))
+            fused, entry_rankings, shown = first
+            top = [doc_id for doc_id, _ in fused[:RERANK_DEPTH]]
+            matrix, _, _ = self._features(query, terms, top, entry_rankings, shown, mode)
+        return top, matrix
+
+    def _first_stage(
+        self, terms: QueryTerms, course: str | None, depth: int
+    ) -> tuple[list[tuple[str, float]], dict[str, list[str]], dict[str, str]] | None:
+        """Entries fused from the lexical and vector rankings, those rankings, and the chunk shown
+        for each entry; None when neither ranking found anything."""
+        rankings: dict[str, list[str]] = {}
+        if self.fusion.weights.get("lexical", 0) > 0:
+            rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
+        if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
+            rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
+        if not any(rankings.values()):
+            return None
+        entry_rankings, shown = rank_entries(rankings)
+        fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)
+        return fused, entry_rankings, shown
+
+    def _features(
+        self,
+        query: str,
+        terms: QueryTerms,
+        top: list[str],
+        entry_rankings: dict[str, list[str]],
+        shown: dict[str, str],
+        mode: str,
+    ) -> tuple[np.ndarray, dict[str, Candidate], str]:
+        """The candidates' feature rows, read in one request, and the mode they are for: the
+        features mode when a semantic search meets an index without sentence vectors."""
+        found = self.backend.candidates([shown[doc_id] for doc_id in top])
+        candidates = [found[shown[doc_id]] for doc_id in top]
+        if mode == SEMANTIC and any(c.sentence is None for c in candidates):
+            if not self.fallbacks:
+                _log.warning(
+                    "RAG_RERANKER=semantic, but the index at %s holds no sentence vectors (it was built in "
+                    "another mode): reranking with features; run the refresh with RAG_RERANKER=semantic",
+                    self.backend.location,
+                )
+            self.fallbacks += 1
+            mode = "features"
+        query_sentence = sentence_encoder().encode([query])[0] if mode == SEMANTIC else None
+        return candidate_features(terms.lemmas, top, entry_rankings, candidates, query_sentence), found, mode
 
     def _check_analysis(self) -> None:
         """Stems ranked against lemmas would rank quietly wrong: refuse instead."""

@@ -6,11 +6,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from rag_assets.index.backend import SearchBackend
+from rag_assets.common.errors import RagError
+from rag_assets.index.backend import RERANKER_MODES, SearchBackend
 from rag_assets.index.elasticsearch import ElasticsearchSettings
 from rag_assets.index.embedded import EmbeddedIndex
 
 DEFAULT_DATA_DIR = ".rag"
+# Chosen by measurement (README, Reranking): the semantic mode's sentence vectors cost too much
+# per chunk to be on by default at a million chunks.
+DEFAULT_RERANKER = "features"
 # ELASTICSEARCH_* variable -> ElasticsearchSettings field; only variables that are set are used.
 ELASTICSEARCH_SETTINGS = {
     "ELASTICSEARCH_URL": "url",
@@ -110,3 +114,11 @@ def freshness_hours(env: Mapping[str, str] = os.environ) -> tuple[float, float]:
     if fail <= warn:
         raise ValueError(f"RAG_FRESHNESS_FAIL_HOURS ({fail}) must exceed RAG_FRESHNESS_WARN_HOURS ({warn})")
     return warn, fail
+
+
+def reranker(env: Mapping[str, str] = os.environ) -> str:
+    """RAG_RERANKER: how a search orders its fused top 20 again (README, Reranking)."""
+    mode = env.get("RAG_RERANKER") or DEFAULT_RERANKER
+    if mode not in RERANKER_MODES:
+        raise RagError(f"RAG_RERANKER={mode!r} is not one of {', '.join(RERANKER_MODES)}")
+    return mode

@@ -19,9 +19,13 @@ import pytest
 from spacy.language import Language
 
 from rag_assets import settings
+from rag_assets.common.cores import usable_cores
 from rag_assets.defs.resources import ElasticsearchResource
-from rag_assets.index.backend import IndexContent, IndexNotFoundError, SearchBackend
+from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, IndexContent, IndexNotFoundError, SearchBackend
 from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.ingest.chunking import CHUNK_COLUMNS
+from rag_assets.nlp.features import ChunkVectors
+from rag_assets.nlp.sentence import chunk_sentences, sentence_encoder
 
 from .conftest import content_of, content_rows, index_content, subset
 from .fake_elasticsearch import FakeElasticsearch
@@ -144,3 +148,31 @@ def test_confirm_holds_only_for_the_content_the_index_was_published_from(
     backend.publish(dataclasses.replace(subset(content, keep), digest="second"))
     assert backend.confirm("first") is None
     assert backend.confirm("second") is not None
+
+
+def test_the_semantic_mode_keeps_each_chunks_sentence_vector_for_its_candidates(
+    backend: SearchBackend, content: IndexContent
+) -> None:
+    rows, vectors = content_rows(content)
+    sentences = sentence_encoder(usable_cores()).encode(chunk_sentences(rows))
+    semantic = IndexContent.assemble(
+        rows[CHUNK_COLUMNS],
+        rows[["chunk_id", *LEMMA_FIELD_COLUMNS]],
+        ChunkVectors(list(rows.chunk_id), vectors, sentences),
+        content.fingerprint,
+        reranker="semantic",
+    )
+    backend.publish(semantic)
+    assert backend.stats().reranker == "semantic"
+    wanted = [rows.chunk_id[3], rows.chunk_id[40], "no-such-chunk"]
+    with backend.snapshot():
+        found = backend.candidates(wanted)
+    assert set(found) == set(wanted[:2])
+    for position in (3, 40):
+        candidate = found[rows.chunk_id[position]]
+        assert candidate.chunk.question == rows.question[position]
+        assert candidate.lemmas == {c: rows[c][position] for c in LEMMA_FIELD_COLUMNS}
+        np.testing.assert_allclose(candidate.sentence, sentences[position], atol=1e-6)
+    backend.publish(dataclasses.replace(content, reranker="features"))  # every row loses its vector
+    assert backend.stats().reranker == "features"
+    assert backend.candidates([rows.chunk_id[3]])[rows.chunk_id[3]].sentence is None

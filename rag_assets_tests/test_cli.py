@@ -75,11 +75,29 @@ def test_eval_on_a_slice_of_the_ground_truth(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert set(metrics) == {"hit_rate", "mrr", "questions", "p50_ms"}
-    assert metrics["questions"] == 80
+    assert set(metrics) == {"reranker", "hit_rate", "mrr", "questions", "p50_ms"}
+    assert (metrics["questions"], metrics["reranker"]) == (80, "features")  # the default mode
     assert 0.85 <= metrics["hit_rate"] <= 1.0
     assert 0 < metrics["mrr"] <= metrics["hit_rate"]
     assert not (tmp_path / "unused").exists()  # eval never touches the served index
+
+
+@pytest.mark.parametrize("mode", ["none", "semantic"])
+def test_eval_runs_and_names_the_mode_of_rag_reranker(tmp_path: Path, mode: str) -> None:
+    documents, ground_truth = eval_slice(tmp_path)
+    arguments = ("eval", "--documents", str(documents), "--ground-truth", str(ground_truth))
+    result = rag(*arguments, data_dir=None, RAG_RERANKER=mode)
+    assert result.returncode == 0, result.stderr
+    assert f"reranker: {mode} (RAG_RERANKER)" in result.stdout
+    assert "hit rate@5: " in result.stdout and "semantic searches fell back" not in result.stdout
+
+
+def test_an_unknown_reranker_mode_is_named(tmp_path: Path) -> None:
+    documents, ground_truth = eval_slice(tmp_path)
+    arguments = ("eval", "--documents", str(documents), "--ground-truth", str(ground_truth))
+    result = rag(*arguments, data_dir=None, RAG_RERANKER="smart")
+    assert result.returncode == 1
+    assert "RAG_RERANKER='smart' is not one of none, features, semantic" in result.stderr
 
 
 def test_eval_reports_a_bad_ground_truth(tmp_path: Path) -> None:

@@ -250,3 +250,39 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     assert (metadata["lemmas"]["computed"], metadata["lemmas"]["reused"]) == (1, 29)
     assert metadata["es_index"]["confirmed_without_reading"] is False
     assert metadata["es_index"]["upserted"] == 1
+
+
+def test_the_semantic_mode_adds_cached_sentence_vectors_and_switches_back(
+    tmp_path: Path, nlp: Language
+) -> None:
+    entries = [
+        entry(c, f"How do I fix error {n} of {c}?", f"Restart service {n}.") for c in "ab" for n in range(12)
+    ]
+    source = write_json(tmp_path / "flat.json", entries)
+    instance = dg.DagsterInstance.ephemeral()
+    semantic = NlpResource(processes=1, cache_dir=str(tmp_path / "cache"), reranker="semantic")
+    first = materialize(str(source), tmp_path, instance, nlp=semantic)
+    assert first.success, first.failures()
+    assert [first.metadata("embeddings", c)["sentence_computed"] for c in "ab"] == [12, 12]
+    assert first.metadata("es_index")["reranker"] == "semantic"
+    index = EmbeddedIndex(tmp_path)
+    assert index.stats().reranker == "semantic"
+    with index.snapshot():
+        vectors = [c.sentence for c in index.candidates(index.chunk_hashes()).values()]
+    assert len(vectors) == 24 and all(v is not None and v.shape == (384,) for v in vectors)
+
+    entries[0]["text"] = "Reinstall the service."  # one changed answer: one sentence vector made
+    write_json(tmp_path / "flat.json", entries)
+    second = materialize(str(source), tmp_path, instance, nlp=semantic)
+    assert second.success
+    assert second.metadata("embeddings", "a")["sentence_computed"] == 1
+    assert second.metadata("es_index")["upserted"] == 1
+
+    third = materialize(str(source), tmp_path, instance)  # the default mode: features
+    assert third.success
+    assert third.metadata("embeddings", "a")["sentence_vectors"].startswith("off")
+    assert third.metadata("es_index")["upserted"] == 24  # the rows lose their sentence vectors
+    assert index.stats().reranker == "features"
+    retriever = Retriever(index, nlp, reranker="semantic")
+    assert retriever.search("How do I fix error 3 of a?", "a")[0].question == "How do I fix error 3 of a?"
+    assert retriever.fallbacks == 1

@@ -68,7 +68,13 @@ def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:
 
 
 def test_every_variable_has_an_example_value() -> None:
-    assert compose_variables() == {"POSTGRES_PASSWORD", "ELASTIC_PASSWORD", "DOCUMENTS_URL", "RAG_API_KEY"}
+    assert compose_variables() == {
+        "POSTGRES_PASSWORD",
+        "ELASTIC_PASSWORD",
+        "DOCUMENTS_URL",
+        "RAG_API_KEY",
+        "RAG_RERANKER",
+    }
     assert compose_variables() <= set(env_example())
 
 

@@ -12,6 +12,7 @@ from spacy.language import Language
 
 from rag_assets.defs.resources import ElasticsearchResource
 from rag_assets.index.backend import (
+    LEMMA_FIELD_COLUMNS,
     GateVerdict,
     IndexContent,
     IndexNotFoundError,
@@ -27,6 +28,9 @@ from rag_assets.index.elasticsearch import (
     knn_query,
     lexical_query,
 )
+from rag_assets.ingest.chunking import CHUNK_COLUMNS
+from rag_assets.nlp.features import ChunkVectors
+from rag_assets.nlp.sentence import SENTENCE_DIM
 
 from .conftest import content_rows, index_content, subset
 from .fake_elasticsearch import FakeElasticsearch
@@ -534,3 +538,57 @@ def test_credentials_are_sent_as_headers(fake: FakeElasticsearch) -> None:
     assert fake.requests[-1].headers["authorization"] == "ApiKey c2VjcmV0"
     ElasticsearchResource(url=fake.url, username="elastic", password="pw").index().live_index()
     assert fake.requests[-1].headers["authorization"] == "Basic ZWxhc3RpYzpwdw=="
+
+
+def with_sentences(content: IndexContent) -> IndexContent:
+    """`content` for the semantic mode, its sentence vectors made up (the requests are the test)."""
+    rows, vectors = content_rows(content)
+    sentences = np.random.default_rng(0).normal(size=(len(rows), SENTENCE_DIM)).astype(np.float32)
+    sentences /= np.linalg.norm(sentences, axis=1, keepdims=True)
+    lemmas = rows[["chunk_id", *LEMMA_FIELD_COLUMNS]]
+    vectors_with = ChunkVectors(list(rows.chunk_id), vectors, sentences)
+    fingerprint = content.fingerprint
+    return IndexContent.assemble(rows[CHUNK_COLUMNS], lemmas, vectors_with, fingerprint, reranker="semantic")
+
+
+def test_the_semantic_mode_stores_a_second_vector_that_is_not_searched(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    semantic = with_sentences(content)
+    es = backend(fake)
+    es.publish(semantic)
+    body = fake.calls("PUT", VERSION_NAME)[0].body
+    assert body["mappings"]["properties"]["sentence_vector"] == {
+        "type": "dense_vector",
+        "dims": SENTENCE_DIM,
+        "index": False,
+    }
+    assert body["mappings"]["_meta"]["reranker"] == "semantic"
+    first_doc = fake.calls(pattern="/_bulk$")[0].body[1]
+    assert len(first_doc["sentence_vector"]) == SENTENCE_DIM
+    assert es.stats().reranker == "semantic"
+    fake.requests.clear()
+    found = es.candidates(["a-0", content.chunk_ids[0]])
+    [mget] = fake.requests
+    assert mget.path == f"/{ALIAS}/_mget" and mget.body == {"ids": ["a-0", content.chunk_ids[0]]}
+    assert mget.params["_source_includes"].split(",") == [
+        *["chunk_id", "doc_id", "course", "section", "question", "text"],
+        *LEMMA_FIELD_COLUMNS,
+        "sentence_vector",
+    ]
+    [candidate] = found.values()  # a-0 is no chunk of this content
+    rows, _ = content_rows(semantic)
+    assert candidate.lemmas["question_lemmas"] == rows.question_lemmas[0]
+    assert np.allclose(candidate.sentence, next(semantic.vectors.parts()).sentences[0])
+
+
+def test_without_the_semantic_mode_no_sentence_vector_is_sent(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    es = backend(fake)
+    es.publish(replace(content, reranker="features"))
+    first_doc = fake.calls(pattern="/_bulk$")[0].body[1]
+    assert "sentence_vector" not in first_doc
+    assert fake.calls("PUT", VERSION_NAME)[0].body["mappings"]["_meta"]["reranker"] == "features"
+    [candidate] = es.candidates([content.chunk_ids[0]]).values()
+    assert candidate.sentence is None

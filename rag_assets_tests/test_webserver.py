@@ -94,7 +94,7 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
         "raw_documents": ["faq_source"],
         "chunks": ["raw_documents"],
         "lemmas": ["chunks"],
-        "embeddings": ["lemmas"],
+        "embeddings": ["chunks", "lemmas"],
         "es_index": ["chunks", "embeddings", "lemmas"],
     }
     assert {n["groupName"] for n in nodes.values()} == {"faq_index"}

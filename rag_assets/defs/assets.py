@@ -4,6 +4,7 @@ Each asset is a thin wrapper: the work happens in plain functions, the asset add
 timings and the metadata shown in the Dagster UI.
 """
 
+import functools
 import time
 from datetime import timedelta
 from typing import Any
@@ -14,6 +15,7 @@ import pandas as pd
 from pydantic import Field
 
 from rag_assets import quality
+from rag_assets.common.cores import usable_cores
 from rag_assets.common.memory import peak_rss_mb
 from rag_assets.common.stored import StoredValue, StoredValueError, code_digest, digest
 from rag_assets.defs.resources import (
@@ -24,6 +26,7 @@ from rag_assets.defs.resources import (
     SearchIndexResource,
 )
 from rag_assets.index.backend import (
+    SEMANTIC,
     CourseValues,
     IndexContent,
     PublishError,
@@ -32,10 +35,11 @@ from rag_assets.index.backend import (
 from rag_assets.ingest import chunking, sources
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
 from rag_assets.ingest.sources import LoadedDocuments, SourceError
-from rag_assets.nlp import analysis, cache, features
+from rag_assets.nlp import analysis, cache, features, sentence
 from rag_assets.nlp.analysis import VECTOR_DIM, model_fingerprint
-from rag_assets.nlp.cache import cached_lemmas, cached_vectors
+from rag_assets.nlp.cache import cached_lemmas, cached_sentence_vectors, cached_vectors
 from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors, token_counts
+from rag_assets.nlp.sentence import SENTENCE_MODEL, sentence_encoder
 from rag_assets.settings import freshness_hours
 
 GROUP = "faq_index"
@@ -48,7 +52,7 @@ NLP_CODE_VERSION = model_fingerprint()
 # Part of every stored value's digest: editing the code that makes a value makes it anew.
 SOURCE_CODE = code_digest(sources)
 CHUNKING_CODE = code_digest(chunking)
-NLP_CODE = code_digest(analysis, features, cache)
+NLP_CODE = code_digest(analysis, features, cache, sentence)
 LOGGED_EXAMPLES = 20
 _WARN_HOURS, _FAIL_HOURS = freshness_hours()
 # On the source and on what is served: a stale index shows as stale in the UI.
@@ -251,14 +255,34 @@ def embeddings(
     refresh_lock: RefreshLockResource,
     nlp: NlpResource,
     lemmas: StoredValue,
+    chunks: StoredValue,
 ) -> dg.MaterializeResult:
-    """A unit-length word-vector mean per chunk, from the content words found by `lemmas`."""
+    """A unit-length word-vector mean per chunk, from the content words found by `lemmas`; with
+    RAG_RERANKER=semantic also each chunk's MiniLM sentence vector (question and answer)."""
     started = time.perf_counter()
+    semantic = nlp.reranker == SEMANTIC
 
     def embed() -> tuple[ChunkVectors, dict[str, Any]]:
         lemma_frame = lemmas.load(columns=["chunk_id", "content_hash", "vector_words"])
         nlp_cache = nlp.cache(context.partition_key, context.log.warning)
         vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp_cache)
+        sentence_facts: dict[str, Any] = {"sentence_vectors": "off (RAG_RERANKER is not semantic)"}
+        if semantic:
+            sentence_started = time.perf_counter()
+            chunk_frame = chunks.load(columns=["chunk_id", "content_hash", "question", "text"])
+            if list(chunk_frame["chunk_id"]) != vectors.chunk_ids:
+                raise dg.Failure(description="chunks and lemmas hold different chunk ids: materialize both")
+            log = context.log.info
+            encoder = functools.partial(sentence_encoder, usable_cores())
+            sentences, made = cached_sentence_vectors(encoder, chunk_frame, nlp_cache, log)
+            vectors = ChunkVectors(vectors.chunk_ids, vectors.matrix, sentences)
+            took = time.perf_counter() - sentence_started
+            log(f"sentence vectors: {made.computed} computed in {took:.1f} s, {made.reused} cached")
+            sentence_facts = {
+                "sentence_vectors": SENTENCE_MODEL,
+                "sentence_computed": made.computed,
+                "sentence_s": round(took, 3),
+            }
         shown = pd.DataFrame(
             {
                 "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
@@ -274,11 +298,13 @@ def embeddings(
             "reused": reuse.reused,
             "dimensions": VECTOR_DIM,
             "zero_vectors": int((~np.any(vectors.matrix, axis=1)).sum()),
+            **sentence_facts,
             "preview": preview(shown, list(shown.columns)),
         }
 
+    made_by = (nlp.fingerprint(), SENTENCE_MODEL) if semantic else (nlp.fingerprint(),)
     stored = refresh_lock.stored_values(context.partition_key).find_or_make(
-        "embeddings", digest(NLP_CODE, nlp.fingerprint(), lemmas.digest), embed
+        "embeddings", digest(NLP_CODE, *made_by, lemmas.digest), embed
     )
     return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
@@ -323,13 +349,13 @@ def es_index(
             courses = {course: course_values(refresh_lock, course, d) for course, d in wanted.items()}
         except StoredValueError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
-        content_digest = IndexContent.courses_digest(courses)
+        content_digest = IndexContent.courses_digest(courses, nlp.reranker)
         report = backend.confirm(content_digest)
         confirmed = report is not None
         if report is not None:
             context.log.info(f"{report.location} was published from this same content: confirmed as current")
         else:
-            content = IndexContent.of_courses(courses, nlp.fingerprint())
+            content = IndexContent.of_courses(courses, nlp.fingerprint(), nlp.reranker)
             gate = quality_settings.gate(nlp.pipeline, content.chunks.parts())  # model loads only to judge
             try:
                 report = backend.publish(content, gate)
@@ -362,6 +388,7 @@ def es_index(
             "confirmed_at": stats.confirmed_at or "",
             "preview": dg.MetadataValue.md(preview(table, list(table.columns))),
             "backend": backend.kind,
+            "reranker": nlp.reranker,
             "location": report.location,
             "entries": stats.entries,
             "chunks": stats.chunks,

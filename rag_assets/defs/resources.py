@@ -80,6 +80,10 @@ class NlpResource(dg.ConfigurableResource):
     )
     cache_dir: str = Field(default=".rag/cache", description="Directory of the NLP cache")
     cache_ttl_days: float = Field(default=7.0, description="Cache entries unused this long are pruned")
+    reranker: str = Field(
+        default=settings.DEFAULT_RERANKER,
+        description="RAG_RERANKER: none, features or semantic (semantic adds sentence vectors to embeddings)",
+    )
 
     def pipeline(self) -> Language:
         return load_pipeline(self.model)
@@ -245,7 +249,9 @@ def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]
             **settings.present(env, settings.SOURCE_SETTINGS),
         ),
         "nlp": NlpResource(
-            cache_dir=str(directory / "cache"), **settings.present(env, settings.NLP_SETTINGS)
+            cache_dir=str(directory / "cache"),
+            reranker=settings.reranker(env),
+            **settings.present(env, settings.NLP_SETTINGS),
         ),
         "search_index": SearchIndexResource(data_dir=str(directory), elasticsearch=cluster),
         "quality_settings": QualityResource(**settings.present(env, settings.QUALITY_SETTINGS)),

@@ -17,9 +17,14 @@ from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.ingest.sources import stable_hash
 from rag_assets.nlp.analysis import VECTOR_DIM
 from rag_assets.nlp.features import LEMMA_FIELDS, ChunkVectors
+from rag_assets.nlp.sentence import SENTENCE_MODEL
 
 LEMMA_FIELD_COLUMNS = [f"{f}_lemmas" for f in LEMMA_FIELDS]
 INDEX_COLUMNS = [*CHUNK_COLUMNS, *LEMMA_FIELD_COLUMNS, "row_hash"]
+# RAG_RERANKER: how the fused top of a search is ordered again (README, Reranking). Only
+# `semantic` changes the index: its rows carry sentence vectors.
+RERANKER_MODES = ("none", "features", "semantic")
+SEMANTIC = "semantic"
 
 
 class IndexNotFoundError(RagError):
@@ -83,6 +88,7 @@ class ContentBlock:
     positions: np.ndarray
     rows: pd.DataFrame
     vectors: np.ndarray
+    sentences: np.ndarray | None  # the rows' sentence vectors, in the semantic mode
 
 
 @dataclass(frozen=True)
@@ -119,32 +125,43 @@ class IndexContent:
     # Per course, the digests of its values (`CourseValues.digests`); recorded by the index, so
     # the next publish of one course takes the others as they are served.
     sources: dict[str, list[str]] = field(default_factory=dict)
+    # The RAG_RERANKER mode the content was made for; recorded by the index. In the semantic
+    # mode the vectors carry sentence vectors and the row hashes name the sentence model.
+    reranker: str = "none"
 
     @classmethod
     def read(
-        cls, chunks: Parts, lemmas: Parts, vectors: Parts, fingerprint: str, digest: str = ""
+        cls,
+        chunks: Parts,
+        lemmas: Parts,
+        vectors: Parts,
+        fingerprint: str,
+        digest: str = "",
+        reranker: str = "none",
     ) -> IndexContent:
         """The content of three upstream values; reads the chunks' ids and content hashes once.
 
         The three must hold the same chunk ids in the same order: `blocks` refuses any mismatch.
         """
+        made_by = (fingerprint, SENTENCE_MODEL) if reranker == SEMANTIC else (fingerprint,)
         chunk_ids: list[str] = []
         row_hashes: list[str] = []
         for part in chunks.parts():
             chunk_ids.extend(part["chunk_id"])
-            row_hashes.extend(stable_hash(h, fingerprint) for h in part["content_hash"])
+            row_hashes.extend(stable_hash(h, *made_by) for h in part["content_hash"])
         if len(set(chunk_ids)) != len(chunk_ids):
             raise PublishError("duplicate chunk ids in the chunks to publish")
-        return cls(chunks, lemmas, vectors, chunk_ids, row_hashes, fingerprint, digest)
+        return cls(chunks, lemmas, vectors, chunk_ids, row_hashes, fingerprint, digest, reranker=reranker)
 
     @staticmethod
-    def courses_digest(courses: dict[str, CourseValues]) -> str:
+    def courses_digest(courses: dict[str, CourseValues], reranker: str) -> str:
         """The digest `of_courses` gives the content, known without reading a value: an index
         published from it is confirmed before a million chunk hashes are read."""
-        return digest(*(f"{name}\x1d{'/'.join(courses[name].digests())}" for name in sorted(courses)))
+        named = (f"{name}\x1d{'/'.join(courses[name].digests())}" for name in sorted(courses))
+        return digest(reranker, *named)
 
     @classmethod
-    def of_courses(cls, courses: dict[str, CourseValues], fingerprint: str) -> IndexContent:
+    def of_courses(cls, courses: dict[str, CourseValues], fingerprint: str, reranker: str) -> IndexContent:
         """The content of every course's values, course after course in name order."""
         names = sorted(courses)
         content = cls.read(
@@ -152,7 +169,8 @@ class IndexContent:
             Chained([courses[name].lemmas for name in names]),
             Chained([courses[name].embeddings for name in names]),
             fingerprint,
-            cls.courses_digest(courses),
+            cls.courses_digest(courses, reranker),
+            reranker,
         )
         content.sources = {name: courses[name].digests() for name in names}
         return content
@@ -165,9 +183,10 @@ class IndexContent:
         vectors: ChunkVectors,
         fingerprint: str,
         digest: str = "",
+        reranker: str = "none",
     ) -> IndexContent:
         """The content of values in memory (evaluation, tests)."""
-        return cls.read(InMemory(chunks), InMemory(lemmas), InMemory(vectors), fingerprint, digest)
+        return cls.read(InMemory(chunks), InMemory(lemmas), InMemory(vectors), fingerprint, digest, reranker)
 
     def __len__(self) -> int:
         return len(self.chunk_ids)
@@ -186,6 +205,12 @@ class IndexContent:
             ids = self.chunk_ids[start:end]
             if list(lemmas["chunk_id"]) != ids or vectors.chunk_ids != ids or list(chunks["chunk_id"]) != ids:
                 raise _disagreement(f"rows {start}-{end - 1}")
+            if (self.reranker == SEMANTIC) != (vectors.sentences is not None):
+                raise PublishError(
+                    f"the embeddings of rows {start}-{end - 1} "
+                    f"{'lack' if vectors.sentences is None else 'hold'} sentence vectors, and the "
+                    f"content is for RAG_RERANKER={self.reranker}; materialize embeddings again"
+                )
             inside = np.arange(start, end)
             if positions is not None:
                 inside = positions[np.searchsorted(positions, start) : np.searchsorted(positions, end)]
@@ -208,7 +233,8 @@ class IndexContent:
             rows[column] = lemmas[column].to_numpy()[offsets]
         rows["row_hash"] = [self.row_hashes[p] for p in positions]
         matrix = np.ascontiguousarray(vectors.matrix[offsets], dtype=np.float32)
-        return ContentBlock(positions, rows[INDEX_COLUMNS], matrix)
+        sentences = None if vectors.sentences is None else np.ascontiguousarray(vectors.sentences[offsets])
+        return ContentBlock(positions, rows[INDEX_COLUMNS], matrix, sentences)
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The vectors at ascending `positions`, reading only the vectors."""
@@ -258,6 +284,15 @@ class StoredChunk:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """What reranking needs of a candidate chunk, read with it in one request."""
+
+    chunk: StoredChunk
+    lemmas: dict[str, str]  # lemma field -> its space-joined terms
+    sentence: np.ndarray | None  # its sentence vector; None: the index holds none
+
+
+@dataclass(frozen=True)
 class IndexStats:
     backend: str
     location: str
@@ -266,6 +301,7 @@ class IndexStats:
     courses: dict[str, int]
     published_at: str | None  # when the content last changed
     confirmed_at: str | None  # when a refresh last found it current (changed or not)
+    reranker: str | None = None  # the RAG_RERANKER mode it was built for (None: not recorded)
 
 
 class SearchBackend(Protocol):
@@ -298,6 +334,10 @@ class SearchBackend(Protocol):
         ...
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]: ...
+
+    def candidates(self, chunk_ids: Sequence[str]) -> dict[str, Candidate]:
+        """The chunks with their lemma fields and sentence vectors, in one request."""
+        ...
 
     def stats(self) -> IndexStats:
         """Raises IndexNotFoundError when nothing was ever published."""

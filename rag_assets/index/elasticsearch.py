@@ -33,6 +33,7 @@ from rag_assets.common.errors import RagError
 from rag_assets.common.progress import Progress
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
+    Candidate,
     IndexContent,
     IndexNotFoundError,
     IndexStats,
@@ -45,6 +46,7 @@ from rag_assets.index.backend import (
 from rag_assets.index.ranking import FIELD_WEIGHTS
 from rag_assets.ingest.sources import redact, stable_hash
 from rag_assets.nlp.analysis import VECTOR_DIM
+from rag_assets.nlp.sentence import SENTENCE_DIM
 
 LEMMA_ANALYZER = "lemma_tokens"
 _DISPLAY_FIELDS = ["chunk_id", "doc_id", "course", "section", "question", "text"]
@@ -72,6 +74,8 @@ _PROPERTIES = {
     "text": _STORED,
     **{field: {"type": "text", "analyzer": LEMMA_ANALYZER} for field in LEMMA_FIELD_COLUMNS},
     "vector": {"type": "dense_vector", "dims": VECTOR_DIM, "index": True, "similarity": "cosine"},
+    # Read back for reranking only, never searched: no HNSW graph to build.
+    "sentence_vector": {"type": "dense_vector", "dims": SENTENCE_DIM, "index": False},
 }
 # Changes whenever the mapping or analysis does, so an index built otherwise is not reused.
 MAPPING_VERSION = stable_hash(json.dumps(_PROPERTIES, sort_keys=True), json.dumps(_ANALYSIS, sort_keys=True))
@@ -86,6 +90,7 @@ def index_meta(published_at: str, content: IndexContent) -> dict[str, Any]:
         "analysis_fingerprint": content.fingerprint,
         "content_digest": content.digest,
         "content_sources": content.sources,
+        "reranker": content.reranker,
         "complete": False,
     }
 
@@ -124,10 +129,12 @@ def knn_query(vector: np.ndarray, course: str | None, k: int) -> dict[str, Any]:
     return {"size": k, "_source": False, "knn": knn}
 
 
-def chunk_source(row: Any, vector: np.ndarray) -> dict[str, Any]:
+def chunk_source(row: Any, vector: np.ndarray, sentence: np.ndarray | None = None) -> dict[str, Any]:
     source = {field: getattr(row, field) for field in _SOURCE_FIELDS}
     source["chunk_index"] = int(source["chunk_index"])
     source["vector"] = [float(x) for x in vector]
+    if sentence is not None:
+        source["sentence_vector"] = [float(x) for x in sentence]
     return source
 
 
@@ -140,8 +147,10 @@ def delta_actions(
     JSON numbers would not fit in memory at once.
     """
     for block in content.blocks(np.array(changed, dtype=np.int64)):
-        for row, vector in zip(block.rows.itertuples(index=False), block.vectors, strict=True):
-            source = chunk_source(row, vector)
+        sentences = [None] * len(block.rows) if block.sentences is None else list(block.sentences)
+        rows = zip(block.rows.itertuples(index=False), block.vectors, sentences, strict=True)
+        for row, vector, sentence in rows:
+            source = chunk_source(row, vector, sentence)
             yield {"_op_type": "index", "_index": index, "_id": row.chunk_id, "_source": source}
     for chunk_id in removed:
         yield {"_op_type": "delete", "_index": index, "_id": chunk_id}
@@ -272,7 +281,12 @@ class ElasticsearchIndex:
         same_analysis = live_meta.get("analysis_fingerprint") == content.fingerprint
         if live is not None and not changed and not removed and same_analysis:
             # The live index already holds exactly this content: only say it was found current.
-            confirmed = {**live_meta, "content_digest": content.digest, "content_sources": content.sources}
+            confirmed = {
+                **live_meta,
+                "content_digest": content.digest,
+                "content_sources": content.sources,
+                "reranker": content.reranker,
+            }
             return replace(report, warnings=tuple(self._confirm(live, confirmed)))
         now = datetime.now(UTC)
         name = f"{self.alias}-{now:%Y%m%d%H%M%S%f}-{uuid.uuid4().hex[:6]}"
@@ -538,19 +552,33 @@ class ElasticsearchIndex:
         return [hit["_id"] for hit in self._search(knn_query(vector, course, k))]
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
-        if not chunk_ids:
-            return {}
-        try:
-            docs = self.client.mget(
-                index=self._pinned or self.alias, ids=list(chunk_ids), source_includes=_DISPLAY_FIELDS
-            )
-        except NotFoundError as exc:
-            raise self._missing() from exc
         return {
             doc["_id"]: StoredChunk(**{f: doc["_source"][f] for f in _DISPLAY_FIELDS})
-            for doc in docs["docs"]
-            if doc.get("found")
+            for doc in self._mget(chunk_ids, _DISPLAY_FIELDS)
         }
+
+    def candidates(self, chunk_ids: Sequence[str]) -> dict[str, Candidate]:
+        found = {}
+        for doc in self._mget(chunk_ids, [*_DISPLAY_FIELDS, *LEMMA_FIELD_COLUMNS, "sentence_vector"]):
+            source = doc["_source"]
+            sentence = source.get("sentence_vector")
+            found[doc["_id"]] = Candidate(
+                StoredChunk(**{f: source[f] for f in _DISPLAY_FIELDS}),
+                {f: source[f] for f in LEMMA_FIELD_COLUMNS},
+                None if sentence is None else np.asarray(sentence, dtype=np.float32),
+            )
+        return found
+
+    def _mget(self, chunk_ids: Sequence[str], fields: list[str]) -> list[dict[str, Any]]:
+        """The found documents of `chunk_ids`, with `fields` of their source: one request."""
+        if not chunk_ids:
+            return []
+        try:
+            index = self._pinned or self.alias
+            docs = self.client.mget(index=index, ids=list(chunk_ids), source_includes=fields)
+        except NotFoundError as exc:
+            raise self._missing() from exc
+        return [doc for doc in docs["docs"] if doc.get("found")]
 
     def stats(self) -> IndexStats:
         live = self._concrete()
@@ -577,6 +605,7 @@ class ElasticsearchIndex:
             published_at=meta.get("published_at"),
             # Indices published before confirmed_at existed were confirmed when published.
             confirmed_at=meta.get("confirmed_at", meta.get("published_at")),
+            reranker=meta.get("reranker"),
         )
 
     def chunk_hashes(self) -> dict[str, str]:

@@ -34,6 +34,7 @@ from rag_assets.common.stored import PART_ROWS
 from rag_assets.index import vector_lists
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
+    Candidate,
     IndexContent,
     IndexDamagedError,
     IndexNotFoundError,
@@ -65,7 +66,8 @@ _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text
 # Display fields, ids and hashes, and the lemma fields (a changed row's old terms leave the postings).
 _STORED_COLUMNS = (*CHUNK_COLUMNS, "row_hash", *LEMMA_FIELD_COLUMNS)
 # 3: BM25F postings and vector lists instead of an FTS5 table and a vector per row.
-SCHEMA_VERSION = "3"
+# 4: a sentence vector per row (the semantic reranker's), NULL in the other modes.
+SCHEMA_VERSION = "4"
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
@@ -78,7 +80,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     row_hash TEXT NOT NULL,
-    {", ".join(f"{c} TEXT NOT NULL" for c in LEMMA_FIELD_COLUMNS)}
+    {", ".join(f"{c} TEXT NOT NULL" for c in LEMMA_FIELD_COLUMNS)},
+    sentence_vector BLOB
 );
 CREATE INDEX IF NOT EXISTS chunks_course ON chunks (course);
 CREATE TABLE IF NOT EXISTS postings (
@@ -248,6 +251,7 @@ class EmbeddedIndex:
                     ("confirmed_at", now),
                     ("content_digest", content.digest),
                     ("content_sources", json.dumps(content.sources, sort_keys=True)),
+                    ("reranker", content.reranker),
                 ]
                 if changed:
                     generation = str(int(meta.get("generation", "0")) + 1)
@@ -422,8 +426,8 @@ class EmbeddedIndex:
         arrays.grow(int(rowids[-1]) + 1 if len(rowids) else 0)
         progress = Progress("index rows", len(rowids), self._log)
         insert = (
-            f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}) "
-            f"VALUES (?, {', '.join('?' * len(_STORED_COLUMNS))})"
+            f"INSERT INTO chunks (id, {', '.join(_STORED_COLUMNS)}, sentence_vector) "
+            f"VALUES (?, {', '.join('?' * len(_STORED_COLUMNS))}, ?)"
         )
         postings = []
         done = 0
@@ -431,7 +435,10 @@ class EmbeddedIndex:
             ids = rowids[done : done + len(block.rows)]
             done += len(block.rows)
             values = block.rows[list(_STORED_COLUMNS)].itertuples(index=False, name=None)
-            db.executemany(insert, ((int(i), *v) for i, v in zip(ids, values, strict=True)))
+            sentences = [None] * len(ids)
+            if block.sentences is not None:
+                sentences = [vector.tobytes() for vector in block.sentences]
+            db.executemany(insert, ((int(i), *v, s) for i, v, s in zip(ids, values, sentences, strict=True)))
             fields = _lemma_fields(block.rows)
             arrays.lengths[ids] = row_lengths(fields)
             arrays.courses[ids] = arrays.course_codes(list(block.rows.course))
@@ -733,6 +740,21 @@ class EmbeddedIndex:
         )
         return {row[0]: StoredChunk(*row) for row in self._query(sql, list(chunk_ids))}
 
+    def candidates(self, chunk_ids: Sequence[str]) -> dict[str, Candidate]:
+        if not chunk_ids:
+            return {}
+        columns = (*_DISPLAY_COLUMNS, *LEMMA_FIELD_COLUMNS, "sentence_vector")
+        sql = f"SELECT {', '.join(columns)} FROM chunks WHERE chunk_id IN ({', '.join('?' * len(chunk_ids))})"
+        found = {}
+        for row in self._query(sql, list(chunk_ids)):
+            shown, lemmas, sentence = row[: len(_DISPLAY_COLUMNS)], row[len(_DISPLAY_COLUMNS) : -1], row[-1]
+            found[row[0]] = Candidate(
+                StoredChunk(*shown),
+                dict(zip(LEMMA_FIELD_COLUMNS, lemmas, strict=True)),
+                None if sentence is None else np.frombuffer(sentence, dtype=np.float32),
+            )
+        return found
+
     def stats(self) -> IndexStats:
         with self._scan() as db:
             courses = dict(
@@ -750,6 +772,7 @@ class EmbeddedIndex:
             courses=courses,
             published_at=meta.get("published_at"),
             confirmed_at=meta.get("confirmed_at", meta.get("published_at")),
+            reranker=meta.get("reranker"),
         )
 
     def chunk_hashes(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ rebuilt, and a damaged entry is a miss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -25,8 +26,10 @@ from spacy.language import Language
 from rag_assets.common import sqlite
 from rag_assets.common.progress import Progress
 from rag_assets.common.sqlite import immediate_transaction
+from rag_assets.ingest.sources import stable_hash
 from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings, TextAnalyser
 from rag_assets.nlp.features import LEMMA_COLUMNS, ChunkVectors, chunk_terms, embed_chunks
+from rag_assets.nlp.sentence import SENTENCE_DIM, SENTENCE_MODEL, SentenceEncoder, chunk_sentences
 
 CACHE_FILENAME = "nlp-cache.sqlite"
 TERM_FIELDS = tuple(LEMMA_COLUMNS[2:])  # everything `lemmas` holds besides the two ids
@@ -118,12 +121,12 @@ class NlpCache:
     def get_terms(self, hashes: Sequence[str]) -> dict[str, tuple[str, ...]]:
         return self._get("terms", ", ".join(TERM_FIELDS), hashes)
 
-    def get_vectors(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+    def get_vectors(self, hashes: Sequence[str], width: int = VECTOR_DIM) -> dict[str, np.ndarray]:
         found = self._get("vectors", "vector", hashes)
         return {
             h: np.frombuffer(blob, dtype=np.float32)
             for h, (blob,) in found.items()
-            if isinstance(blob, bytes) and len(blob) == VECTOR_DIM * 4  # anything else is a miss
+            if isinstance(blob, bytes) and len(blob) == width * 4  # anything else is a miss
         }
 
     # -- writes -------------------------------------------------------------------------------
@@ -277,3 +280,30 @@ def cached_vectors(
         end = block.start + len(block.hashes)
         matrix[block.start : end] = np.stack([block.known[h] for h in block.hashes])
     return ChunkVectors(list(lemmas["chunk_id"]), matrix), Reuse(computed, len(lemmas) - computed)
+
+
+def cached_sentence_vectors(
+    load_encoder: Callable[[], SentenceEncoder],
+    chunks: pd.DataFrame,
+    cache: NlpCache,
+    log: Callable[[str], None] | None = None,
+    block_chunks: int = _BLOCK_CHUNKS,
+) -> tuple[np.ndarray, Reuse]:
+    """Sentence vectors of the chunks whose content has none cached; the model loads only then.
+
+    Kept beside the word vectors, under a key that also names the sentence model.
+    """
+    keys = np.array([stable_hash(h, SENTENCE_MODEL) for h in chunks["content_hash"]], dtype=object)
+    matrix = np.zeros((len(chunks), SENTENCE_DIM), dtype=np.float32)
+    computed = 0
+    lookup = functools.partial(cache.get_vectors, width=SENTENCE_DIM)
+    for block in _cache_blocks(keys, block_chunks, lookup, cache):
+        computed += block.misses
+        if len(block.todo):
+            texts = chunk_sentences(chunks.iloc[block.start + block.todo])
+            items = list(zip(block.hashes[block.todo], load_encoder().encode(texts, log), strict=True))
+            cache.put_vectors(items)
+            block.known.update(items)
+        end = block.start + len(block.hashes)
+        matrix[block.start : end] = np.stack([block.known[h] for h in block.hashes])
+    return matrix, Reuse(computed, len(chunks) - computed)

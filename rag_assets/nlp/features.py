@@ -10,6 +10,7 @@ import pandas as pd
 from spacy.language import Language
 
 from rag_assets.nlp.analysis import VECTOR_DIM, NlpSettings, TextAnalyser, embed_texts
+from rag_assets.nlp.sentence import SENTENCE_DIM
 
 # The chunk fields searched lexically, each kept as its own lemma field.
 LEMMA_FIELDS = ("question", "text", "section")
@@ -54,34 +55,44 @@ def token_counts(terms: Sequence[str]) -> np.ndarray:
 
 @dataclass
 class ChunkVectors:
-    """Row i of `matrix` is the unit vector of `chunk_ids[i]` (float32, VECTOR_DIM wide)."""
+    """Row i of `matrix` is the unit word vector of `chunk_ids[i]` (float32, VECTOR_DIM wide);
+    row i of `sentences`, when the semantic reranker is on, its unit sentence vector."""
 
     chunk_ids: list[str]
     matrix: np.ndarray
+    sentences: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.matrix.shape != (len(self.chunk_ids), VECTOR_DIM):
-            raise ValueError(
-                f"vector matrix has shape {self.matrix.shape}, expected ({len(self.chunk_ids)}, {VECTOR_DIM})"
-            )
+        expected = {"matrix": (self.matrix, VECTOR_DIM), "sentences": (self.sentences, SENTENCE_DIM)}
+        for name, (array, width) in expected.items():
+            if array is not None and array.shape != (len(self.chunk_ids), width):
+                raise ValueError(f"{name} has shape {array.shape}, expected ({len(self.chunk_ids)}, {width})")
 
     def __len__(self) -> int:
         return len(self.chunk_ids)
 
     def split(self, rows: int) -> Iterator[ChunkVectors]:
-        """Parts of `rows` rows (views of the matrix), as the stored value is written."""
+        """Parts of `rows` rows (views of the matrices), as the stored value is written."""
         for start in range(0, max(len(self), 1), rows):
-            yield ChunkVectors(self.chunk_ids[start : start + rows], self.matrix[start : start + rows])
+            end = start + rows
+            sentences = None if self.sentences is None else self.sentences[start:end]
+            yield ChunkVectors(self.chunk_ids[start:end], self.matrix[start:end], sentences)
 
     @classmethod
     def join(cls, parts: Iterable[ChunkVectors], rows: int) -> ChunkVectors:
         """Parts into one matrix filled as they come: never the parts and the whole at once."""
         chunk_ids: list[str] = []
         matrix = np.empty((rows, VECTOR_DIM), dtype=np.float32)
+        sentences: np.ndarray | None = None
         for part in parts:
-            matrix[len(chunk_ids) : len(chunk_ids) + len(part)] = part.matrix
+            done = len(chunk_ids)
+            matrix[done : done + len(part)] = part.matrix
+            if part.sentences is not None:
+                if sentences is None:
+                    sentences = np.empty((rows, SENTENCE_DIM), dtype=np.float32)
+                sentences[done : done + len(part)] = part.sentences
             chunk_ids.extend(part.chunk_ids)
-        return cls(chunk_ids, matrix)
+        return cls(chunk_ids, matrix, sentences)
 
 
 def embed_chunks(nlp: Language, lemmas: pd.DataFrame) -> ChunkVectors:

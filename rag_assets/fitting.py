@@ -1,0 +1,157 @@
+"""Fitting the reranker on a retrieval ground truth (`rag fit-reranker`).
+
+The figures that choose a model are cross-validated with the folds grouped by gold entry: no
+entry's questions are both fitted and judged, so a model that learns entries instead of signals
+scores no better than it will on new questions. Hyperparameters are fixed in advance
+(`REGULARISATION`), not tuned on the same folds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from spacy.language import Language
+
+from rag_assets.common.progress import Progress
+from rag_assets.evaluation import GroundTruth, build_index
+from rag_assets.index.backend import SEMANTIC
+from rag_assets.index.reranking import FEATURES, MODELS_DIR, SEMANTIC_FEATURES, RerankModel
+from rag_assets.nlp.analysis import model_fingerprint
+from rag_assets.nlp.sentence import SENTENCE_MODEL
+from rag_assets.retrieval import Retriever
+
+FOLDS = 5
+K = 5  # the course's metric: hit rate and MRR of the top 5
+REGULARISATION = 1.0  # sklearn's C, fixed before any figure was seen
+MODE_FEATURES = {"features": FEATURES, SEMANTIC: SEMANTIC_FEATURES}
+
+
+@dataclass(frozen=True)
+class Question:
+    """One ground-truth question: the fused top entries, their semantic feature rows (the lexical
+    ones first), and where the gold entry is among them (-1: not among them)."""
+
+    gold: str
+    entries: list[str]
+    features: np.ndarray
+
+    @property
+    def gold_position(self) -> int:
+        return self.entries.index(self.gold) if self.gold in self.entries else -1
+
+
+@dataclass(frozen=True)
+class Figures:
+    hit_rate: float
+    mrr: float
+
+
+def collect(
+    retriever: Retriever, ground_truth: list[GroundTruth], log: Callable[[str], None] | None = None
+) -> list[Question]:
+    progress = Progress("candidates", len(ground_truth), log)
+    questions = []
+    for row in ground_truth:
+        entries, matrix = retriever.candidate_table(row.question, row.course, SEMANTIC)
+        questions.append(Question(row.document, entries, matrix))
+        progress.update()
+    progress.close()
+    return questions
+
+
+def figures(questions: list[Question], order: Callable[[Question], np.ndarray]) -> Figures:
+    """Hit rate and MRR at K when each question's entries are taken in `order(question)`."""
+    reciprocal = []
+    for question in questions:
+        position = question.gold_position
+        if position < 0:
+            reciprocal.append(0.0)
+            continue
+        rank = int(np.flatnonzero(order(question) == position)[0]) + 1
+        reciprocal.append(1.0 / rank if rank <= K else 0.0)
+    return Figures(
+        hit_rate=round(sum(r > 0 for r in reciprocal) / len(reciprocal), 4),
+        mrr=round(sum(reciprocal) / len(reciprocal), 4),
+    )
+
+
+def fused_order(question: Question) -> np.ndarray:
+    return np.arange(len(question.entries))
+
+
+def fit(questions: list[Question], columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(mean, scale, weights, bias) of a logistic regression telling gold candidates from the
+    others, over the first `columns` features. Questions without their gold entry teach nothing."""
+    from sklearn.linear_model import LogisticRegression  # fitting only; queries use numpy
+
+    taught = [q for q in questions if q.gold_position >= 0]
+    x = np.vstack([q.features[:, :columns] for q in taught])
+    y = np.concatenate([np.arange(len(q.entries)) == q.gold_position for q in taught])
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    model = LogisticRegression(C=REGULARISATION, max_iter=2000).fit((x - mean) / scale, y)
+    return mean, scale, model.coef_[0], float(model.intercept_[0])
+
+
+def model_order(mean: np.ndarray, scale: np.ndarray, weights: np.ndarray, bias: float, columns: int):
+    def order(question: Question) -> np.ndarray:
+        scores = ((question.features[:, :columns] - mean) / scale) @ weights + bias
+        return np.argsort(-scores, kind="stable")
+
+    return order
+
+
+def cross_validated(questions: list[Question], columns: int) -> Figures:
+    """Figures of models fitted on the other folds, the folds grouped by gold entry."""
+    from sklearn.model_selection import GroupKFold
+
+    ordered: dict[int, np.ndarray] = {}
+    groups = [q.gold for q in questions]
+    for fitted, judged in GroupKFold(n_splits=FOLDS).split(questions, groups=groups):
+        order = model_order(*fit([questions[i] for i in fitted], columns), columns)
+        ordered.update((i, order(questions[i])) for i in judged)
+    by_question = {id(q): ordered[i] for i, q in enumerate(questions)}
+    return figures(questions, lambda q: by_question[id(q)])
+
+
+def fit_rerankers(
+    documents: str,
+    ground_truth: list[GroundTruth],
+    nlp: Language,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Figures], dict[str, RerankModel]]:
+    """Cross-validated figures of every mode, and each reranking mode's model fitted on all."""
+    with tempfile.TemporaryDirectory(prefix="rag-fit-") as tmp:
+        index = build_index(documents, Path(tmp), nlp, log=log, ground_truth=ground_truth, reranker=SEMANTIC)
+        questions = collect(Retriever(index, nlp, reranker="none"), ground_truth, log)
+        index.close()
+    results = {"none": figures(questions, fused_order)}
+    models = {}
+    for mode, names in MODE_FEATURES.items():
+        results[mode] = cross_validated(questions, len(names))
+        mean, scale, weights, bias = fit(questions, len(names))
+        fitted_on = {
+            "documents": Path(documents).name,
+            "questions": len(questions),
+            "analysis": model_fingerprint(),
+            **({"sentence_model": SENTENCE_MODEL} if mode == SEMANTIC else {}),
+            "regularisation": REGULARISATION,
+            f"grouped_{FOLDS}_fold": {"hit_rate": results[mode].hit_rate, "mrr": results[mode].mrr},
+            "no_reranking": {"hit_rate": results["none"].hit_rate, "mrr": results["none"].mrr},
+        }
+        models[mode] = RerankModel(mode, names, mean, scale, weights, bias, fitted_on)
+    return results, models
+
+
+def save(models: dict[str, RerankModel], directory: Path = MODELS_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for mode, model in models.items():
+        path = directory / f"{mode}.json"
+        path.write_text(model.to_json() + "\n", encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,145 @@
+"""The second stage of a search: the fused top entries scored again by a small linear model.
+
+Which entry answers best depends on the query (a question phrased like the user's, an answer
+that covers every query term, a paraphrase no lemma matches), so no fixed fusion formula ranks
+all of them first; a model over features of the candidates can weigh the signals per query.
+The features are computed here from what one request returns (the candidates' lemma fields and
+sentence vectors) and the first-stage rankings; scoring is one matrix product.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rag_assets.common.errors import RagError
+from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, SEMANTIC, Candidate
+
+RERANK_DEPTH = 20  # the gold entry is in the fused top 20 for 0.975 of the dev questions
+MODELS_DIR = Path(__file__).parent / "rerankers"
+# Lexical evidence per candidate: its place in each first-stage ranking, and how much of the
+# query each lemma field covers (alone and against the best candidate of the same query).
+# Weighting the terms by idf and BM25's term-frequency saturation were tried and left out: no
+# better cross-validated (README, Reranking), and one request more per search on Elasticsearch.
+FEATURES = (
+    "lexical_rr",
+    "vector_rr",
+    "fused_rr",
+    "question_coverage",
+    "text_coverage",
+    "section_coverage",
+    "question_jaccard",
+    "question_coverage_gap",
+    "text_coverage_gap",
+    "question_terms_log",
+    "text_terms_log",
+)
+# The semantic mode adds the query's cosine to the candidate's sentence vector.
+SEMANTIC_FEATURES = (*FEATURES, "sentence_cosine", "sentence_cosine_gap", "sentence_rr")
+
+
+class RerankerError(RagError):
+    pass
+
+
+def reciprocal_ranks(order: Sequence[str], items: Sequence[str]) -> np.ndarray:
+    """1 / (place of each item in `order`), 0 for items not in it."""
+    place = {item: rank for rank, item in enumerate(order, start=1)}
+    return np.array([1.0 / place[i] if i in place else 0.0 for i in items])
+
+
+def candidate_features(
+    query_terms: Sequence[str],
+    entries: Sequence[str],
+    entry_rankings: Mapping[str, Sequence[str]],
+    candidates: Sequence[Candidate],
+    query_sentence: np.ndarray | None = None,
+) -> np.ndarray:
+    """One row per candidate (entry i shown by candidates[i]), columns as FEATURES, or as
+    SEMANTIC_FEATURES when the query's sentence vector is given."""
+    query = set(query_terms)
+    size = max(len(query), 1)
+    field_terms = {
+        column: [set(c.lemmas[column].split()) for c in candidates] for column in LEMMA_FIELD_COLUMNS
+    }
+    coverage = {c: np.array([len(query & t) / size for t in held]) for c, held in field_terms.items()}
+    question_terms = field_terms["question_lemmas"]
+    jaccard = np.array([len(query & t) / max(len(query | t), 1) for t in question_terms])
+    columns = [
+        reciprocal_ranks(entry_rankings.get("lexical", ()), entries),
+        reciprocal_ranks(entry_rankings.get("vector", ()), entries),
+        reciprocal_ranks(entries, entries),
+        coverage["question_lemmas"],
+        coverage["text_lemmas"],
+        coverage["section_lemmas"],
+        jaccard,
+        coverage["question_lemmas"] - coverage["question_lemmas"].max(initial=0.0),
+        coverage["text_lemmas"] - coverage["text_lemmas"].max(initial=0.0),
+        np.log1p([len(t) for t in question_terms]),
+        np.log1p([len(t) for t in field_terms["text_lemmas"]]),
+    ]
+    if query_sentence is not None:
+        cosine = np.array([float(c.sentence @ query_sentence) for c in candidates])  # type: ignore[operator]
+        order = [entries[i] for i in np.argsort(-cosine, kind="stable")]
+        columns += [cosine, cosine - cosine.max(initial=0.0), reciprocal_ranks(order, entries)]
+    return np.column_stack(columns) if candidates else np.empty((0, len(columns)))
+
+
+@dataclass(frozen=True)
+class RerankModel:
+    """Logistic regression over standardised features; the weights are data, fitted by
+    `rag fit-reranker` and committed with the figures they were cross-validated to."""
+
+    mode: str
+    features: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+    fitted_on: dict[str, object] = field(default_factory=dict)  # data, analysis, figures
+
+    def scores(self, matrix: np.ndarray) -> np.ndarray:
+        return ((matrix - self.mean) / self.scale) @ self.weights + self.bias
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "mode": self.mode,
+                "features": list(self.features),
+                "mean": self.mean.round(8).tolist(),
+                "scale": self.scale.round(8).tolist(),
+                "weights": self.weights.round(8).tolist(),
+                "bias": round(self.bias, 8),
+                "fitted_on": self.fitted_on,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def load(cls, mode: str, directory: Path = MODELS_DIR) -> RerankModel:
+        path = directory / f"{mode}.json"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            model = cls(
+                mode=raw["mode"],
+                features=tuple(raw["features"]),
+                mean=np.array(raw["mean"], dtype=np.float64),
+                scale=np.array(raw["scale"], dtype=np.float64),
+                weights=np.array(raw["weights"], dtype=np.float64),
+                bias=float(raw["bias"]),
+                fitted_on=raw.get("fitted_on", {}),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            message = f"reranker weights {path} cannot be read ({exc}); run rag fit-reranker"
+            raise RerankerError(message) from exc
+        expected = SEMANTIC_FEATURES if mode == SEMANTIC else FEATURES
+        if model.features != expected or len(model.weights) != len(expected):
+            raise RerankerError(
+                f"reranker weights {path} are for the features {list(model.features)}, this code computes "
+                f"{list(expected)}; run rag fit-reranker"
+            )
+        return model

@@ -1,0 +1,172 @@
+"""The reranker: its features, its committed weights, its modes and its fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from spacy.language import Language
+
+from rag_assets.evaluation import read_ground_truth
+from rag_assets.fitting import fit_rerankers
+from rag_assets.index.backend import Candidate, IndexContent, StoredChunk
+from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.index.reranking import (
+    FEATURES,
+    MODELS_DIR,
+    SEMANTIC_FEATURES,
+    RerankerError,
+    RerankModel,
+    candidate_features,
+)
+from rag_assets.nlp.analysis import model_fingerprint
+from rag_assets.retrieval import Retriever
+
+from .conftest import EVAL
+
+DE = "data-engineering-zoomcamp"
+QUESTION = "I just discovered the course, can I still join?"
+
+
+def candidate(question: str, text: str, section: str, sentence: list[float] | None = None) -> Candidate:
+    chunk = StoredChunk("c", "d", "course", section, question, text)
+    lemmas = {"question_lemmas": question, "text_lemmas": text, "section_lemmas": section}
+    return Candidate(chunk, lemmas, None if sentence is None else np.array(sentence, dtype=np.float32))
+
+
+def test_features_of_two_candidates():
+    candidates = [
+        candidate("join cours", "late join start", "general", [1.0, 0.0]),
+        candidate("late", "join late cours after start", "", [0.6, 0.8]),
+    ]
+    matrix = candidate_features(
+        ["join", "late", "deadlin"],
+        ["a", "b"],
+        {"lexical": ["b", "a"], "vector": ["a"]},
+        candidates,
+        query_sentence=np.array([0.0, 1.0], dtype=np.float32),
+    )
+    assert matrix.shape == (2, len(SEMANTIC_FEATURES))
+    rows = [dict(zip(SEMANTIC_FEATURES, row, strict=True)) for row in matrix]
+    expected_a = {
+        "lexical_rr": 0.5,
+        "vector_rr": 1.0,
+        "fused_rr": 1.0,
+        "question_coverage": 1 / 3,  # join
+        "text_coverage": 2 / 3,  # join, late
+        "section_coverage": 0.0,
+        "question_jaccard": 1 / 4,  # {join} of {join, late, deadlin, cours}
+        "question_coverage_gap": 0.0,  # the best question coverage of the two
+        "text_coverage_gap": 0.0,
+        "question_terms_log": np.log1p(2),
+        "text_terms_log": np.log1p(3),
+        "sentence_cosine": 0.0,
+        "sentence_cosine_gap": -0.8,
+        "sentence_rr": 0.5,
+    }
+    expected_b = {
+        "lexical_rr": 1.0,
+        "vector_rr": 0.0,
+        "fused_rr": 0.5,
+        "question_jaccard": 1 / 3,
+        "question_coverage_gap": 0.0,
+        "text_terms_log": np.log1p(5),  # distinct terms
+        "sentence_cosine": 0.8,
+        "sentence_rr": 1.0,
+    }
+    assert rows[0] == pytest.approx(expected_a)
+    assert {k: rows[1][k] for k in expected_b} == pytest.approx(expected_b)
+
+
+def test_the_lexical_features_are_the_first_of_the_semantic_ones():
+    assert SEMANTIC_FEATURES[: len(FEATURES)] == FEATURES
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory: pytest.TempPathFactory, content_2025: IndexContent) -> EmbeddedIndex:
+    index = EmbeddedIndex(tmp_path_factory.mktemp("index"))
+    index.publish(content_2025)
+    return index
+
+
+def test_a_known_query_has_pinned_features(index: EmbeddedIndex, nlp: Language):
+    entries, matrix = Retriever(index, nlp, reranker="none").candidate_table(QUESTION, DE, "features")
+    assert len(entries) == 20 and matrix.shape == (20, len(FEATURES))
+    first = dict(zip(FEATURES, matrix[0], strict=True))
+    # The query's terms are discov, cours, join. The first candidate is "Course - Can I still join
+    # the course after the start date?" (terms cours join cours start date), section "General
+    # course-related questions"; its answer ("Yes, even if you don't register, ...") has 12
+    # distinct terms and none of the query's, while another candidate's answer holds two.
+    assert first == pytest.approx(
+        {
+            "lexical_rr": 1.0,
+            "vector_rr": 1 / 3,
+            "fused_rr": 1.0,
+            "question_coverage": 2 / 3,
+            "text_coverage": 0.0,
+            "section_coverage": 1 / 3,
+            "question_jaccard": 2 / 5,
+            "question_coverage_gap": 0.0,
+            "text_coverage_gap": -2 / 3,
+            "question_terms_log": np.log1p(4),
+            "text_terms_log": np.log1p(12),
+        },
+        abs=1e-9,
+    )
+
+
+@pytest.mark.parametrize("mode", ["features", "semantic"])
+def test_committed_weights_fit_this_code(mode: str):
+    model = RerankModel.load(mode)
+    assert model.features == (SEMANTIC_FEATURES if mode == "semantic" else FEATURES)
+    assert model.fitted_on["analysis"] == model_fingerprint()
+    figures = model.fitted_on["grouped_5_fold"]
+    baseline = model.fitted_on["no_reranking"]
+    assert figures["hit_rate"] >= baseline["hit_rate"] and figures["mrr"] >= baseline["mrr"]
+
+
+def test_weights_for_other_features_are_refused(tmp_path: Path):
+    raw = json.loads((MODELS_DIR / "features.json").read_text())
+    raw["features"] = raw["features"][:-1]
+    (tmp_path / "features.json").write_text(json.dumps(raw))
+    with pytest.raises(RerankerError, match=r"are for the features .* run rag fit-reranker"):
+        RerankModel.load("features", tmp_path)
+    with pytest.raises(RerankerError, match=r"semantic\.json cannot be read"):
+        RerankModel.load("semantic", tmp_path)
+
+
+def test_the_modes_without_sentence_vectors_answer_alike_here(index: EmbeddedIndex, nlp: Language):
+    for mode in ("none", "features"):
+        hits = Retriever(index, nlp, reranker=mode).search(QUESTION, DE)
+        assert hits[0].question == "Course - Can I still join the course after the start date?", mode
+    assert index.stats().reranker == "none"  # the index records the mode content_2025 was made for
+
+
+def test_semantic_without_sentence_vectors_falls_back_to_features(
+    index: EmbeddedIndex, nlp: Language, caplog: pytest.LogCaptureFixture
+):
+    retriever = Retriever(index, nlp, reranker="semantic")
+    with caplog.at_level(logging.WARNING):
+        hits = retriever.search(QUESTION, DE)
+        retriever.search("How do I install Docker?", DE)
+    assert hits == Retriever(index, nlp, reranker="features").search(QUESTION, DE)
+    assert retriever.fallbacks == 2
+    warnings = [r.getMessage() for r in caplog.records if "no sentence vectors" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(index.location) in warnings[0] and "RAG_RERANKER=semantic" in warnings[0]
+
+
+def test_the_fit_reproduces_the_committed_weights_and_figures(nlp: Language):
+    """`make fit-reranker` on ../shared/eval gives the weights the package ships (80 s)."""
+    ground_truth = read_ground_truth(EVAL / "ground-truth-dev.csv")
+    results, models = fit_rerankers(str(EVAL / "documents-with-ids.json"), ground_truth, nlp)
+    for mode, fitted in models.items():
+        committed = RerankModel.load(mode)
+        assert fitted.fitted_on == committed.fitted_on
+        assert results[mode].hit_rate == committed.fitted_on["grouped_5_fold"]["hit_rate"]
+        np.testing.assert_allclose(fitted.weights, committed.weights, atol=1e-6)
+        np.testing.assert_allclose(fitted.mean, committed.mean, atol=1e-6)
+    assert (results["none"].hit_rate, results["none"].mrr) == (0.9501, 0.8868)
