@@ -585,7 +585,7 @@ class Rehearsal:
             "DOCUMENTS_URL": self.source.url,
             "RAG_DATA_DIR": str(self.data),
             "RAG_API_KEY": self.api_key,
-            "RAG_RERANKER": "features",  # compose's default
+            "RAG_RERANKER": "none",  # compose's default
             "DAGSTER_CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "PYTHONPATH": str(ROOT / "deploy"),
         }

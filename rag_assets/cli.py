@@ -64,6 +64,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     print(f"confirmed at: {stats.confirmed_at}  (last refresh that found it current)")
     print(f"entries:      {stats.entries}")
     print(f"chunks:       {stats.chunks}")
+    print(f"reranker:     {stats.reranker or 'not recorded'}  (the RAG_RERANKER mode it was built for)")
     for course, count in stats.courses.items():
         print(f"  {course}: {count}")
 

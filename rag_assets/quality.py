@@ -238,8 +238,10 @@ class RetrievalGate:
         ground_truth: list[GroundTruth],
         eval_k: int = 5,
         max_drop: float = 0.02,
+        reranker: str = "none",
     ) -> None:
         self._nlp = nlp  # or how to load it: a publish that changes nothing never needs the model
+        self.reranker = reranker  # both versions are searched in the mode the service uses
         self.question_sets = {"smoke": (probes, 3), "ground_truth": (ground_truth, eval_k)}
         self.max_drop = max_drop
 
@@ -250,8 +252,10 @@ class RetrievalGate:
         for name, (questions, k) in self.question_sets.items():
             if not questions:
                 continue
-            new = evaluate(Retriever(candidate, nlp), questions, k=k)
-            old = None if live is None else evaluate(Retriever(live, nlp), questions, k=k)
+            new = evaluate(Retriever(candidate, nlp, reranker=self.reranker), questions, k=k)
+            old = None
+            if live is not None:
+                old = evaluate(Retriever(live, nlp, reranker=self.reranker), questions, k=k)
             for metric in ("hit_rate", "mrr"):
                 figures[f"gate_{name}_{metric}_new"] = getattr(new, metric)
                 if old is None:

@@ -61,6 +61,17 @@ def rank_entries(rankings: dict[str, list[str]]) -> tuple[dict[str, list[str]], 
     return entry_rankings, shown
 
 
+@dataclass(frozen=True)
+class FirstStage:
+    """A search before reranking: the fused entries, the rankings fused, the chunk shown for
+    each entry, and each lexically found entry's BM25 score (its best chunk's)."""
+
+    fused: list[tuple[str, float]]
+    entry_rankings: dict[str, list[str]]
+    shown: dict[str, str]
+    lexical_scores: dict[str, float]
+
+
 class QueryError(RagError):
     """A request no search can answer; `parameter` names the culprit (the server's 422 says it)."""
 
@@ -114,11 +125,11 @@ class Retriever:
             if first is None:
                 self._check_course(course)
                 return []
-            fused, entry_rankings, shown = first
             chunks: dict[str, StoredChunk] = {}
+            fused, shown = first.fused, first.shown
             if self.reranker != "none":
                 top = [doc_id for doc_id, _ in fused[:RERANK_DEPTH]]
-                matrix, found, mode = self._features(query, terms, top, entry_rankings, shown, self.reranker)
+                matrix, found, mode = self._features(query, terms, first, top, self.reranker)
                 scores = self.models[mode].scores(matrix)
                 reranked = [(top[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
                 fused = reranked + fused[RERANK_DEPTH:]
@@ -135,40 +146,34 @@ class Retriever:
             first = self._first_stage(terms, course, self.fusion.candidates)
             if first is None:
                 return [], np.empty((0, len(SEMANTIC_FEATURES if mode == SEMANTIC else FEATURES)))
-            fused, entry_rankings, shown = first
-            top = [doc_id for doc_id, _ in fused[:RERANK_DEPTH]]
-            matrix, _, _ = self._features(query, terms, top, entry_rankings, shown, mode)
+            top = [doc_id for doc_id, _ in first.fused[:RERANK_DEPTH]]
+            matrix, _, _ = self._features(query, terms, first, top, mode)
         return top, matrix
 
-    def _first_stage(
-        self, terms: QueryTerms, course: str | None, depth: int
-    ) -> tuple[list[tuple[str, float]], dict[str, list[str]], dict[str, str]] | None:
-        """Entries fused from the lexical and vector rankings, those rankings, and the chunk shown
-        for each entry; None when neither ranking found anything."""
+    def _first_stage(self, terms: QueryTerms, course: str | None, depth: int) -> FirstStage | None:
+        """None when neither ranking found anything."""
         rankings: dict[str, list[str]] = {}
+        entry_scores: dict[str, float] = {}
         if self.fusion.weights.get("lexical", 0) > 0:
-            rankings["lexical"] = self.backend.lexical_search(terms.lemmas, course, depth)
+            scored = self.backend.lexical_search(terms.lemmas, course, depth)
+            rankings["lexical"] = [chunk_id for chunk_id, _ in scored]
+            for chunk_id, score in scored:  # best first: an entry's first chunk is its best
+                entry_scores.setdefault(doc_id_of(chunk_id), score)
         if self.fusion.weights.get("vector", 0) > 0 and np.any(terms.vector):
             rankings["vector"] = self.backend.vector_search(terms.vector, course, depth)
         if not any(rankings.values()):
             return None
         entry_rankings, shown = rank_entries(rankings)
         fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)
-        return fused, entry_rankings, shown
+        return FirstStage(fused, entry_rankings, shown, entry_scores)
 
     def _features(
-        self,
-        query: str,
-        terms: QueryTerms,
-        top: list[str],
-        entry_rankings: dict[str, list[str]],
-        shown: dict[str, str],
-        mode: str,
+        self, query: str, terms: QueryTerms, first: FirstStage, top: list[str], mode: str
     ) -> tuple[np.ndarray, dict[str, Candidate], str]:
         """The candidates' feature rows, read in one request, and the mode they are for: the
         features mode when a semantic search meets an index without sentence vectors."""
-        found = self.backend.candidates([shown[doc_id] for doc_id in top])
-        candidates = [found[shown[doc_id]] for doc_id in top]
+        found = self.backend.candidates([first.shown[doc_id] for doc_id in top])
+        candidates = [found[first.shown[doc_id]] for doc_id in top]
         if mode == SEMANTIC and any(c.sentence is None for c in candidates):
             if not self.fallbacks:
                 _log.warning(
@@ -179,7 +184,10 @@ class Retriever:
             self.fallbacks += 1
             mode = "features"
         query_sentence = sentence_encoder().encode([query])[0] if mode == SEMANTIC else None
-        return candidate_features(terms.lemmas, top, entry_rankings, candidates, query_sentence), found, mode
+        matrix = candidate_features(
+            terms.lemmas, top, first.entry_rankings, first.lexical_scores, candidates, query_sentence
+        )
+        return matrix, found, mode
 
     def _check_analysis(self) -> None:
         """Stems ranked against lemmas would rank quietly wrong: refuse instead."""

@@ -98,7 +98,7 @@ def test_replace_and_delete(backend: SearchBackend, content: IndexContent) -> No
     assert backend.stats().chunks == len(replacement)
     assert set(backend.chunk_hashes()) == set(replacement.chunk_ids)
     assert backend.fetch(list(rows.chunk_id[removed])) == {}
-    assert backend.lexical_search(["quokka"], None, 5) == [rows.chunk_id[0]]
+    assert [c for c, _ in backend.lexical_search(["quokka"], None, 5)] == [rows.chunk_id[0]]
     again = backend.publish(replacement)
     assert (again.upserted, again.deleted, again.unchanged) == (0, 0, len(replacement))
 
@@ -108,11 +108,14 @@ def test_search_and_filter(backend: SearchBackend, content: IndexContent) -> Non
     rows, vectors = content_rows(content)
     target = 30
     own_terms = rows.question_lemmas[target].split()
-    hits = backend.lexical_search(own_terms, rows.course[target], 10)
+    scored = backend.lexical_search(own_terms, rows.course[target], 10)
+    hits = [chunk_id for chunk_id, _ in scored]
+    scores = [score for _, score in scored]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
     assert rows.chunk_id[target] in hits[:3]
     assert backend.vector_search(vectors[target], None, 3)[0] == rows.chunk_id[target]
     for course in rows.course.unique():
-        ids = backend.lexical_search(["course", "docker", "error"], course, 50)
+        ids = [c for c, _ in backend.lexical_search(["course", "docker", "error"], course, 50)]
         ids += backend.vector_search(vectors[target], course, 50)
         assert ids
         assert {chunk.course for chunk in backend.fetch(ids).values()} == {course}

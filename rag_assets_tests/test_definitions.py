@@ -278,7 +278,8 @@ def test_the_semantic_mode_adds_cached_sentence_vectors_and_switches_back(
     assert second.metadata("embeddings", "a")["sentence_computed"] == 1
     assert second.metadata("es_index")["upserted"] == 1
 
-    third = materialize(str(source), tmp_path, instance)  # the default mode: features
+    features = NlpResource(processes=1, cache_dir=str(tmp_path / "cache"), reranker="features")
+    third = materialize(str(source), tmp_path, instance, nlp=features)
     assert third.success
     assert third.metadata("embeddings", "a")["sentence_vectors"].startswith("off")
     assert third.metadata("es_index")["upserted"] == 24  # the rows lose their sentence vectors

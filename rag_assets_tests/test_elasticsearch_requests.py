@@ -466,7 +466,7 @@ def test_reads_inside_a_snapshot_stay_on_one_version_while_a_publish_moves_the_a
     gone = rows.chunk_id[7]
     without = subset(content, (rows.chunk_id != gone).to_numpy())
     with es.snapshot():
-        hits = es.lexical_search(rows.question_lemmas[7].split(), None, 5)
+        hits = [c for c, _ in es.lexical_search(rows.question_lemmas[7].split(), None, 5)]
         second = backend(fake).publish(without).version
         lookups = len(fake.calls("GET", "^/_alias/"))
         with es.snapshot():

@@ -46,7 +46,7 @@ def index(tmp_path: Path, content_2025: IndexContent) -> EmbeddedIndex:
 
 
 def lexical(index: EmbeddedIndex, nlp: Language, query: str, course: str | None = None) -> list[str]:
-    return index.lexical_search(analyse_query(nlp, query).lemmas, course, 5)
+    return [chunk_id for chunk_id, _ in index.lexical_search(analyse_query(nlp, query).lemmas, course, 5)]
 
 
 def question_of(index: EmbeddedIndex, chunk_id: str) -> str:
@@ -69,7 +69,8 @@ def test_vector_search_ranks_by_cosine(index: EmbeddedIndex, content_2025: Index
 def test_course_filter_applies_to_both_rankings(index: EmbeddedIndex, nlp: Language) -> None:
     query = analyse_query(nlp, "How do I install docker?")
     for course in (DE, "mlops-zoomcamp"):
-        ids = index.lexical_search(query.lemmas, course, 20) + index.vector_search(query.vector, course, 20)
+        ids = [c for c, _ in index.lexical_search(query.lemmas, course, 20)]
+        ids += index.vector_search(query.vector, course, 20)
         assert len(ids) == 40
         assert {chunk.course for chunk in index.fetch(ids).values()} == {course}
 
@@ -105,7 +106,7 @@ def test_changed_rows_are_rewritten(index: EmbeddedIndex, content_2025: IndexCon
     rows.loc[0, ["text_lemmas", "row_hash"]] = ["zyzzyva unicorn", "changed"]
     report = index.publish(content_of(rows, vectors, content_2025.fingerprint))
     assert (report.upserted, report.deleted) == (1, 0)
-    assert index.lexical_search(["zyzzyva"], None, 5) == [rows.chunk_id[0]]
+    assert [c for c, _ in index.lexical_search(["zyzzyva"], None, 5)] == [rows.chunk_id[0]]
 
 
 def test_a_publish_that_fails_halfway_leaves_the_old_index(

@@ -23,6 +23,12 @@ DECOYS = [
 ]
 
 
+def lexical_ids(retriever: Retriever, nlp: Language, query: str) -> list[str]:
+    """The chunk ids of the lexical ranking alone, best first."""
+    ranked = retriever.backend.lexical_search(analyse_query(nlp, query).lemmas, None, 5)
+    return [chunk_id for chunk_id, _ in ranked]
+
+
 def corpus(nlp: Language, tmp_path: Path, entries: list[tuple[str, str]]) -> Retriever:
     documents = pd.DataFrame(
         [
@@ -48,7 +54,7 @@ def test_an_answer_sharing_only_lemmas_with_the_question_is_found(nlp: Language,
     query = "Which child teaches a goose?"
     surface = {w.lower() for w in ["Which", "child", "teaches", "a", "goose"]}
     assert not surface & set(target[1].lower().rstrip(".").split())  # no surface form in common
-    assert retriever.backend.lexical_search(analyse_query(nlp, query).lemmas, None, 5) == ["d3-0"]
+    assert lexical_ids(retriever, nlp, query) == ["d3-0"]
     assert retriever.search(query)[0].doc_id == "d3"
 
 
@@ -72,7 +78,7 @@ def test_a_word_inside_a_compound_token_is_found(nlp: Language, tmp_path: Path) 
     ]
     retriever = corpus(nlp, tmp_path, [*DECOYS, *entries])
     for query, chunk_id in [("Which datasets are there?", "d3-0"), ("spark home directory", "d4-0")]:
-        assert retriever.backend.lexical_search(analyse_query(nlp, query).lemmas, None, 5) == [chunk_id]
+        assert lexical_ids(retriever, nlp, query) == [chunk_id]
 
 
 def test_the_question_field_outweighs_the_answer(nlp: Language, tmp_path: Path) -> None:
@@ -90,7 +96,7 @@ def test_the_question_field_outweighs_the_answer(nlp: Language, tmp_path: Path) 
 
 def test_the_vector_side_only_fills_in_when_no_lemma_matches(nlp: Language, tmp_path: Path) -> None:
     retriever = corpus(nlp, tmp_path, [*DECOYS, ("Vehicles", "A truck carries cargo.")])
-    assert retriever.backend.lexical_search(analyse_query(nlp, "automobile lorry").lemmas, None, 5) == []
+    assert lexical_ids(retriever, nlp, "automobile lorry") == []
     assert retriever.search("automobile lorry")[0].doc_id == "d3"
 
 
@@ -109,5 +115,5 @@ def test_evaluation_set_figures(nlp: Language, tmp_path: Path) -> None:
     }
     assert (figures["none"].hit_rate, figures["none"].mrr) == pytest.approx((0.9501, 0.8868), abs=1e-4)
     assert (figures["features"].hit_rate, figures["features"].mrr) == pytest.approx(
-        (0.9515, 0.8891), abs=1e-4
+        (0.9543, 0.8968), abs=1e-4
     )

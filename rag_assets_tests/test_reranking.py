@@ -29,6 +29,8 @@ from .conftest import EVAL
 
 DE = "data-engineering-zoomcamp"
 QUESTION = "I just discovered the course, can I still join?"
+JOIN = "Course - Can I still join the course after the start date?"
+START = "Course - When will the course start?"
 
 
 def candidate(question: str, text: str, section: str, sentence: list[float] | None = None) -> Candidate:
@@ -46,6 +48,7 @@ def test_features_of_two_candidates():
         ["join", "late", "deadlin"],
         ["a", "b"],
         {"lexical": ["b", "a"], "vector": ["a"]},
+        {"b": 8.0, "a": 2.0},  # BM25 scores of the lexical ranking
         candidates,
         query_sentence=np.array([0.0, 1.0], dtype=np.float32),
     )
@@ -63,6 +66,7 @@ def test_features_of_two_candidates():
         "text_coverage_gap": 0.0,
         "question_terms_log": np.log1p(2),
         "text_terms_log": np.log1p(3),
+        "lexical_score_share": 0.25,
         "sentence_cosine": 0.0,
         "sentence_cosine_gap": -0.8,
         "sentence_rr": 0.5,
@@ -74,6 +78,7 @@ def test_features_of_two_candidates():
         "question_jaccard": 1 / 3,
         "question_coverage_gap": 0.0,
         "text_terms_log": np.log1p(5),  # distinct terms
+        "lexical_score_share": 1.0,
         "sentence_cosine": 0.8,
         "sentence_rr": 1.0,
     }
@@ -113,6 +118,7 @@ def test_a_known_query_has_pinned_features(index: EmbeddedIndex, nlp: Language):
             "text_coverage_gap": -2 / 3,
             "question_terms_log": np.log1p(4),
             "text_terms_log": np.log1p(12),
+            "lexical_score_share": 1.0,  # the best BM25 score of the query
         },
         abs=1e-9,
     )
@@ -138,10 +144,16 @@ def test_weights_for_other_features_are_refused(tmp_path: Path):
         RerankModel.load("semantic", tmp_path)
 
 
-def test_the_modes_without_sentence_vectors_answer_alike_here(index: EmbeddedIndex, nlp: Language):
-    for mode in ("none", "features"):
-        hits = Retriever(index, nlp, reranker=mode).search(QUESTION, DE)
-        assert hits[0].question == "Course - Can I still join the course after the start date?", mode
+def test_features_reorder_the_fused_top_by_the_models_score(index: EmbeddedIndex, nlp: Language):
+    fused = Retriever(index, nlp, reranker="none").search(QUESTION, DE, k=20)
+    reranked = Retriever(index, nlp, reranker="features").search(QUESTION, DE, k=20)
+    assert {h.doc_id for h in reranked} == {h.doc_id for h in fused}  # the same 20, reordered
+    scores = [h.score for h in reranked]
+    assert scores == sorted(scores, reverse=True)
+    # The entry whose answer holds two of the query's three terms (and a BM25 score 0.91 of the
+    # best) now comes before the one whose question holds two (fused first).
+    assert [h.question for h in fused[:2]] == [JOIN, START]
+    assert [h.question for h in reranked[:2]] == [START, JOIN]
     assert index.stats().reranker == "none"  # the index records the mode content_2025 was made for
 
 

@@ -356,7 +356,8 @@ def es_index(
             context.log.info(f"{report.location} was published from this same content: confirmed as current")
         else:
             content = IndexContent.of_courses(courses, nlp.fingerprint(), nlp.reranker)
-            gate = quality_settings.gate(nlp.pipeline, content.chunks.parts())  # model loads only to judge
+            # the model loads only to judge
+            gate = quality_settings.gate(nlp.pipeline, content.chunks.parts(), nlp.reranker)
             try:
                 report = backend.publish(content, gate)
             except PublishError as exc:

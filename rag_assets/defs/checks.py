@@ -199,7 +199,7 @@ def es_index_smoke_query(
     chunks = served_chunks(refresh_lock, backend)
     if not chunks:
         return result(context, quality.Verdict(["the served index was published from no course"], {}))
-    retriever = Retriever(backend, nlp.pipeline())
+    retriever = Retriever(backend, nlp.pipeline(), reranker=nlp.reranker)
     probe = GroundTruth(*chunks[0].facts["smoke_probe"])
     return result(context, quality.check_smoke_query(retriever, probe))
 
@@ -215,7 +215,7 @@ def es_index_retrieval_quality(
     """Hit rate and MRR of the served index on the configured ground truth (RAG_GROUND_TRUTH)."""
     settings = quality_settings
     verdict = quality.check_retrieval(
-        Retriever(search_index.backend(), nlp.pipeline()),
+        Retriever(search_index.backend(), nlp.pipeline(), reranker=nlp.reranker),
         read_ground_truth(settings.ground_truth or ""),
         settings.eval_k,
         settings.min_hit_rate,

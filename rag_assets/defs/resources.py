@@ -216,14 +216,17 @@ class QualityResource(dg.ConfigurableResource):
     )
     gate_probes: int = Field(default=50, description="Publish gate: entries asked their own question")
 
-    def gate(self, nlp: Callable[[], Language], chunk_parts: Iterable[pd.DataFrame]) -> RetrievalGate:
-        """The publish gate for a new version made of these chunks."""
+    def gate(
+        self, nlp: Callable[[], Language], chunk_parts: Iterable[pd.DataFrame], reranker: str
+    ) -> RetrievalGate:
+        """The publish gate for a new version made of these chunks, searched in `reranker` mode."""
         return RetrievalGate(
             nlp,
             smoke_probes(chunk_parts, self.gate_probes),
             read_ground_truth(self.ground_truth) if self.ground_truth else [],
             eval_k=self.eval_k,
             max_drop=self.max_quality_drop,
+            reranker=reranker,
         )
 
 

@@ -325,8 +325,8 @@ class SearchBackend(Protocol):
         """Reads inside see one version of the index, even if a publish completes meanwhile."""
         ...
 
-    def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[str]:
-        """Chunk ids ranked by weighted BM25 over the lemma fields."""
+    def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[tuple[str, float]]:
+        """(chunk id, score) ranked by weighted BM25 over the lemma fields, best first."""
         ...
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:

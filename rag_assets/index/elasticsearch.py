@@ -543,10 +543,10 @@ class ElasticsearchIndex:
             f"no index behind alias {self.alias} at {self.location}: materialize es_index first"
         )
 
-    def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[str]:
+    def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[tuple[str, float]]:
         if not lemmas:
             return []
-        return [hit["_id"] for hit in self._search(lexical_query(lemmas, course, k))]
+        return [(hit["_id"], float(hit["_score"])) for hit in self._search(lexical_query(lemmas, course, k))]
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
         return [hit["_id"] for hit in self._search(knn_query(vector, course, k))]

@@ -668,7 +668,7 @@ class EmbeddedIndex:
     def _course_code(self, served: _Served, course: str | None) -> int | None:
         return None if course is None else served.codes.get(course, -2)  # -2: matches no row
 
-    def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[str]:
+    def lexical_search(self, lemmas: Sequence[str], course: str | None, k: int) -> list[tuple[str, float]]:
         terms = searchable(lemmas)
         if not terms:
             return []
@@ -681,7 +681,9 @@ class EmbeddedIndex:
             )
         }
         code = self._course_code(served, course)
-        return self._chunk_ids(bm25_top(postings, terms, served.table, served.norms, code, k))
+        ranked = bm25_top(postings, terms, served.table, served.norms, code, k)
+        chunk_ids = self._chunk_ids([row for row, _ in ranked])
+        return [(chunk_id, score) for chunk_id, (_, score) in zip(chunk_ids, ranked, strict=True)]
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
         served = self._served()

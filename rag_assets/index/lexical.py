@@ -182,8 +182,9 @@ def bm25_top(
     norms: np.ndarray,
     course: int | None,
     k: int,
-) -> list[int]:
-    """The k best row ids for an OR of `terms` (in query order), optionally within one course."""
+) -> list[tuple[int, float]]:
+    """The k best (row id, score) for an OR of `terms` (in query order), optionally within one
+    course, best first."""
     found = [postings[t] for t in terms if t in postings and len(postings[t].rowids)]
     if not found:
         return []
@@ -197,4 +198,4 @@ def bm25_top(
     # Summed in the order of the query's terms, as FTS5 sums them.
     totals = np.bincount(rowids, weights=scores, minlength=len(norms))
     matched = np.flatnonzero(totals)  # every match scores above 0: idf is at least 1e-6
-    return top_rows(totals[matched], matched, k)
+    return [(row, float(totals[row])) for row in top_rows(totals[matched], matched, k)]

@@ -21,8 +21,9 @@ from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, SEMANTIC, Candidate
 
 RERANK_DEPTH = 20  # the gold entry is in the fused top 20 for 0.975 of the dev questions
 MODELS_DIR = Path(__file__).parent / "rerankers"
-# Lexical evidence per candidate: its place in each first-stage ranking, and how much of the
-# query each lemma field covers (alone and against the best candidate of the same query).
+# Lexical evidence per candidate: its place in each first-stage ranking, how much of the query
+# each lemma field covers (alone and against the best candidate of the same query), and its
+# BM25 score as a share of the query's best (a ratio, so the two backends' scales agree).
 # Weighting the terms by idf and BM25's term-frequency saturation were tried and left out: no
 # better cross-validated (README, Reranking), and one request more per search on Elasticsearch.
 FEATURES = (
@@ -37,6 +38,7 @@ FEATURES = (
     "text_coverage_gap",
     "question_terms_log",
     "text_terms_log",
+    "lexical_score_share",
 )
 # The semantic mode adds the query's cosine to the candidate's sentence vector.
 SEMANTIC_FEATURES = (*FEATURES, "sentence_cosine", "sentence_cosine_gap", "sentence_rr")
@@ -56,6 +58,7 @@ def candidate_features(
     query_terms: Sequence[str],
     entries: Sequence[str],
     entry_rankings: Mapping[str, Sequence[str]],
+    lexical_scores: Mapping[str, float],
     candidates: Sequence[Candidate],
     query_sentence: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -81,6 +84,7 @@ def candidate_features(
         coverage["text_lemmas"] - coverage["text_lemmas"].max(initial=0.0),
         np.log1p([len(t) for t in question_terms]),
         np.log1p([len(t) for t in field_terms["text_lemmas"]]),
+        np.array([lexical_scores.get(e, 0.0) for e in entries]) / max(lexical_scores.values(), default=1.0),
     ]
     if query_sentence is not None:
         cosine = np.array([float(c.sentence @ query_sentence) for c in candidates])  # type: ignore[operator]
@@ -91,19 +95,19 @@ def candidate_features(
 
 @dataclass(frozen=True)
 class RerankModel:
-    """Logistic regression over standardised features; the weights are data, fitted by
-    `rag fit-reranker` and committed with the figures they were cross-validated to."""
+    """A linear score over standardised features (scores only order one query's candidates);
+    the weights are data, fitted by `rag fit-reranker` and committed with the figures they were
+    cross-validated to."""
 
     mode: str
     features: tuple[str, ...]
     mean: np.ndarray
     scale: np.ndarray
     weights: np.ndarray
-    bias: float
     fitted_on: dict[str, object] = field(default_factory=dict)  # data, analysis, figures
 
     def scores(self, matrix: np.ndarray) -> np.ndarray:
-        return ((matrix - self.mean) / self.scale) @ self.weights + self.bias
+        return ((matrix - self.mean) / self.scale) @ self.weights
 
     def to_json(self) -> str:
         return json.dumps(
@@ -113,7 +117,6 @@ class RerankModel:
                 "mean": self.mean.round(8).tolist(),
                 "scale": self.scale.round(8).tolist(),
                 "weights": self.weights.round(8).tolist(),
-                "bias": round(self.bias, 8),
                 "fitted_on": self.fitted_on,
             },
             indent=2,
@@ -130,7 +133,6 @@ class RerankModel:
                 mean=np.array(raw["mean"], dtype=np.float64),
                 scale=np.array(raw["scale"], dtype=np.float64),
                 weights=np.array(raw["weights"], dtype=np.float64),
-                bias=float(raw["bias"]),
                 fitted_on=raw.get("fitted_on", {}),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
