@@ -183,7 +183,7 @@ class Retriever:
                 )
             self.fallbacks += 1
             mode = "features"
-        query_sentence = sentence_encoder().encode([query])[0] if mode == SEMANTIC else None
+        query_sentence = sentence_encoder().encode_query(query) if mode == SEMANTIC else None
         matrix = candidate_features(
             terms.lemmas, top, first.entry_rankings, first.lexical_scores, candidates, query_sentence
         )

@@ -32,7 +32,7 @@ def test_embeddings_reproduce_the_published_similarities():
 def test_a_vector_does_not_depend_on_its_batch():
     encoder = sentence_encoder()
     together = encoder.encode([*SENTENCES, "a much longer text " * 40])
-    alone = np.vstack([encoder.encode([text]) for text in [*SENTENCES, "a much longer text " * 40]])
+    alone = np.vstack([encoder.encode_query(text) for text in [*SENTENCES, "a much longer text " * 40]])
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 

@@ -99,6 +99,10 @@ class SentenceEncoder:
         progress.close()
         return matrix
 
+    def encode_query(self, query: str) -> np.ndarray:
+        """One text's unit vector, with none of `encode`'s batching and progress: a search's."""
+        return self._encode_batch([query])[0]
+
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         encodings = self.tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
