@@ -19,7 +19,7 @@ from spacy.language import Language
 from rag_assets.common.progress import Progress
 from rag_assets.evaluation import GroundTruth, build_index
 from rag_assets.index.backend import SEMANTIC
-from rag_assets.index.reranking import FEATURES, MODELS_DIR, SEMANTIC_FEATURES, RerankModel
+from rag_assets.index.reranking import MODE_FEATURES, MODELS_DIR, RerankModel
 from rag_assets.nlp.analysis import model_fingerprint
 from rag_assets.nlp.sentence import SENTENCE_MODEL
 from rag_assets.retrieval import Retriever
@@ -27,7 +27,6 @@ from rag_assets.retrieval import Retriever
 FOLDS = 5
 K = 5  # the course's metric: hit rate and MRR of the top 5
 REGULARISATION = 1.0  # sklearn's C, fixed before any figure was seen
-MODE_FEATURES = {"features": FEATURES, SEMANTIC: SEMANTIC_FEATURES}
 
 
 @dataclass(frozen=True)

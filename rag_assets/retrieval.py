@@ -21,9 +21,8 @@ from rag_assets.index.backend import (
 )
 from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
 from rag_assets.index.reranking import (
-    FEATURES,
+    MODE_FEATURES,
     RERANK_DEPTH,
-    SEMANTIC_FEATURES,
     RerankModel,
     candidate_features,
 )
@@ -145,7 +144,7 @@ class Retriever:
         with self.backend.snapshot():
             first = self._first_stage(terms, course, self.fusion.candidates)
             if first is None:
-                return [], np.empty((0, len(SEMANTIC_FEATURES if mode == SEMANTIC else FEATURES)))
+                return [], np.empty((0, len(MODE_FEATURES[mode])))
             top = [doc_id for doc_id, _ in first.fused[:RERANK_DEPTH]]
             matrix, _, _ = self._features(query, terms, first, top, mode)
         return top, matrix

@@ -42,6 +42,7 @@ FEATURES = (
 )
 # The semantic mode adds the query's cosine to the candidate's sentence vector.
 SEMANTIC_FEATURES = (*FEATURES, "sentence_cosine", "sentence_cosine_gap", "sentence_rr")
+MODE_FEATURES = {"features": FEATURES, SEMANTIC: SEMANTIC_FEATURES}  # each reranking mode's columns
 
 
 class RerankerError(RagError):
@@ -138,7 +139,7 @@ class RerankModel:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             message = f"reranker weights {path} cannot be read ({exc}); run rag fit-reranker"
             raise RerankerError(message) from exc
-        expected = SEMANTIC_FEATURES if mode == SEMANTIC else FEATURES
+        expected = MODE_FEATURES[mode]
         if model.features != expected or len(model.weights) != len(expected):
             raise RerankerError(
                 f"reranker weights {path} are for the features {list(model.features)}, this code computes "
