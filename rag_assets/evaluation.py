@@ -92,6 +92,12 @@ def check_ids_match(ground_truth: list[GroundTruth], doc_ids: set[str], document
         )
 
 
+def hit_rate_and_mrr(reciprocal_ranks: list[float]) -> tuple[float, float]:
+    """The course's metrics from each question's 1/rank of its entry (0: not in the top k)."""
+    n = len(reciprocal_ranks)
+    return round(sum(1 for r in reciprocal_ranks if r > 0) / n, 4), round(sum(reciprocal_ranks) / n, 4)
+
+
 def evaluate(
     retriever: Retriever,
     ground_truth: list[GroundTruth],
@@ -112,12 +118,12 @@ def evaluate(
         reciprocal_ranks.append(1.0 / ranks[0] if ranks else 0.0)
         progress.update()
     progress.close()
-    n = len(reciprocal_ranks)
+    hit_rate, mrr = hit_rate_and_mrr(reciprocal_ranks)
     fell_back = f"features ({retriever.fallbacks} semantic searches fell back)" if retriever.fallbacks else ""
     return EvalResult(
         reranker=fell_back or retriever.reranker,
-        hit_rate=round(sum(1 for r in reciprocal_ranks if r > 0) / n, 4),
-        mrr=round(sum(reciprocal_ranks) / n, 4),
-        questions=n,
+        hit_rate=hit_rate,
+        mrr=mrr,
+        questions=len(reciprocal_ranks),
         p50_ms=round(statistics.median(latencies_ms), 2),
     )

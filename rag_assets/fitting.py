@@ -17,7 +17,7 @@ import numpy as np
 from spacy.language import Language
 
 from rag_assets.common.progress import Progress
-from rag_assets.evaluation import GroundTruth, build_index
+from rag_assets.evaluation import GroundTruth, build_index, hit_rate_and_mrr
 from rag_assets.index.backend import SEMANTIC
 from rag_assets.index.reranking import MODE_FEATURES, MODELS_DIR, RerankModel
 from rag_assets.nlp.analysis import model_fingerprint
@@ -62,24 +62,14 @@ def collect(
     return questions
 
 
-def figures(questions: list[Question], order: Callable[[Question], np.ndarray]) -> Figures:
-    """Hit rate and MRR at K when each question's entries are taken in `order(question)`."""
+def figures(questions: list[Question], orders: list[np.ndarray]) -> Figures:
+    """Hit rate and MRR at K when question i's entries are taken in `orders[i]`."""
     reciprocal = []
-    for question in questions:
+    for question, order in zip(questions, orders, strict=True):
         position = question.gold_position
-        if position < 0:
-            reciprocal.append(0.0)
-            continue
-        rank = int(np.flatnonzero(order(question) == position)[0]) + 1
+        rank = int(np.flatnonzero(order == position)[0]) + 1 if position >= 0 else K + 1
         reciprocal.append(1.0 / rank if rank <= K else 0.0)
-    return Figures(
-        hit_rate=round(sum(r > 0 for r in reciprocal) / len(reciprocal), 4),
-        mrr=round(sum(reciprocal) / len(reciprocal), 4),
-    )
-
-
-def fused_order(question: Question) -> np.ndarray:
-    return np.arange(len(question.entries))
+    return Figures(*hit_rate_and_mrr(reciprocal))
 
 
 def fit(questions: list[Question], columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,13 +108,13 @@ def cross_validated(questions: list[Question], columns: int) -> Figures:
     """Figures of models fitted on the other folds, the folds grouped by gold entry."""
     from sklearn.model_selection import GroupKFold
 
-    ordered: dict[int, np.ndarray] = {}
+    orders: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(questions)
     groups = [q.gold for q in questions]
     for fitted, judged in GroupKFold(n_splits=FOLDS).split(questions, groups=groups):
         order = model_order(*fit([questions[i] for i in fitted], columns), columns)
-        ordered.update((i, order(questions[i])) for i in judged)
-    by_question = {id(q): ordered[i] for i, q in enumerate(questions)}
-    return figures(questions, lambda q: by_question[id(q)])
+        for i in judged:
+            orders[i] = order(questions[i])
+    return figures(questions, orders)
 
 
 def fit_rerankers(
@@ -138,7 +128,7 @@ def fit_rerankers(
         index = build_index(documents, Path(tmp), nlp, log=log, ground_truth=ground_truth, reranker=SEMANTIC)
         questions = collect(Retriever(index, nlp, reranker="none"), ground_truth, log)
         index.close()
-    results = {"none": figures(questions, fused_order)}
+    results = {"none": figures(questions, [np.arange(len(q.entries)) for q in questions])}
     models = {}
     for mode, names in MODE_FEATURES.items():
         results[mode] = cross_validated(questions, len(names))
