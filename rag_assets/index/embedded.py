@@ -734,21 +734,11 @@ class EmbeddedIndex:
         return [known[r] for r in rowids]
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
-        if not chunk_ids:
-            return {}
-        sql = (
-            f"SELECT {', '.join(_DISPLAY_COLUMNS)} FROM chunks "
-            f"WHERE chunk_id IN ({', '.join('?' * len(chunk_ids))})"
-        )
-        return {row[0]: StoredChunk(*row) for row in self._query(sql, list(chunk_ids))}
+        return {row[0]: StoredChunk(*row) for row in self._rows_of(chunk_ids, _DISPLAY_COLUMNS)}
 
     def candidates(self, chunk_ids: Sequence[str]) -> dict[str, Candidate]:
-        if not chunk_ids:
-            return {}
-        columns = (*_DISPLAY_COLUMNS, *LEMMA_FIELD_COLUMNS, "sentence_vector")
-        sql = f"SELECT {', '.join(columns)} FROM chunks WHERE chunk_id IN ({', '.join('?' * len(chunk_ids))})"
         found = {}
-        for row in self._query(sql, list(chunk_ids)):
+        for row in self._rows_of(chunk_ids, (*_DISPLAY_COLUMNS, *LEMMA_FIELD_COLUMNS, "sentence_vector")):
             shown, lemmas, sentence = row[: len(_DISPLAY_COLUMNS)], row[len(_DISPLAY_COLUMNS) : -1], row[-1]
             found[row[0]] = Candidate(
                 StoredChunk(*shown),
@@ -756,6 +746,15 @@ class EmbeddedIndex:
                 None if sentence is None else np.frombuffer(sentence, dtype=np.float32),
             )
         return found
+
+    def _rows_of(self, chunk_ids: Sequence[str], columns: Sequence[str]) -> list[tuple]:
+        """`columns` of the rows of `chunk_ids` that exist: one query (the Elasticsearch index's
+        `_mget` twin)."""
+        if not chunk_ids:
+            return []
+        placeholders = ", ".join("?" * len(chunk_ids))
+        sql = f"SELECT {', '.join(columns)} FROM chunks WHERE chunk_id IN ({placeholders})"
+        return self._query(sql, list(chunk_ids))
 
     def stats(self) -> IndexStats:
         with self._scan() as db:
