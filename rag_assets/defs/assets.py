@@ -31,6 +31,7 @@ from rag_assets.index.backend import (
     IndexContent,
     PublishError,
     PublishRefusedError,
+    made_by,
 )
 from rag_assets.ingest import chunking, sources
 from rag_assets.ingest.chunking import ChunkingConfig, make_chunks
@@ -302,9 +303,8 @@ def embeddings(
             "preview": preview(shown, list(shown.columns)),
         }
 
-    made_by = (nlp.fingerprint(), SENTENCE_MODEL) if semantic else (nlp.fingerprint(),)
     stored = refresh_lock.stored_values(context.partition_key).find_or_make(
-        "embeddings", digest(NLP_CODE, *made_by, lemmas.digest), embed
+        "embeddings", digest(NLP_CODE, *made_by(nlp.fingerprint(), nlp.reranker), lemmas.digest), embed
     )
     return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 

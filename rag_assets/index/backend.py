@@ -27,6 +27,13 @@ RERANKER_MODES = ("none", "features", "semantic")
 SEMANTIC = "semantic"
 
 
+def made_by(fingerprint: str, reranker: str) -> tuple[str, ...]:
+    """What makes a chunk's vectors in this mode: the analysis, and the sentence model in the
+    semantic mode. Named by the embeddings value's digest and by every row's hash, so changing
+    either makes them anew."""
+    return (fingerprint, SENTENCE_MODEL) if reranker == SEMANTIC else (fingerprint,)
+
+
 class IndexNotFoundError(RagError):
     pass
 
@@ -143,12 +150,12 @@ class IndexContent:
 
         The three must hold the same chunk ids in the same order: `blocks` refuses any mismatch.
         """
-        made_by = (fingerprint, SENTENCE_MODEL) if reranker == SEMANTIC else (fingerprint,)
+        analysis = made_by(fingerprint, reranker)
         chunk_ids: list[str] = []
         row_hashes: list[str] = []
         for part in chunks.parts():
             chunk_ids.extend(part["chunk_id"])
-            row_hashes.extend(stable_hash(h, *made_by) for h in part["content_hash"])
+            row_hashes.extend(stable_hash(h, *analysis) for h in part["content_hash"])
         if len(set(chunk_ids)) != len(chunk_ids):
             raise PublishError("duplicate chunk ids in the chunks to publish")
         return cls(chunks, lemmas, vectors, chunk_ids, row_hashes, fingerprint, digest, reranker=reranker)
