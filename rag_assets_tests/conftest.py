@@ -169,6 +169,19 @@ def content_of(rows: pd.DataFrame, vectors: np.ndarray, fingerprint: str) -> Ind
     return replace(content, row_hashes=list(rows.row_hash))
 
 
+def semantic_content(content: IndexContent, sentences: np.ndarray) -> IndexContent:
+    """`content` for RAG_RERANKER=semantic, with these sentence vectors (its row hashes name the
+    sentence model, as a refresh in that mode makes them)."""
+    rows, vectors = content_rows(content)
+    return IndexContent.assemble(
+        rows[CHUNK_COLUMNS],
+        rows[["chunk_id", *LEMMA_FIELD_COLUMNS]],
+        ChunkVectors(list(rows.chunk_id), vectors, sentences),
+        content.fingerprint,
+        reranker="semantic",
+    )
+
+
 def subset(content: IndexContent, keep: np.ndarray) -> IndexContent:
     """The rows of `content` where `keep` holds."""
     rows, vectors = content_rows(content)

@@ -23,11 +23,9 @@ from rag_assets.common.cores import usable_cores
 from rag_assets.defs.resources import ElasticsearchResource
 from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, IndexContent, IndexNotFoundError, SearchBackend
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets.ingest.chunking import CHUNK_COLUMNS
-from rag_assets.nlp.features import ChunkVectors
 from rag_assets.nlp.sentence import chunk_sentences, sentence_encoder
 
-from .conftest import content_of, content_rows, index_content, subset
+from .conftest import content_of, content_rows, index_content, semantic_content, subset
 from .fake_elasticsearch import FakeElasticsearch
 
 LIVE_URL = os.environ.get("ELASTICSEARCH_URL")
@@ -156,16 +154,9 @@ def test_confirm_holds_only_for_the_content_the_index_was_published_from(
 def test_the_semantic_mode_keeps_each_chunks_sentence_vector_for_its_candidates(
     backend: SearchBackend, content: IndexContent
 ) -> None:
-    rows, vectors = content_rows(content)
+    rows, _ = content_rows(content)
     sentences = sentence_encoder(usable_cores()).encode(chunk_sentences(rows))
-    semantic = IndexContent.assemble(
-        rows[CHUNK_COLUMNS],
-        rows[["chunk_id", *LEMMA_FIELD_COLUMNS]],
-        ChunkVectors(list(rows.chunk_id), vectors, sentences),
-        content.fingerprint,
-        reranker="semantic",
-    )
-    backend.publish(semantic)
+    backend.publish(semantic_content(content, sentences))
     assert backend.stats().reranker == "semantic"
     wanted = [rows.chunk_id[3], rows.chunk_id[40], "no-such-chunk"]
     with backend.snapshot():

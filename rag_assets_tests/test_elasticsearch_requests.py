@@ -28,11 +28,9 @@ from rag_assets.index.elasticsearch import (
     knn_query,
     lexical_query,
 )
-from rag_assets.ingest.chunking import CHUNK_COLUMNS
-from rag_assets.nlp.features import ChunkVectors
 from rag_assets.nlp.sentence import SENTENCE_DIM
 
-from .conftest import content_rows, index_content, subset
+from .conftest import content_rows, index_content, semantic_content, subset
 from .fake_elasticsearch import FakeElasticsearch
 
 ALIAS = "faq"
@@ -542,13 +540,8 @@ def test_credentials_are_sent_as_headers(fake: FakeElasticsearch) -> None:
 
 def with_sentences(content: IndexContent) -> IndexContent:
     """`content` for the semantic mode, its sentence vectors made up (the requests are the test)."""
-    rows, vectors = content_rows(content)
-    sentences = np.random.default_rng(0).normal(size=(len(rows), SENTENCE_DIM)).astype(np.float32)
-    sentences /= np.linalg.norm(sentences, axis=1, keepdims=True)
-    lemmas = rows[["chunk_id", *LEMMA_FIELD_COLUMNS]]
-    vectors_with = ChunkVectors(list(rows.chunk_id), vectors, sentences)
-    fingerprint = content.fingerprint
-    return IndexContent.assemble(rows[CHUNK_COLUMNS], lemmas, vectors_with, fingerprint, reranker="semantic")
+    sentences = np.random.default_rng(0).normal(size=(len(content), SENTENCE_DIM)).astype(np.float32)
+    return semantic_content(content, sentences / np.linalg.norm(sentences, axis=1, keepdims=True))
 
 
 def test_the_semantic_mode_stores_a_second_vector_that_is_not_searched(
