@@ -32,7 +32,6 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from rag_assets.common.cores import usable_cores
 from rag_assets.definitions import load_definitions, with_resources
 from rag_assets.defs.refresh import refresh
 from rag_assets.defs.resources import (
@@ -235,7 +234,7 @@ def sentence_sample(documents: str, size: int = 2000) -> dict[str, Any]:
     a large corpus would take hours), with every usable core, as the embeddings step runs it."""
     chunks = make_chunks(load_documents(documents, Fetcher()).frame, ChunkingConfig())
     sample = chunks.sample(min(size, len(chunks)), random_state=5)
-    encoder = sentence_encoder(usable_cores())
+    encoder = sentence_encoder()
     encoder.encode(["warm up"])
     started = time.perf_counter()
     encoder.encode(chunk_sentences(sample))

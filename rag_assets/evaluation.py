@@ -11,7 +11,6 @@ from pathlib import Path
 
 from spacy.language import Language
 
-from rag_assets.common.cores import usable_cores
 from rag_assets.common.errors import RagError
 from rag_assets.common.progress import Progress
 from rag_assets.index.backend import SEMANTIC, IndexContent, UnknownCourseError
@@ -75,7 +74,7 @@ def build_index(
     lemmas = lemmatize_chunks(nlp, chunks, nlp_settings, log)
     vectors = embed_chunks(nlp, lemmas)
     if reranker == SEMANTIC:
-        vectors.sentences = sentence_encoder(usable_cores()).encode(chunk_sentences(chunks), log)
+        vectors.sentences = sentence_encoder().encode(chunk_sentences(chunks), log)
     content = IndexContent.assemble(chunks, lemmas, vectors, model_fingerprint(), reranker=reranker)
     index = EmbeddedIndex(data_dir)
     index.publish(content)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from rag_assets.index.reranking import (
     RERANK_DEPTH,
     RerankModel,
     candidate_features,
+    sentence_features,
 )
 from rag_assets.ingest.chunking import doc_id_of
 from rag_assets.nlp.analysis import QueryTerms, analyse_query, load_pipeline, model_fingerprint
@@ -117,6 +119,7 @@ class Retriever:
 
     def search(self, query: str, course: str | None = None, k: int = 5) -> list[Hit]:
         check_query(query, k)
+        query_sentence = self._encode(query, self.reranker)
         terms = analyse_query(self.nlp, query)
         with self.backend.snapshot():  # ranking and fetching read the same version
             self._check_analysis()
@@ -128,7 +131,7 @@ class Retriever:
             fused, shown = first.fused, first.shown
             if self.reranker != "none":
                 top = [doc_id for doc_id, _ in fused[:RERANK_DEPTH]]
-                matrix, found, mode = self._features(query, terms, first, top, self.reranker)
+                matrix, found, mode = self._features(query_sentence, terms, first, top, self.reranker)
                 scores = self.models[mode].scores(matrix)
                 reranked = [(top[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
                 fused = reranked + fused[RERANK_DEPTH:]
@@ -140,13 +143,14 @@ class Retriever:
     def candidate_table(self, query: str, course: str | None, mode: str) -> tuple[list[str], np.ndarray]:
         """The fused top RERANK_DEPTH entries of a query and their features in `mode`: what the
         reranker is fitted on (`fitting`)."""
+        query_sentence = self._encode(query, mode)
         terms = analyse_query(self.nlp, query)
         with self.backend.snapshot():
             first = self._first_stage(terms, course, self.fusion.candidates)
             if first is None:
                 return [], np.empty((0, len(MODE_FEATURES[mode])))
             top = [doc_id for doc_id, _ in first.fused[:RERANK_DEPTH]]
-            matrix, _, _ = self._features(query, terms, first, top, mode)
+            matrix, _, _ = self._features(query_sentence, terms, first, top, mode)
         return top, matrix
 
     def _first_stage(self, terms: QueryTerms, course: str | None, depth: int) -> FirstStage | None:
@@ -166,8 +170,18 @@ class Retriever:
         fused = reciprocal_rank_fusion(entry_rankings, self.fusion.weights, self.fusion.rrf_k)
         return FirstStage(fused, entry_rankings, shown, entry_scores)
 
+    def _encode(self, query: str, mode: str) -> Future[np.ndarray] | None:
+        """The query's sentence vector, under way while spaCy and the first stage run, when
+        `mode` needs one: a semantic search waits for the longer of the two, not their sum."""
+        return sentence_encoder().encode_later(query) if mode == SEMANTIC else None
+
     def _features(
-        self, query: str, terms: QueryTerms, first: FirstStage, top: list[str], mode: str
+        self,
+        query_sentence: Future[np.ndarray] | None,
+        terms: QueryTerms,
+        first: FirstStage,
+        top: list[str],
+        mode: str,
     ) -> tuple[np.ndarray, dict[str, Candidate], str]:
         """The candidates' feature rows, read in one request, and the mode they are for: the
         features mode when a semantic search meets an index without sentence vectors."""
@@ -182,10 +196,9 @@ class Retriever:
                 )
             self.fallbacks += 1
             mode = "features"
-        query_sentence = sentence_encoder().encode_query(query) if mode == SEMANTIC else None
-        matrix = candidate_features(
-            terms.lemmas, top, first.entry_rankings, first.lexical_scores, candidates, query_sentence
-        )
+        matrix = candidate_features(terms.lemmas, top, first.entry_rankings, first.lexical_scores, candidates)
+        if mode == SEMANTIC and query_sentence is not None:
+            matrix = np.hstack([matrix, sentence_features(top, candidates, query_sentence.result())])
         return matrix, found, mode
 
     def _check_analysis(self) -> None:

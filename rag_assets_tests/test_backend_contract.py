@@ -19,7 +19,6 @@ import pytest
 from spacy.language import Language
 
 from rag_assets import settings
-from rag_assets.common.cores import usable_cores
 from rag_assets.defs.resources import ElasticsearchResource
 from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, IndexContent, IndexNotFoundError, SearchBackend
 from rag_assets.index.embedded import EmbeddedIndex
@@ -155,7 +154,7 @@ def test_the_semantic_mode_keeps_each_chunks_sentence_vector_for_its_candidates(
     backend: SearchBackend, content: IndexContent
 ) -> None:
     rows, _ = content_rows(content)
-    sentences = sentence_encoder(usable_cores()).encode(chunk_sentences(rows))
+    sentences = sentence_encoder().encode(chunk_sentences(rows))
     backend.publish(semantic_content(content, sentences))
     assert backend.stats().reranker == "semantic"
     wanted = [rows.chunk_id[3], rows.chunk_id[40], "no-such-chunk"]

@@ -21,6 +21,7 @@ from rag_assets.index.reranking import (
     RerankerError,
     RerankModel,
     candidate_features,
+    sentence_features,
 )
 from rag_assets.nlp.analysis import model_fingerprint
 from rag_assets.retrieval import Retriever
@@ -44,14 +45,15 @@ def test_features_of_two_candidates():
         candidate("join cours", "late join start", "general", [1.0, 0.0]),
         candidate("late", "join late cours after start", "", [0.6, 0.8]),
     ]
-    matrix = candidate_features(
+    lexical = candidate_features(
         ["join", "late", "deadlin"],
         ["a", "b"],
         {"lexical": ["b", "a"], "vector": ["a"]},
         {"b": 8.0, "a": 2.0},  # BM25 scores of the lexical ranking
         candidates,
-        query_sentence=np.array([0.0, 1.0], dtype=np.float32),
     )
+    semantic = sentence_features(["a", "b"], candidates, np.array([0.0, 1.0], dtype=np.float32))
+    matrix = np.hstack([lexical, semantic])
     assert matrix.shape == (2, len(SEMANTIC_FEATURES))
     rows = [dict(zip(SEMANTIC_FEATURES, row, strict=True)) for row in matrix]
     expected_a = {

@@ -4,7 +4,6 @@ Each asset is a thin wrapper: the work happens in plain functions, the asset add
 timings and the metadata shown in the Dagster UI.
 """
 
-import functools
 import time
 from datetime import timedelta
 from typing import Any
@@ -15,7 +14,6 @@ import pandas as pd
 from pydantic import Field
 
 from rag_assets import quality
-from rag_assets.common.cores import usable_cores
 from rag_assets.common.memory import peak_rss_mb
 from rag_assets.common.stored import StoredValue, StoredValueError, code_digest, digest
 from rag_assets.defs.resources import (
@@ -274,8 +272,7 @@ def embeddings(
             if list(chunk_frame["chunk_id"]) != vectors.chunk_ids:
                 raise dg.Failure(description="chunks and lemmas hold different chunk ids: materialize both")
             log = context.log.info
-            encoder = functools.partial(sentence_encoder, usable_cores())
-            sentences, made = cached_sentence_vectors(encoder, chunk_frame, nlp_cache, log)
+            sentences, made = cached_sentence_vectors(sentence_encoder, chunk_frame, nlp_cache, log)
             vectors = ChunkVectors(vectors.chunk_ids, vectors.matrix, sentences)
             took = time.perf_counter() - sentence_started
             log(f"sentence vectors: {made.computed} computed in {took:.1f} s, {made.reused} cached")

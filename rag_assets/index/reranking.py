@@ -61,10 +61,8 @@ def candidate_features(
     entry_rankings: Mapping[str, Sequence[str]],
     lexical_scores: Mapping[str, float],
     candidates: Sequence[Candidate],
-    query_sentence: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One row per candidate (entry i shown by candidates[i]), columns as FEATURES, or as
-    SEMANTIC_FEATURES when the query's sentence vector is given."""
+    """One row per candidate (entry i shown by candidates[i]), columns as FEATURES."""
     query = set(query_terms)
     size = max(len(query), 1)
     field_terms = {
@@ -87,10 +85,17 @@ def candidate_features(
         np.log1p([len(t) for t in field_terms["text_lemmas"]]),
         np.array([lexical_scores.get(e, 0.0) for e in entries]) / max(lexical_scores.values(), default=1.0),
     ]
-    if query_sentence is not None:
-        cosine = np.array([float(c.sentence @ query_sentence) for c in candidates])  # type: ignore[operator]
-        order = [entries[i] for i in np.argsort(-cosine, kind="stable")]
-        columns += [cosine, cosine - cosine.max(initial=0.0), reciprocal_ranks(order, entries)]
+    return np.column_stack(columns) if candidates else np.empty((0, len(columns)))
+
+
+def sentence_features(
+    entries: Sequence[str], candidates: Sequence[Candidate], query_sentence: np.ndarray
+) -> np.ndarray:
+    """The semantic mode's columns beyond FEATURES, one row per candidate: apart from
+    `candidate_features` because a search computes those while the query's vector is made."""
+    cosine = np.array([float(c.sentence @ query_sentence) for c in candidates])  # type: ignore[operator]
+    order = [entries[i] for i in np.argsort(-cosine, kind="stable")]
+    columns = [cosine, cosine - cosine.max(initial=0.0), reciprocal_ranks(order, entries)]
     return np.column_stack(columns) if candidates else np.empty((0, len(columns)))
 
 
