@@ -72,6 +72,7 @@ def test_features_of_two_candidates():
         "sentence_cosine": 0.0,
         "sentence_cosine_gap": -0.8,
         "sentence_rr": 0.5,
+        "sentence_closeness": np.exp(-8.0),  # exp(10 x the gap)
     }
     expected_b = {
         "lexical_rr": 1.0,
@@ -83,6 +84,7 @@ def test_features_of_two_candidates():
         "lexical_score_share": 1.0,
         "sentence_cosine": 0.8,
         "sentence_rr": 1.0,
+        "sentence_closeness": 1.0,
     }
     assert rows[0] == pytest.approx(expected_a)
     assert {k: rows[1][k] for k in expected_b} == pytest.approx(expected_b)

@@ -40,8 +40,11 @@ FEATURES = (
     "text_terms_log",
     "lexical_score_share",
 )
-# The semantic mode adds the query's cosine to the candidate's sentence vector.
-SEMANTIC_FEATURES = (*FEATURES, "sentence_cosine", "sentence_cosine_gap", "sentence_rr")
+# The semantic mode adds the query's cosine to the candidate's sentence vector: as it is, its gap
+# to the best candidate's, its rank, and its closeness to the best, exp(CLOSENESS * gap): near 1
+# for the few candidates about as close as the best, near 0 for the rest however far behind.
+SEMANTIC_FEATURES = (*FEATURES, "sentence_cosine", "sentence_cosine_gap", "sentence_rr", "sentence_closeness")
+CLOSENESS = 10.0  # 5 and 20 cross-validate about the same (README, Reranking)
 MODE_FEATURES = {"features": FEATURES, SEMANTIC: SEMANTIC_FEATURES}  # each reranking mode's columns
 
 
@@ -95,7 +98,8 @@ def sentence_features(
     `candidate_features` because a search computes those while the query's vector is made."""
     cosine = np.array([float(c.sentence @ query_sentence) for c in candidates])  # type: ignore[operator]
     order = [entries[i] for i in np.argsort(-cosine, kind="stable")]
-    columns = [cosine, cosine - cosine.max(initial=0.0), reciprocal_ranks(order, entries)]
+    gap = cosine - cosine.max(initial=0.0)
+    columns = [cosine, gap, reciprocal_ranks(order, entries), np.exp(CLOSENESS * gap)]
     return np.column_stack(columns) if candidates else np.empty((0, len(columns)))
 
 
