@@ -14,7 +14,8 @@ instead (what its `quantize_dynamic` makes of a float model: the same weights, a
 quantized per inference): about half the time per query and a third less per chunk. The
 matrices go in as uint8 with zero point 128 (the same values): onnxruntime's uint8-by-int8
 kernels on AVX2 without VNNI add pairs of products in 16 bits, which can saturate, and the
-signed variant moved the vectors twice as far from the float ones.
+signed variant moved the vectors further from the float ones (1 - cosine at most 0.034 against
+0.019 over 600 texts).
 """
 
 from __future__ import annotations
