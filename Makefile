@@ -73,7 +73,7 @@ bench-serve: setup
 	$(PY) benchmarks/serve.py --new $(BENCH_NEW) --old $(BENCH_OLD) --ground-truth ../shared/eval/ground-truth-dev.csv --out serve-bench-results.json
 
 # Grouped cross-validated figures of every RAG_RERANKER mode, and the weights the package ships
-# (rag_assets/index/rerankers/); about 80 s here.
+# (rag_assets/index/rerankers/); 60-150 s here.
 fit-reranker: setup
 	$(VENV)/bin/rag fit-reranker --documents $(EVAL_DOCUMENTS) --ground-truth $(EVAL_GROUND_TRUTH) --write
 

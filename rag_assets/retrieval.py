@@ -191,7 +191,8 @@ class Retriever:
             if not self.fallbacks:
                 _log.warning(
                     "RAG_RERANKER=semantic, but the index at %s holds no sentence vectors (it was built in "
-                    "another mode): reranking with features; run the refresh with RAG_RERANKER=semantic",
+                    "another mode): reranking with features until a refresh with RAG_RERANKER=semantic "
+                    "publishes one that has them",
                     self.backend.location,
                 )
             self.fallbacks += 1

@@ -103,17 +103,29 @@ def schedule_timezone(env: Mapping[str, str] = os.environ) -> str:
     return env.get("RAG_SCHEDULE_TIMEZONE") or "UTC"
 
 
+def number[T: (int, float)](env: Mapping[str, str], name: str, default: T) -> T:
+    """The variable `name` as a number of `default`'s type, refused naming it when it is not one."""
+    raw = env.get(name) or ""
+    if not raw.strip():
+        return default
+    try:
+        return type(default)(raw)
+    except ValueError:
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise RagError(f"{name}={raw!r} is not {kind}") from None
+
+
 def max_runtime_s(env: Mapping[str, str] = os.environ) -> int:
-    return int(env.get("RAG_MAX_RUNTIME_S") or 3600)
+    return number(env, "RAG_MAX_RUNTIME_S", 3600)
 
 
 def freshness_hours(env: Mapping[str, str] = os.environ) -> tuple[float, float]:
     """(warn, fail): warn once a daily refresh was missed (24 h plus an hour for the run itself),
     fail after a further margin."""
-    warn = float(env.get("RAG_FRESHNESS_WARN_HOURS") or 25)
-    fail = float(env.get("RAG_FRESHNESS_FAIL_HOURS") or 37)
+    warn = number(env, "RAG_FRESHNESS_WARN_HOURS", 25.0)
+    fail = number(env, "RAG_FRESHNESS_FAIL_HOURS", 37.0)
     if fail <= warn:
-        raise ValueError(f"RAG_FRESHNESS_FAIL_HOURS ({fail}) must exceed RAG_FRESHNESS_WARN_HOURS ({warn})")
+        raise RagError(f"RAG_FRESHNESS_FAIL_HOURS ({fail}) must exceed RAG_FRESHNESS_WARN_HOURS ({warn})")
     return warn, fail
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from dagster._daemon.monitoring import run_monitoring
 from spacy.language import Language
 
 from rag_assets import quality, settings
+from rag_assets.common.errors import RagError
 from rag_assets.definitions import load_definitions
 from rag_assets.defs.assets import COURSES
 from rag_assets.defs.automation import (
@@ -30,6 +32,7 @@ from rag_assets.defs.automation import (
     daily_document_refresh,
     initial_index_build,
 )
+from rag_assets.defs.refresh import main as refresh_main
 from rag_assets.defs.refresh import summary
 from rag_assets.defs.resources import QualityResource, environment_resources
 from rag_assets.index.backend import IndexContent
@@ -111,6 +114,37 @@ def test_schedule_settings_come_from_the_environment() -> None:
         "Europe/Berlin",
         900,
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "env", "message"),
+    [
+        (settings.max_runtime_s, {"RAG_MAX_RUNTIME_S": "1h"}, "RAG_MAX_RUNTIME_S='1h' is not a whole number"),
+        (
+            settings.freshness_hours,
+            {"RAG_FRESHNESS_WARN_HOURS": "1d"},
+            "RAG_FRESHNESS_WARN_HOURS='1d' is not a number",
+        ),
+    ],
+)
+def test_a_bad_schedule_setting_is_named(setting, env: dict[str, str], message: str) -> None:
+    with pytest.raises(RagError, match=re.escape(message)):
+        setting(env)
+
+
+def test_a_refresh_with_a_bad_setting_names_it_and_runs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make run` loads the definitions first; Dagster wraps a bad setting in its own errors,
+    and the refresh prints the setting's message instead of their traceback."""
+    monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RAG_RERANKER", "smart")
+    assert refresh_main([]) == 2
+    assert capsys.readouterr().err == (
+        "refresh: error: RAG_RERANKER='smart' is not one of none, features, semantic; "
+        "nothing was run, the served index is unchanged\n"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_schedule_requests_a_run_when_idle(instance: dg.DagsterInstance) -> None:
@@ -201,7 +235,7 @@ def test_freshness_policies_on_the_source_and_the_served_index() -> None:
         2,
         3,
     )
-    with pytest.raises(ValueError, match="must exceed"):
+    with pytest.raises(RagError, match="must exceed"):
         settings.freshness_hours({"RAG_FRESHNESS_WARN_HOURS": "5", "RAG_FRESHNESS_FAIL_HOURS": "3"})
 
 

@@ -184,6 +184,14 @@ def served_line(published_now: bool) -> str:
     )
 
 
+def configuration_error(exc: BaseException | None) -> RagError | None:
+    """The project's own error (a bad setting, naming it) behind Dagster's definition-loading
+    errors, if there is one."""
+    while exc is not None and not isinstance(exc, RagError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -193,8 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="course runs side by side, each in its own process (RAG_COURSE_WORKERS; default 1)",
     )
     args = parser.parse_args(argv)
+    try:
+        definitions = load_definitions()
+    except Exception as exc:  # Dagster wraps a bad setting in its own errors: name the setting
+        problem = configuration_error(exc)
+        if problem is None:
+            raise
+        print(f"refresh: error: {problem}; nothing was run, the served index is unchanged", file=sys.stderr)
+        return 2
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    done = refresh(instance, load_definitions(), args.workers)
+    done = refresh(instance, definitions, args.workers)
     for line in summary(done, instance):
         print(f"refresh: {line}")
     return 0 if done.success else 1
