@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("RAG_COURSE_WORKERS") or 1),
+        default=settings.number(os.environ, "RAG_COURSE_WORKERS", 1),
         help="course runs side by side, each in its own process (RAG_COURSE_WORKERS; default 1)",
     )
     args = parser.parse_args(argv)

@@ -267,19 +267,13 @@ def cached_vectors(
     block_chunks: int = _BLOCK_CHUNKS,
 ) -> tuple[ChunkVectors, Reuse]:
     """`embed_chunks` for the chunks whose vector is not cached, block by block into one matrix."""
-    hashes = lemmas["content_hash"].to_numpy()
-    matrix = np.zeros((len(lemmas), VECTOR_DIM), dtype=np.float32)
-    computed = 0
-    for block in _cache_blocks(hashes, block_chunks, cache.get_vectors, cache):
-        computed += block.misses
-        if len(block.todo):
-            fresh = embed_chunks(load_nlp(), lemmas.iloc[block.start + block.todo])
-            items = list(zip(block.hashes[block.todo], fresh.matrix, strict=True))
-            cache.put_vectors(items)
-            block.known.update(items)
-        end = block.start + len(block.hashes)
-        matrix[block.start : end] = np.stack([block.known[h] for h in block.hashes])
-    return ChunkVectors(list(lemmas["chunk_id"]), matrix), Reuse(computed, len(lemmas) - computed)
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        return embed_chunks(load_nlp(), lemmas.iloc[rows]).matrix
+
+    keys = lemmas["content_hash"].to_numpy()
+    matrix, reuse = _cached_matrix(keys, VECTOR_DIM, embed, cache, block_chunks)
+    return ChunkVectors(list(lemmas["chunk_id"]), matrix), reuse
 
 
 def cached_sentence_vectors(
@@ -293,17 +287,32 @@ def cached_sentence_vectors(
 
     Kept beside the word vectors, under a key that also names the sentence model.
     """
+
+    def encode(rows: np.ndarray) -> np.ndarray:
+        return load_encoder().encode(chunk_sentences(chunks.iloc[rows]), log)
+
     keys = np.array([stable_hash(h, SENTENCE_MODEL) for h in chunks["content_hash"]], dtype=object)
-    matrix = np.zeros((len(chunks), SENTENCE_DIM), dtype=np.float32)
+    return _cached_matrix(keys, SENTENCE_DIM, encode, cache, block_chunks)
+
+
+def _cached_matrix(
+    keys: np.ndarray,
+    width: int,
+    compute: Callable[[np.ndarray], np.ndarray],
+    cache: NlpCache,
+    block_chunks: int,
+) -> tuple[np.ndarray, Reuse]:
+    """One float32 row of `width` per key, block by block: cached rows read, the others made by
+    `compute` (given the positions of the chunks to make) and cached."""
+    matrix = np.zeros((len(keys), width), dtype=np.float32)
     computed = 0
-    lookup = functools.partial(cache.get_vectors, width=SENTENCE_DIM)
+    lookup = functools.partial(cache.get_vectors, width=width)
     for block in _cache_blocks(keys, block_chunks, lookup, cache):
         computed += block.misses
         if len(block.todo):
-            texts = chunk_sentences(chunks.iloc[block.start + block.todo])
-            items = list(zip(block.hashes[block.todo], load_encoder().encode(texts, log), strict=True))
+            items = list(zip(block.hashes[block.todo], compute(block.start + block.todo), strict=True))
             cache.put_vectors(items)
             block.known.update(items)
         end = block.start + len(block.hashes)
         matrix[block.start : end] = np.stack([block.known[h] for h in block.hashes])
-    return matrix, Reuse(computed, len(chunks) - computed)
+    return matrix, Reuse(computed, len(keys) - computed)
