@@ -135,3 +135,23 @@ def reranker(env: Mapping[str, str] = os.environ) -> str:
     if mode not in RERANKER_MODES:
         raise RagError(f"RAG_RERANKER={mode!r} is not one of {', '.join(RERANKER_MODES)}")
     return mode
+
+
+IN_PROCESS, MULTIPROCESS, CELERY = "in_process", "multiprocess", "celery"
+EXECUTORS = (IN_PROCESS, MULTIPROCESS, CELERY)
+
+
+def executor(env: Mapping[str, str] = os.environ) -> str:
+    """RAG_EXECUTOR: where a run's steps execute (docs/operations.md, Scaling out)."""
+    name = env.get("RAG_EXECUTOR") or IN_PROCESS
+    if name not in EXECUTORS:
+        raise RagError(f"RAG_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)}")
+    return name
+
+
+def celery_broker(env: Mapping[str, str] = os.environ) -> str:
+    """The Celery broker the celery executor sends steps to (the compose Redis)."""
+    url = env.get("DAGSTER_CELERY_BROKER_URL")
+    if not url:
+        raise RagError("RAG_EXECUTOR=celery needs DAGSTER_CELERY_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+    return url

@@ -172,6 +172,24 @@ class ValueStore:
         except (OSError, ValueError):
             return set()
 
+    def refuse(self, value: StoredValue, reason: str) -> None:
+        """Mark a value its blocking checks refused: no later step or run may build on it, even
+        though it stays the asset's newest output until a good one replaces it."""
+        _write_atomically(self._refusal_path(value), lambda out: out.write(reason.encode()))
+
+    def accept(self, value: StoredValue) -> None:
+        self._refusal_path(value).unlink(missing_ok=True)
+
+    def refusal(self, value: StoredValue) -> str | None:
+        """Why the value was refused, or None."""
+        try:
+            return self._refusal_path(value).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _refusal_path(self, value: StoredValue) -> Path:
+        return self.directory / value.step / f"{value.digest}.refused"
+
     def find(self, step: str, value_digest: str) -> StoredValue | None:
         pickled, facts_file = self._paths(step, value_digest)
         try:
@@ -220,8 +238,8 @@ class ValueStore:
             reverse=True,
         )
         for old in facts[KEEP_PER_STEP:]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".pkl").unlink(missing_ok=True)
+            for path in (old, old.with_suffix(".pkl"), old.with_suffix(".refused")):
+                path.unlink(missing_ok=True)
 
 
 def _dump_parts(value: Any, out: Any) -> None:

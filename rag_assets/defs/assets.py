@@ -1,10 +1,14 @@
-"""The asset graph: raw_documents -> chunks -> lemmas -> embeddings -> es_index.
+"""The asset graph: faq_source -> raw_documents -> chunks -> lemmas -> embeddings -> es_index.
 
-Each asset is a thin wrapper: the work happens in plain functions, the asset adds logging,
-timings and the metadata shown in the Dagster UI.
+One run builds it all. The four per-course assets fan their work out as steps over shards of
+courses (`courses.CourseSet.shards`) and join them again; the executor places the steps. The
+work happens in plain functions; the assets and ops add logging, timings and the metadata shown
+in the Dagster UI.
 """
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +19,9 @@ from pydantic import Field
 
 from rag_assets import quality
 from rag_assets.common.memory import peak_rss_mb
-from rag_assets.common.stored import StoredValue, StoredValueError, code_digest, digest
+from rag_assets.common.progress import Progress
+from rag_assets.common.stored import StoredValue, StoredValueError, ValueStore, code_digest, digest
+from rag_assets.defs.courses import CourseSet, Refusal
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -42,8 +48,6 @@ from rag_assets.nlp.sentence import SENTENCE_MODEL, sentence_encoder
 from rag_assets.settings import freshness_hours
 
 GROUP = "faq_index"
-# The unit of work: every course of the source is a partition of the per-course assets.
-COURSES = dg.DynamicPartitionsDefinition(name="course")
 PREVIEW_ROWS = 5
 # Known at load time without loading the model, so the UI flags the NLP assets as unsynced when
 # the model or the analysis rules change.
@@ -52,6 +56,7 @@ NLP_CODE_VERSION = model_fingerprint()
 SOURCE_CODE = code_digest(sources)
 CHUNKING_CODE = code_digest(chunking)
 NLP_CODE = code_digest(analysis, features, cache, sentence)
+RULES_CODE = code_digest(quality)  # a changed rule judges every value again
 LOGGED_EXAMPLES = 20
 _WARN_HOURS, _FAIL_HOURS = freshness_hours()
 # On the source and on what is served: a stale index shows as stale in the UI.
@@ -94,7 +99,7 @@ def faq_source(
     context: dg.AssetExecutionContext, refresh_lock: RefreshLockResource, source: DocumentSourceResource
 ) -> dg.MaterializeResult:
     """Every FAQ entry from DOCUMENTS_URL, whichever of the three source shapes it has, and the
-    courses it names: the partitions of the per-course assets.
+    courses it names.
 
     The source is read every time; it is parsed only when its bytes changed.
     """
@@ -140,26 +145,6 @@ def documents_value(loaded: LoadedDocuments) -> tuple[pd.DataFrame, dict[str, An
     }
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "pandas"}, partitions_def=COURSES)
-def raw_documents(
-    context: dg.AssetExecutionContext, refresh_lock: RefreshLockResource, faq_source: StoredValue
-) -> dg.MaterializeResult:
-    """The entries of one course, as the source has them now."""
-    started = time.perf_counter()
-    course = context.partition_key
-    known = faq_source.facts["courses"]
-    if course not in known:
-        raise dg.Failure(
-            description=f"course {course!r} is not in the source {faq_source.facts['source']} "
-            f"(it has: {', '.join(sorted(known)) or 'none'}); the next refresh removes it from the index",
-            allow_retries=False,
-        )
-    stored = refresh_lock.stored_values(course).find_or_make(
-        "raw_documents", digest(faq_source.digest, course), lambda: course_documents_value(faq_source, course)
-    )
-    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
-
-
 def course_documents_value(source: StoredValue, course: str) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read part by part: the whole source is never held to take one course out of it."""
     frame = pd.concat([part[part["course"] == course] for part in source.parts()], ignore_index=True)
@@ -170,31 +155,6 @@ def course_documents_value(source: StoredValue, course: str) -> tuple[pd.DataFra
         "source_value": source.digest,
         "preview": preview(frame, ["doc_id", "section", "question", "answer"]),
     }
-
-
-class ChunksConfig(dg.Config):
-    max_chars: int = Field(default=ChunkingConfig.max_chars, description="Longest answer window")
-    overlap_chars: int = Field(
-        default=ChunkingConfig.overlap_chars, description="Overlap between consecutive windows"
-    )
-
-
-@dg.asset(group_name=GROUP, kinds={"python", "pandas"}, partitions_def=COURSES)
-def chunks(
-    context: dg.AssetExecutionContext,
-    refresh_lock: RefreshLockResource,
-    config: ChunksConfig,
-    raw_documents: StoredValue,
-) -> dg.MaterializeResult:
-    """Searchable units: one per entry, long answers cut into overlapping windows."""
-    started = time.perf_counter()
-    chunking_config = ChunkingConfig(config.max_chars, config.overlap_chars)
-    stored = refresh_lock.stored_values(context.partition_key).find_or_make(
-        "chunks",
-        digest(CHUNKING_CODE, raw_documents.digest, chunking_config.max_chars, chunking_config.overlap_chars),
-        lambda: chunks_value(make_chunks(raw_documents.load(), chunking_config), chunking_config),
-    )
-    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
 
 
 def chunks_value(frame: pd.DataFrame, config: ChunkingConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -214,169 +174,434 @@ def chunks_value(frame: pd.DataFrame, config: ChunkingConfig) -> tuple[pd.DataFr
     }
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION, partitions_def=COURSES)
-def lemmas(
-    context: dg.AssetExecutionContext,
-    refresh_lock: RefreshLockResource,
-    nlp: NlpResource,
-    chunks: StoredValue,
-) -> dg.MaterializeResult:
-    """Stemmed lemmas of each searched field, without stop words, punctuation or spaces.
-
-    Only chunks whose content is not in the NLP cache are analysed; the model loads only then.
-    """
+def lemmas_value(
+    nlp: NlpResource, course: str, chunks: StoredValue, log: dg.DagsterLogManager
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Only chunks whose content is not in the NLP cache are analysed; the model loads only then."""
     started = time.perf_counter()
+    with contextlib.closing(nlp.cache(course, log.warning)) as nlp_cache:
+        frame, reuse = cached_lemmas(nlp.pipeline, chunks.load(), nlp_cache, nlp.settings(), log.info)
+        pruned = nlp_cache.prune()
+    return frame, {
+        "chunks": len(frame),
+        "computed": reuse.computed,
+        "reused": reuse.reused,
+        "cache_pruned": pruned,
+        "terms": sum(int(token_counts(frame[f"{f}_lemmas"]).sum()) for f in LEMMA_FIELDS),
+        "model_fingerprint": nlp.fingerprint(),
+        "computed_per_s": round(reuse.computed / max(time.perf_counter() - started, 1e-9), 1),
+        "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
+    }
 
-    def analyse() -> tuple[pd.DataFrame, dict[str, Any]]:
-        nlp_cache = nlp.cache(context.partition_key, context.log.warning)
-        frame, reuse = cached_lemmas(nlp.pipeline, chunks.load(), nlp_cache, nlp.settings(), context.log.info)
-        context.log.info(f"lemmas: {reuse.computed} chunks analysed, {reuse.reused} from the cache")
-        return frame, {
-            "chunks": len(frame),
-            "computed": reuse.computed,
-            "reused": reuse.reused,
-            "cache_pruned": nlp_cache.prune(),
-            "terms": sum(int(token_counts(frame[f"{f}_lemmas"]).sum()) for f in LEMMA_FIELDS),
-            "model_fingerprint": nlp.fingerprint(),
-            "computed_per_s": round(reuse.computed / max(time.perf_counter() - started, 1e-9), 1),
-            "preview": preview(frame, ["chunk_id", *(f"{f}_lemmas" for f in LEMMA_FIELDS)]),
+
+def embeddings_value(
+    nlp: NlpResource, course: str, values: dict[str, StoredValue], log: dg.DagsterLogManager
+) -> tuple[ChunkVectors, dict[str, Any]]:
+    """Word-vector means from the lemmas' content words; in the semantic mode also MiniLM vectors."""
+    lemma_frame = values["lemmas"].load(columns=["chunk_id", "content_hash", "vector_words"])
+    with contextlib.closing(nlp.cache(course, log.warning)) as nlp_cache:
+        vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp_cache)
+        if nlp.reranker == SEMANTIC:
+            vectors, sentence_facts = with_sentence_vectors(vectors, values["chunks"], nlp_cache, log)
+        else:
+            sentence_facts = {"sentence_vectors": "off (RAG_RERANKER is not semantic)"}
+    shown = pd.DataFrame(
+        {
+            "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
+            "content words": lemma_frame["vector_words"].head(PREVIEW_ROWS).to_numpy(),
+            "first components": [
+                " ".join(f"{x:+.3f}" for x in row[:4]) + " …" for row in vectors.matrix[:PREVIEW_ROWS]
+            ],
         }
-
-    stored = refresh_lock.stored_values(context.partition_key).find_or_make(
-        "lemmas", digest(NLP_CODE, nlp.fingerprint(), chunks.digest), analyse
     )
-    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
+    return vectors, {
+        "chunks": len(vectors.chunk_ids),
+        "computed": reuse.computed,
+        "reused": reuse.reused,
+        "dimensions": VECTOR_DIM,
+        "zero_vectors": int((~np.any(vectors.matrix, axis=1)).sum()),
+        **sentence_facts,
+        "preview": preview(shown, list(shown.columns)),
+    }
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION, partitions_def=COURSES)
-def embeddings(
-    context: dg.AssetExecutionContext,
+def with_sentence_vectors(
+    vectors: ChunkVectors, chunks: StoredValue, nlp_cache: cache.NlpCache, log: dg.DagsterLogManager
+) -> tuple[ChunkVectors, dict[str, Any]]:
+    """The chunks' MiniLM vectors (question and answer) beside their word-vector means."""
+    started = time.perf_counter()
+    chunk_frame = chunks.load(columns=["chunk_id", "content_hash", "question", "text"])
+    if list(chunk_frame["chunk_id"]) != vectors.chunk_ids:
+        raise dg.Failure(description="chunks and lemmas hold different chunk ids: materialize both")
+    sentences, made = cached_sentence_vectors(sentence_encoder, chunk_frame, nlp_cache, log.info)
+    took = time.perf_counter() - started
+    log.info(f"sentence vectors: {made.computed} computed in {took:.1f} s, {made.reused} cached")
+    facts = {
+        "sentence_vectors": SENTENCE_MODEL,
+        "sentence_computed": made.computed,
+        "sentence_s": round(took, 3),
+    }
+    return ChunkVectors(vectors.chunk_ids, vectors.matrix, sentences), facts
+
+
+def chunk_ids(chunks: StoredValue) -> list[str]:
+    """Only the ids column: the whole chunks value (1.2 GB at a million) is not needed for them."""
+    return list(chunks.load(columns=["chunk_id"])["chunk_id"])
+
+
+def judged(
+    store: ValueStore,
+    check: str,
+    inputs: list[StoredValue],
+    thresholds: tuple[object, ...],
+    rule: Callable[[], quality.Verdict],
+) -> quality.Verdict:
+    """`rule()`'s verdict, judged once per set of input values and thresholds and kept with them,
+    so a refresh that changed nothing loads nothing to judge."""
+
+    def judge() -> tuple[None, dict[str, object]]:
+        verdict = rule()
+        return None, {"problems": verdict.problems, "metadata": verdict.metadata}
+
+    stored = store.find_or_make(
+        f"check-{check}", digest(RULES_CODE, *(value.digest for value in inputs), *thresholds), judge
+    )
+    verdict = quality.Verdict(list(stored.facts["problems"]), dict(stored.facts["metadata"]))
+    verdict.metadata["judged"] = "earlier, of these same values" if stored.reused else "now"
+    return verdict
+
+
+def build_shard(
+    context: dg.OpExecutionContext,
+    shard: CourseSet,
+    step: str,
+    make: Callable[[str, dict[str, StoredValue]], StoredValue],
+    rule: Callable[[str, dict[str, StoredValue]], quality.Verdict] | None = None,
+) -> CourseSet:
+    """Each course of the shard: its value of `step`, then the step's rule on it; a course the
+    rule refuses goes no further (it stays as served), the others go on."""
+    progress = Progress(f"{step} ({context.op_handle})", len(shard.values), context.log.info)
+    check = f"{step}_well_formed"
+
+    def judge(course: str, value: StoredValue) -> Refusal | None:
+        if rule is None:
+            return None
+        verdict = rule(course, {**shard.values[course], step: value})
+        if verdict.passed:
+            return None
+        context.log.error(f"{check} refused course {course!r}: {verdict.description}")
+        return Refusal(step, check, verdict.description)
+
+    built = shard.build(step, make, judge, progress.update)
+    seconds = progress.close()
+    made = sum(not values[step].reused for values in built.values.values())
+    context.log.info(
+        f"{step}: {len(shard.values)} courses in {seconds:.2f} s ({made} made, "
+        f"{len(built.values) - made} reused, {len(built.refused)} refused)"
+    )
+    return built
+
+
+@dg.op(out={"shards": dg.DynamicOut(CourseSet), "courses": dg.Out(CourseSet)})
+def split_source(
+    context: dg.OpExecutionContext, refresh_lock: RefreshLockResource, faq_source: StoredValue
+) -> Iterator[dg.Output[CourseSet] | dg.DynamicOutput[CourseSet]]:
+    """The source's courses in shards; a source its blocking checks refused is never read."""
+    refusal = refresh_lock.stored_values().refusal(faq_source)
+    if refusal is not None:
+        raise dg.Failure(
+            description=f"the stored source {faq_source.digest} was refused ({refusal}); nothing is "
+            "built on it: run the whole refresh once the source (or the allowed drop) is right",
+            allow_retries=False,
+        )
+    courses = CourseSet(faq_source, {course: {} for course in faq_source.facts["courses"]})
+    yield from shards_of(context, courses)
+
+
+@dg.op(out={"shards": dg.DynamicOut(CourseSet), "courses": dg.Out(CourseSet)})
+def split_courses(
+    context: dg.OpExecutionContext, courses: CourseSet
+) -> Iterator[dg.Output[CourseSet] | dg.DynamicOutput[CourseSet]]:
+    """The courses still going, in shards of at most about 10,000 chunks: one step each."""
+    yield from shards_of(context, courses)
+
+
+def shards_of(
+    context: dg.OpExecutionContext, courses: CourseSet
+) -> Iterator[dg.Output[CourseSet] | dg.DynamicOutput[CourseSet]]:
+    shards = courses.shards()
+    context.log.info(f"{len(courses.values)} courses in {len(shards)} step(s)")
+    for number, shard in enumerate(shards):
+        yield dg.DynamicOutput(shard, mapping_key=f"shard_{number}", output_name="shards")
+    yield dg.Output(courses, output_name="courses")
+
+
+@dg.op
+def join_shards(
+    context: dg.OpExecutionContext, courses: CourseSet, shards: list[CourseSet]
+) -> dg.Output[CourseSet]:
+    """The asset's value: every course as its shard left it, with a per-course table."""
+    started = time.perf_counter()
+    step = context.asset_key.to_user_string()
+    joined = courses.joined(shards)
+    values = {course: step_values[step] for course, step_values in joined.values.items()}
+    refused_here = joined.refused_at(step)
+    return dg.Output(joined, metadata=course_metadata(step, joined, values, refused_here, started))
+
+
+def course_metadata(
+    step: str,
+    joined: CourseSet,
+    values: dict[str, StoredValue],
+    refused_here: dict[str, Refusal],
+    started: float,
+) -> dict[str, Any]:
+    """Totals over the courses, and a table of what each course's value is."""
+
+    def status(course: str) -> str:
+        if course in values:
+            return "reused" if values[course].reused else "made"
+        refusal = joined.refused[course]
+        where = "here" if course in refused_here else f"at {refusal.step}"
+        return f"refused {where}: {refusal.reason}"
+
+    table = pd.DataFrame(
+        {
+            "course": joined.courses,
+            "entries": [values[c].facts.get("entries", 0) if c in values else 0 for c in joined.courses],
+            "chunks": [values[c].facts.get("chunks", 0) if c in values else 0 for c in joined.courses],
+            "status": [status(c) for c in joined.courses],
+        }
+    )
+    totals: dict[str, int | float] = {}
+    for value in values.values():
+        facts = value.facts
+        counted = {"computed": 0, "reused": facts.get("chunks", 0)} if value.reused else facts
+        for key in ("entries", "chunks", "computed", "reused", "sentence_computed", "zero_vectors"):
+            if isinstance(counted.get(key), int | float):
+                totals[key] = totals.get(key, 0) + counted[key]
+    first = next(iter(values.values()), None)
+    return {
+        **totals,
+        "courses": len(joined.courses),
+        "courses_built": len(values),
+        "courses_refused": sorted(refused_here),
+        "courses_refused_before": sorted(set(joined.refused) - set(refused_here)),
+        "per_course": dg.MetadataValue.md(table.to_markdown(index=False)),
+        "preview": dg.MetadataValue.md(first.facts["preview"] if first else "no course"),
+        "value_digests": {course: value.digest for course, value in values.items()},
+        "values_made": sum(not value.reused for value in values.values()),
+        "join_s": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+@dg.op
+def raw_documents_of_shard(
+    context: dg.OpExecutionContext, refresh_lock: RefreshLockResource, shard: CourseSet
+) -> CourseSet:
+    source = shard.source
+
+    def make(course: str, values: dict[str, StoredValue]) -> StoredValue:
+        return refresh_lock.stored_values(course).find_or_make(
+            "raw_documents", digest(source.digest, course), lambda: course_documents_value(source, course)
+        )
+
+    return build_shard(context, shard, "raw_documents", make)
+
+
+class ChunksConfig(dg.Config):
+    max_chars: int = Field(default=ChunkingConfig.max_chars, description="Longest answer window")
+    overlap_chars: int = Field(
+        default=ChunkingConfig.overlap_chars, description="Overlap between consecutive windows"
+    )
+
+
+@dg.op
+def chunks_of_shard(
+    context: dg.OpExecutionContext, refresh_lock: RefreshLockResource, config: ChunksConfig, shard: CourseSet
+) -> CourseSet:
+    chunking_config = ChunkingConfig(config.max_chars, config.overlap_chars)
+
+    def make(course: str, values: dict[str, StoredValue]) -> StoredValue:
+        documents = values["raw_documents"]
+        return refresh_lock.stored_values(course).find_or_make(
+            "chunks",
+            digest(CHUNKING_CODE, documents.digest, chunking_config.max_chars, chunking_config.overlap_chars),
+            lambda: chunks_value(make_chunks(documents.load(), chunking_config), chunking_config),
+        )
+
+    def rule(course: str, values: dict[str, StoredValue]) -> quality.Verdict:
+        chunks = values["chunks"]
+        limit = chunks.facts["max_chars"]
+        return judged(
+            refresh_lock.stored_values(course),
+            "chunks_well_formed",
+            [chunks],
+            (),
+            lambda: quality.check_chunks(chunks.load(), limit),
+        )
+
+    return build_shard(context, shard, "chunks", make, rule)
+
+
+@dg.op
+def lemmas_of_shard(
+    context: dg.OpExecutionContext,
     refresh_lock: RefreshLockResource,
     nlp: NlpResource,
-    lemmas: StoredValue,
-    chunks: StoredValue,
-) -> dg.MaterializeResult:
+    quality_settings: QualityResource,
+    shard: CourseSet,
+) -> CourseSet:
+    def make(course: str, values: dict[str, StoredValue]) -> StoredValue:
+        chunks = values["chunks"]
+        return refresh_lock.stored_values(course).find_or_make(
+            "lemmas",
+            digest(NLP_CODE, nlp.fingerprint(), chunks.digest),
+            lambda: lemmas_value(nlp, course, chunks, context.log),
+        )
+
+    def rule(course: str, values: dict[str, StoredValue]) -> quality.Verdict:
+        lemmas, chunks = values["lemmas"], values["chunks"]
+        share = quality_settings.max_empty_lemma_share
+        return judged(
+            refresh_lock.stored_values(course),
+            "lemmas_well_formed",
+            [lemmas, chunks],
+            (share,),
+            lambda: quality.check_lemmas(lemmas.load(), chunk_ids(chunks), share),
+        )
+
+    return build_shard(context, shard, "lemmas", make, rule)
+
+
+@dg.op
+def embeddings_of_shard(
+    context: dg.OpExecutionContext,
+    refresh_lock: RefreshLockResource,
+    nlp: NlpResource,
+    quality_settings: QualityResource,
+    shard: CourseSet,
+) -> CourseSet:
+    def make(course: str, values: dict[str, StoredValue]) -> StoredValue:
+        return refresh_lock.stored_values(course).find_or_make(
+            "embeddings",
+            digest(NLP_CODE, *made_by(nlp.fingerprint(), nlp.reranker), values["lemmas"].digest),
+            lambda: embeddings_value(nlp, course, values, context.log),
+        )
+
+    def rule(course: str, values: dict[str, StoredValue]) -> quality.Verdict:
+        embeddings, chunks = values["embeddings"], values["chunks"]
+        share = quality_settings.max_zero_vector_share
+        return judged(
+            refresh_lock.stored_values(course),
+            "embeddings_well_formed",
+            [embeddings, chunks],
+            (share,),
+            lambda: quality.check_vectors(embeddings.load(), chunk_ids(chunks), share),
+        )
+
+    return build_shard(context, shard, "embeddings", make, rule)
+
+
+@dg.graph_asset(group_name=GROUP, kinds={"python", "pandas"})
+def raw_documents(faq_source: StoredValue) -> CourseSet:
+    """The entries of each course, as the source has them now."""
+    shards, courses = split_source(faq_source)
+    return join_shards(courses, shards.map(raw_documents_of_shard).collect())
+
+
+@dg.graph_asset(group_name=GROUP, kinds={"python", "pandas"})
+def chunks(raw_documents: CourseSet) -> CourseSet:
+    """Searchable units: one per entry, long answers cut into overlapping windows."""
+    shards, courses = split_courses(raw_documents)
+    return join_shards(courses, shards.map(chunks_of_shard).collect())
+
+
+@dg.graph_asset(group_name=GROUP, kinds={"python", "spacy"}, code_version=NLP_CODE_VERSION)
+def lemmas(chunks: CourseSet) -> CourseSet:
+    """Stemmed lemmas of each searched field, without stop words, punctuation or spaces; only
+    chunks whose content is not in the NLP cache are analysed."""
+    shards, courses = split_courses(chunks)
+    return join_shards(courses, shards.map(lemmas_of_shard).collect())
+
+
+@dg.graph_asset(group_name=GROUP, kinds={"python", "numpy"}, code_version=NLP_CODE_VERSION)
+def embeddings(lemmas: CourseSet) -> CourseSet:
     """A unit-length word-vector mean per chunk, from the content words found by `lemmas`; with
     RAG_RERANKER=semantic also each chunk's MiniLM sentence vector (question and answer)."""
-    started = time.perf_counter()
-    semantic = nlp.reranker == SEMANTIC
-
-    def embed() -> tuple[ChunkVectors, dict[str, Any]]:
-        lemma_frame = lemmas.load(columns=["chunk_id", "content_hash", "vector_words"])
-        nlp_cache = nlp.cache(context.partition_key, context.log.warning)
-        vectors, reuse = cached_vectors(nlp.pipeline, lemma_frame, nlp_cache)
-        sentence_facts: dict[str, Any] = {"sentence_vectors": "off (RAG_RERANKER is not semantic)"}
-        if semantic:
-            sentence_started = time.perf_counter()
-            chunk_frame = chunks.load(columns=["chunk_id", "content_hash", "question", "text"])
-            if list(chunk_frame["chunk_id"]) != vectors.chunk_ids:
-                raise dg.Failure(description="chunks and lemmas hold different chunk ids: materialize both")
-            log = context.log.info
-            sentences, made = cached_sentence_vectors(sentence_encoder, chunk_frame, nlp_cache, log)
-            vectors = ChunkVectors(vectors.chunk_ids, vectors.matrix, sentences)
-            took = time.perf_counter() - sentence_started
-            log(f"sentence vectors: {made.computed} computed in {took:.1f} s, {made.reused} cached")
-            sentence_facts = {
-                "sentence_vectors": SENTENCE_MODEL,
-                "sentence_computed": made.computed,
-                "sentence_s": round(took, 3),
-            }
-        shown = pd.DataFrame(
-            {
-                "chunk_id": vectors.chunk_ids[:PREVIEW_ROWS],
-                "content words": lemma_frame["vector_words"].head(PREVIEW_ROWS).to_numpy(),
-                "first components": [
-                    " ".join(f"{x:+.3f}" for x in row[:4]) + " …" for row in vectors.matrix[:PREVIEW_ROWS]
-                ],
-            }
-        )
-        return vectors, {
-            "chunks": len(vectors.chunk_ids),
-            "computed": reuse.computed,
-            "reused": reuse.reused,
-            "dimensions": VECTOR_DIM,
-            "zero_vectors": int((~np.any(vectors.matrix, axis=1)).sum()),
-            **sentence_facts,
-            "preview": preview(shown, list(shown.columns)),
-        }
-
-    stored = refresh_lock.stored_values(context.partition_key).find_or_make(
-        "embeddings", digest(NLP_CODE, *made_by(nlp.fingerprint(), nlp.reranker), lemmas.digest), embed
-    )
-    return dg.MaterializeResult(value=stored, metadata=value_metadata(stored, started))
+    shards, courses = split_courses(lemmas)
+    return join_shards(courses, shards.map(embeddings_of_shard).collect())
 
 
-class PublishConfig(dg.Config):
-    courses: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description="Per course, the digests of the chunks, lemmas and embeddings values its last "
-        "successful run made (the publish sensor fills it in); the other courses stay as served",
-    )
-
-
-@dg.asset(
-    group_name=GROUP,
-    kinds={"sqlite", "elasticsearch"},
-    freshness_policy=FRESHNESS,
-    deps=[chunks, lemmas, embeddings],
-)
+@dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"}, freshness_policy=FRESHNESS)
 def es_index(
     context: dg.AssetExecutionContext,
-    config: PublishConfig,
     refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     nlp: NlpResource,
     quality_settings: QualityResource,
+    embeddings: CourseSet,
 ) -> dg.MaterializeResult:
-    """The served search index: every current course, published all at once, and only if the new
-    version answers the probe questions (and the ground truth) no worse than the live one.
+    """The served search index: every course of the source, published all at once, and only if
+    the new version answers the probe questions (and the ground truth) no worse than the live one.
 
-    A course takes the values of its last successful run (`config.courses`), else the ones it is
-    served from: a course whose run failed stays as served, and holds no other course back. A
-    course no longer in the source is removed. An index published from this very content is
-    confirmed without being read or rewritten.
+    A course whose values a rule refused stays as served and holds no other course back; a
+    course no longer in the source is removed (the source's guard allowed it). An index published
+    from this very content is confirmed without being read or rewritten.
     """
     started = time.perf_counter()
     backend = search_index.backend(context.log.info)  # progress of long publishes
-    current = set(context.instance.get_dynamic_partitions(COURSES.name))
-    with refresh_lock.publishing(context.run.run_id):
-        served = backend.served_sources()
-        wanted = {c: d for c, d in {**served, **config.courses}.items() if c in current}
+    current = set(embeddings.courses)
+    served = backend.served_sources()
+    built = {
+        course: CourseValues(values["chunks"], values["lemmas"], values["embeddings"])
+        for course, values in embeddings.values.items()
+    }
+    try:
+        kept = {
+            course: course_values(refresh_lock, course, served[course])
+            for course in embeddings.refused
+            if course in served
+        }
+    except StoredValueError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    courses = dict(sorted({**kept, **built}.items()))
+    content_digest = IndexContent.courses_digest(courses, nlp.reranker)
+    report = backend.confirm(content_digest)
+    confirmed = report is not None
+    if report is not None:
+        context.log.info(f"{report.location} was published from this same content: confirmed as current")
+    else:
+        content = IndexContent.of_courses(courses, nlp.fingerprint(), nlp.reranker)
+        # the model loads only to judge
+        gate = quality_settings.gate(nlp.pipeline, content.chunks.parts(), nlp.reranker)
         try:
-            courses = {course: course_values(refresh_lock, course, d) for course, d in wanted.items()}
-        except StoredValueError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
-        content_digest = IndexContent.courses_digest(courses, nlp.reranker)
-        report = backend.confirm(content_digest)
-        confirmed = report is not None
-        if report is not None:
-            context.log.info(f"{report.location} was published from this same content: confirmed as current")
-        else:
-            content = IndexContent.of_courses(courses, nlp.fingerprint(), nlp.reranker)
-            # the model loads only to judge
-            gate = quality_settings.gate(nlp.pipeline, content.chunks.parts(), nlp.reranker)
-            try:
-                report = backend.publish(content, gate)
-            except PublishError as exc:
-                raise dg.Failure(
-                    description=str(exc), metadata=_gate_metadata(exc), allow_retries=False
-                ) from exc
-            context.log.info(
-                f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
-                f"{report.deleted} deleted, {report.unchanged} unchanged"
-            )
-        refresh_lock.stored_values().keep_served(d for values in courses.values() for d in values.digests())
+            report = backend.publish(content, gate)
+        except PublishError as exc:
+            raise dg.Failure(description=str(exc), metadata=_gate_metadata(exc), allow_retries=False) from exc
+        context.log.info(
+            f"published {report.chunks} chunks to {report.location}: {report.upserted} written, "
+            f"{report.deleted} deleted, {report.unchanged} unchanged"
+        )
+    refresh_lock.stored_values().keep_served(d for values in courses.values() for d in values.digests())
     for warning in report.warnings:
         context.log.warning(warning)
     removed = sorted(set(served) - current)
     if removed:
         context.log.warning(f"courses no longer in the source, removed from the index: {', '.join(removed)}")
+    for course, refusal in embeddings.refused.items():
+        kept_as = "kept as served" if course in kept else "not served (never published)"
+        context.log.warning(f"course {course!r} {kept_as}: {refusal.check} refused it: {refusal.reason}")
     stats = backend.stats()
     table = pd.DataFrame(
         {
-            "course": sorted(courses),
-            "entries": [stats.courses.get(c, 0) for c in sorted(courses)],
-            "values": ["this refresh" if c in config.courses else "as served" for c in sorted(courses)],
+            "course": sorted(current | set(courses)),
+            "entries": [stats.courses.get(c, 0) for c in sorted(current | set(courses))],
+            "values": [
+                "this refresh" if c in built else "as served" if c in kept else "not served"
+                for c in sorted(current | set(courses))
+            ],
         }
     )
     return dg.MaterializeResult(
@@ -385,16 +610,18 @@ def es_index(
             "published_at": stats.published_at or "",
             "confirmed_at": stats.confirmed_at or "",
             "preview": dg.MetadataValue.md(preview(table, list(table.columns))),
+            "per_course": dg.MetadataValue.md(table.to_markdown(index=False)),
             "backend": backend.kind,
             "reranker": nlp.reranker,
             "location": report.location,
             "entries": stats.entries,
             "chunks": stats.chunks,
             "courses": stats.courses,
-            "courses_refreshed": sorted(set(config.courses) & current),
-            "courses_as_served": sorted(set(courses) - set(config.courses)),
+            "courses_refreshed": sorted(built),
+            "courses_as_served": sorted(kept),
             "courses_removed": removed,
-            "courses_not_built": sorted(current - set(courses)),
+            "courses_not_built": sorted(set(embeddings.refused) - set(kept)),
+            "refusals": {course: f"{r.check}: {r.reason}" for course, r in embeddings.refused.items()},
             "upserted": report.upserted,
             "deleted": report.deleted,
             "unchanged": report.unchanged,
@@ -416,7 +643,7 @@ def course_values(refresh_lock: RefreshLockResource, course: str, digests: list[
     if any(value is None for value in found):
         raise StoredValueError(
             f"the stored values of course {course!r} ({', '.join(digests)}) are no longer kept; "
-            "run the refresh of that course again"
+            "run the whole refresh again"
         )
     return CourseValues(*found)
 

@@ -1,21 +1,20 @@
-"""Asset checks: the rules of `quality.py` in Dagster. The checks up to `embeddings` are blocking,
-so bad data stops the run before its values can be published: a bad source stops the refresh
-before any course runs, a bad course stops that course's run, and the publish takes only the
-values of successful course runs. The `es_index` checks verify what is served. Each check holds
-the data directory's lock like the assets (`refresh_lock`).
+"""Asset checks: the rules of `quality.py` in Dagster.
 
-A rule over stored values alone gives the same verdict for the same values (their digests) and
-thresholds, so it is kept with them and reused: a refresh that changed nothing loads nothing.
+The source's checks are blocking: a bad source stops the refresh before any course is built, and
+a source they refused is marked so that no later step or run reads it. The per-course rules
+(chunks, lemmas, embeddings) judge each course inside the steps that make its values, so a
+course they refuse goes no further while the others do; their checks here report those verdicts:
+a warning when some courses were refused, an error (blocking the publish) when every course was.
+The `es_index` checks verify what is served.
 """
-
-from collections.abc import Callable
 
 import dagster as dg
 import pandas as pd
 
 from rag_assets import quality
-from rag_assets.common.stored import StoredValue, code_digest, digest
+from rag_assets.common.stored import StoredValue
 from rag_assets.defs import assets
+from rag_assets.defs.courses import CourseSet
 from rag_assets.defs.resources import (
     NlpResource,
     QualityResource,
@@ -27,8 +26,6 @@ from rag_assets.evaluation import GroundTruth, read_ground_truth
 from rag_assets.index.backend import IndexDamagedError, IndexNotFoundError, SearchBackend
 from rag_assets.retrieval import Retriever
 
-CHUNKS = {"chunks": dg.AssetIn(key="chunks")}
-RULES_CODE = code_digest(quality)  # a changed rule judges every value again
 Context = dg.AssetCheckExecutionContext
 
 
@@ -41,26 +38,15 @@ def result(context: Context, verdict: quality.Verdict) -> dg.AssetCheckResult:
     )
 
 
-def memoized(
-    context: Context,
-    refresh_lock: RefreshLockResource,
-    inputs: list[StoredValue],
-    thresholds: tuple[object, ...],
-    rule: Callable[[], quality.Verdict],
+def source_result(
+    context: Context, refresh_lock: RefreshLockResource, faq_source: StoredValue, verdict: quality.Verdict
 ) -> dg.AssetCheckResult:
-    """`rule()`'s verdict, judged once per set of input values and thresholds."""
-    name = context.check_specs[0].key.name
-
-    def judge() -> tuple[None, dict[str, object]]:
-        verdict = rule()
-        return None, {"problems": verdict.problems, "metadata": verdict.metadata}
-
-    course = context.partition_key if context.has_partition_key else None
-    stored = refresh_lock.stored_values(course).find_or_make(
-        f"check-{name}", digest(RULES_CODE, *(value.digest for value in inputs), *thresholds), judge
-    )
-    verdict = quality.Verdict(list(stored.facts["problems"]), dict(stored.facts["metadata"]))
-    verdict.metadata["judged"] = "earlier, of these same values" if stored.reused else "now"
+    """A source check's result; a refused source value is marked so nothing is ever built on it."""
+    store = refresh_lock.stored_values()
+    if verdict.passed:
+        store.accept(faq_source)
+    else:
+        store.refuse(faq_source, f"{context.check_specs[0].key.name}: {verdict.description}")
     return result(context, verdict)
 
 
@@ -69,14 +55,20 @@ def faq_source_well_formed(
     context: Context, refresh_lock: RefreshLockResource, faq_source: StoredValue
 ) -> dg.AssetCheckResult:
     """Entries exist, have every field, and their doc ids are unique."""
-    return memoized(
-        context, refresh_lock, [faq_source], (), lambda: quality.check_documents(faq_source.load())
+    verdict = assets.judged(
+        refresh_lock.stored_values(),
+        "faq_source_well_formed",
+        [faq_source],
+        (),
+        lambda: quality.check_documents(faq_source.load()),
     )
+    return source_result(context, refresh_lock, faq_source, verdict)
 
 
 @dg.asset_check(asset=assets.faq_source, blocking=True)
 def faq_source_count_guard(
     context: Context,
+    refresh_lock: RefreshLockResource,
     search_index: SearchIndexResource,
     quality_settings: QualityResource,
     faq_source: StoredValue,
@@ -104,59 +96,44 @@ def faq_source_count_guard(
         quality_settings.max_course_entry_drop,
         why_none,
     )
-    return result(context, verdict)
+    return source_result(context, refresh_lock, faq_source, verdict)
 
 
-def chunk_ids(chunks: StoredValue) -> list[str]:
-    """Only the ids column: the whole chunks value (1.2 GB at a million) is not needed for them."""
-    return list(chunks.load(columns=["chunk_id"])["chunk_id"])
-
-
-@dg.asset_check(asset=assets.chunks, blocking=True, partitions_def=assets.COURSES)
-def chunks_well_formed(
-    context: Context, refresh_lock: RefreshLockResource, chunks: StoredValue
-) -> dg.AssetCheckResult:
-    """Chunk ids unique, texts present and no longer than the window they were cut with."""
-    limit = chunks.facts["max_chars"]
-    return memoized(context, refresh_lock, [chunks], (), lambda: quality.check_chunks(chunks.load(), limit))
-
-
-@dg.asset_check(asset=assets.lemmas, blocking=True, additional_ins=CHUNKS, partitions_def=assets.COURSES)
-def lemmas_well_formed(
-    context: Context,
-    refresh_lock: RefreshLockResource,
-    quality_settings: QualityResource,
-    lemmas: StoredValue,
-    chunks: StoredValue,
-) -> dg.AssetCheckResult:
-    """One lemma row per chunk, and few chunks without any lemma."""
-    share = quality_settings.max_empty_lemma_share
-    return memoized(
-        context,
-        refresh_lock,
-        [lemmas, chunks],
-        (share,),
-        lambda: quality.check_lemmas(lemmas.load(), chunk_ids(chunks), share),
+def course_rule_result(context: Context, courses: CourseSet, step: str) -> dg.AssetCheckResult:
+    """The verdicts the step's rule gave each course as the step made its values."""
+    refused = courses.refused_at(step)
+    metadata = {"courses_judged": len(courses.values) + len(refused), "courses_refused": sorted(refused)}
+    if not refused:
+        return dg.AssetCheckResult(passed=True, metadata=metadata)
+    description = "; ".join(f"course {c!r}: {r.reason}" for c, r in refused.items())
+    if courses.values:
+        description += f" (refused, kept as served; {len(courses.values)} other courses go on)"
+    context.log.error(f"{context.check_specs[0].key.name} failed: {description}")
+    return dg.AssetCheckResult(
+        passed=False,
+        # a warning lets the other courses go on to the publish; refusing every course blocks it
+        severity=dg.AssetCheckSeverity.WARN if courses.values else dg.AssetCheckSeverity.ERROR,
+        description=description,
+        metadata=metadata,
     )
 
 
-@dg.asset_check(asset=assets.embeddings, blocking=True, additional_ins=CHUNKS, partitions_def=assets.COURSES)
-def embeddings_well_formed(
-    context: Context,
-    refresh_lock: RefreshLockResource,
-    quality_settings: QualityResource,
-    embeddings: StoredValue,
-    chunks: StoredValue,
-) -> dg.AssetCheckResult:
-    """300 dimensions, unit length, no NaN, a bounded share of zero vectors."""
-    share = quality_settings.max_zero_vector_share
-    return memoized(
-        context,
-        refresh_lock,
-        [embeddings, chunks],
-        (share,),
-        lambda: quality.check_vectors(embeddings.load(), chunk_ids(chunks), share),
-    )
+@dg.asset_check(asset=assets.chunks, blocking=True)
+def chunks_well_formed(context: Context, chunks: CourseSet) -> dg.AssetCheckResult:
+    """Per course: chunk ids unique, texts present and no longer than the window they were cut with."""
+    return course_rule_result(context, chunks, "chunks")
+
+
+@dg.asset_check(asset=assets.lemmas, blocking=True)
+def lemmas_well_formed(context: Context, lemmas: CourseSet) -> dg.AssetCheckResult:
+    """Per course: one lemma row per chunk, and few chunks without any lemma."""
+    return course_rule_result(context, lemmas, "lemmas")
+
+
+@dg.asset_check(asset=assets.embeddings, blocking=True)
+def embeddings_well_formed(context: Context, embeddings: CourseSet) -> dg.AssetCheckResult:
+    """Per course: 300 dimensions, unit length, no NaN, a bounded share of zero vectors."""
+    return course_rule_result(context, embeddings, "embeddings")
 
 
 def served_chunks(refresh_lock: RefreshLockResource, backend: SearchBackend) -> list[StoredValue]:

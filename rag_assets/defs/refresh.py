@@ -1,90 +1,61 @@
-"""`make run`: a whole refresh in this process (or with course workers), as the daemon runs it:
-the source run, one run per course, then one publish; it ends with a summary a user can read.
+"""`make run`: a whole refresh in this process, the run the daemon starts, ending with a summary a
+user can read.
 
-The jobs, not an ad-hoc asset selection, so the same limits hold however the graph is started.
+The job, not an ad-hoc asset selection, so the same limits hold however the graph is started.
 Dagster's DEBUG events stay out of the console; the last lines say what was published where, or
-why nothing was and what is still served. With `RAG_COURSE_WORKERS` above 1 (and a persistent
-instance, DAGSTER_HOME), that many processes run the course runs side by side, each loading
-spaCy once for all the courses it runs.
+why nothing was and what is still served.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
-import multiprocessing
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dagster as dg
 
 from rag_assets import settings
 from rag_assets.common.errors import RagError
 from rag_assets.definitions import load_definitions
-from rag_assets.defs.automation import (
-    COURSE_JOB_NAME,
-    JOB_NAME,
-    PUBLISH_JOB_NAME,
-    REFRESH_TAG,
-    course_run_digests,
-    publish_run_config,
-    source_courses,
-    sync_courses,
-)
-from rag_assets.defs.resources import environment_resources
+from rag_assets.defs.automation import JOB_NAME
 
 CONSOLE_AT_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """One run of a refresh, as its summary tells it."""
+    """A refresh's run, as its summary tells it."""
 
-    name: str  # the job, or the course of a course run
     run_id: str
     success: bool
-    problems: tuple[str, ...] = ()  # the failed blocking checks and steps, in the user's words
+    problems: tuple[str, ...] = ()  # the failed checks and steps, in the user's words
 
 
-@dataclass
-class Refresh:
-    """The runs of one refresh: the source's, the courses', the publish's (None: not reached)."""
-
-    source: RunOutcome
-    courses: list[RunOutcome] = field(default_factory=list)
-    publish: RunOutcome | None = None
-
-    @property
-    def success(self) -> bool:
-        """Everything refreshed and published: no course run failed, the publish succeeded."""
-        return self.publish is not None and self.publish.success and all(c.success for c in self.courses)
-
-    @property
-    def runs(self) -> list[RunOutcome]:
-        return [self.source, *self.courses, *([self.publish] if self.publish else [])]
-
-
-def outcome(name: str, result: dg.ExecuteInProcessResult) -> RunOutcome:
+def outcome(result: dg.ExecuteInProcessResult) -> RunOutcome:
     problems = [
-        f"blocked by {evaluation.check_name}: {evaluation.description}"
+        f"{'blocked by ' if evaluation.severity == dg.AssetCheckSeverity.ERROR else ''}"
+        f"{evaluation.check_name}: {evaluation.description}"
         for evaluation in result.get_asset_check_evaluations()
-        if not evaluation.passed and evaluation.blocking
+        if not evaluation.passed
     ]
     problems += [
-        f"{event.step_key} failed: {_failure_message(event)}"
+        f"{event.step_key} failed: {_failure_message(event.step_failure_data.error)}"
         for event in result.get_step_failure_events()
         # a failed blocking check stops its step too; the check's own line says why
         if event.step_failure_data.error.cls_name != "DagsterAssetCheckFailedError"
     ]
-    return RunOutcome(name, result.run_id, result.success, tuple(problems))
+    problems += [
+        f"the run failed: {_failure_message(event.event_specific_data.error)}"
+        for event in result.all_events
+        if event.event_type == dg.DagsterEventType.RUN_FAILURE and event.event_specific_data.error
+    ]
+    return RunOutcome(result.run_id, result.success and not problems, tuple(problems))
 
 
-def _failure_message(event: dg.DagsterEvent) -> str:
-    error = event.step_failure_data.error
+def _failure_message(error: dg.SerializableErrorInfo | None) -> str:
+    """The project's own words behind Dagster's wrapping errors (a Failure's description)."""
     while error is not None and error.cause is not None and "Failure" not in error.cls_name:
         error = error.cause
     return (
@@ -94,82 +65,38 @@ def _failure_message(event: dg.DagsterEvent) -> str:
     )
 
 
-def run_course(
-    course: str,
-    source_run: str,
-    instance: dg.DagsterInstance | None = None,
-    definitions: dg.Definitions | None = None,
-) -> RunOutcome:
-    """One course run in this process, on the instance given (a worker: that of DAGSTER_HOME)."""
-    job = (definitions or load_definitions()).resolve_job_def(COURSE_JOB_NAME)
-    result = job.execute_in_process(
-        instance=instance or dg.DagsterInstance.get(),
-        partition_key=course,
-        run_config=CONSOLE_AT_INFO,
-        tags={REFRESH_TAG: source_run},
-        raise_on_error=False,
+def refresh(instance: dg.DagsterInstance, definitions: dg.Definitions) -> RunOutcome:
+    """The refresh job, one run, in this process."""
+    result = definitions.resolve_job_def(JOB_NAME).execute_in_process(
+        instance=instance, run_config=CONSOLE_AT_INFO, raise_on_error=False
     )
-    return outcome(course, result)
+    return outcome(result)
 
 
-def refresh(instance: dg.DagsterInstance, definitions: dg.Definitions, workers: int = 1) -> Refresh:
-    """The source run, its courses' runs (`workers` at a time), the publish."""
-    if workers > 1 and instance.is_ephemeral:
-        raise RagError("course workers need a persistent Dagster instance: set DAGSTER_HOME")
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if workers > 1:  # started first: the workers import and load spaCy while the source is read
-            context = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(
-                ProcessPoolExecutor(workers, mp_context=context, initializer=_load_model)
-            )
-        source = definitions.resolve_job_def(JOB_NAME).execute_in_process(
-            instance=instance, run_config=CONSOLE_AT_INFO, raise_on_error=False
-        )
-        done = Refresh(outcome(JOB_NAME, source))
-        if not source.success:
-            return done
-        courses = source_courses(instance, source.run_id)
-        sync_courses(instance, courses)
-        if pool is not None:
-            done.courses = list(pool.map(run_course, courses, itertools.repeat(source.run_id)))
-        else:
-            done.courses = [run_course(course, source.run_id, instance, definitions) for course in courses]
-    approved = course_run_digests(instance, [run.run_id for run in done.courses if run.success])
-    publish = definitions.resolve_job_def(PUBLISH_JOB_NAME).execute_in_process(
-        instance=instance,
-        run_config={**publish_run_config(approved).to_config_dict(), **CONSOLE_AT_INFO},
-        raise_on_error=False,
-    )
-    done.publish = outcome(PUBLISH_JOB_NAME, publish)
-    return done
-
-
-def _load_model() -> None:
-    """A course worker loads the model once, before its first course run needs it."""
-    environment_resources()["nlp"].pipeline()
-
-
-def summary(done: Refresh, instance: dg.DagsterInstance) -> list[str]:
+def summary(done: RunOutcome, instance: dg.DagsterInstance) -> list[str]:
     """What the refresh did, then what is served now."""
     lines = []
-    for run in done.runs:
-        if not run.success:
-            lines += [f"run {run.run_id} ({run.name}) did not succeed:", *(f"  {p}" for p in run.problems)]
-    published = done.publish is not None and done.publish.success
-    if published:
-        [event] = instance.get_records_for_run(
-            done.publish.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
-        ).records
-        meta = {key: value.value for key, value in event.asset_materialization.metadata.items()}
+    if done.problems:
+        lines += [f"run {done.run_id} did not do everything:", *(f"  {p}" for p in done.problems)]
+    published = instance.get_records_for_run(done.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    meta = next(
+        (
+            {key: value.value for key, value in record.asset_materialization.metadata.items()}
+            for record in published.records
+            if record.asset_materialization
+            and record.asset_materialization.asset_key.to_user_string() == "es_index"
+        ),
+        None,
+    )
+    if meta is not None:
         lines.append(
             f"published {meta['entries']} entries ({meta['chunks']} chunks) of {len(meta['courses'])} "
             f"courses to {meta['location']}: {meta['upserted']} written, {meta['deleted']} deleted, "
             f"{meta['unchanged']} unchanged"
         )
         if meta["courses_as_served"]:
-            lines.append(f"kept as served (their runs failed): {', '.join(meta['courses_as_served'])}")
-    return [*lines, served_line(published_now=published)]
+            lines.append(f"kept as served (refused by a check): {', '.join(meta['courses_as_served'])}")
+    return [*lines, served_line(published_now=meta is not None)]
 
 
 def served_line(published_now: bool) -> str:
@@ -194,13 +121,7 @@ def configuration_error(exc: BaseException | None) -> RagError | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=settings.number(os.environ, "RAG_COURSE_WORKERS", 1),
-        help="course runs side by side, each in its own process (RAG_COURSE_WORKERS; default 1)",
-    )
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     try:
         definitions = load_definitions()
     except Exception as exc:  # Dagster wraps a bad setting in its own errors: name the setting
@@ -210,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"refresh: error: {problem}; nothing was run, the served index is unchanged", file=sys.stderr)
         return 2
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    done = refresh(instance, definitions, args.workers)
+    done = refresh(instance, definitions)
     for line in summary(done, instance):
         print(f"refresh: {line}")
     return 0 if done.success else 1

@@ -14,7 +14,7 @@ from pydantic import Field
 from spacy.language import Language
 
 from rag_assets import settings
-from rag_assets.common.lock import LOCK_FILENAME, DirectoryBusyError, DirectoryLock
+from rag_assets.common.lock import DirectoryBusyError, DirectoryLock
 from rag_assets.common.stored import ValueStore, course_folder
 from rag_assets.evaluation import read_ground_truth
 from rag_assets.index.backend import SearchBackend
@@ -38,10 +38,6 @@ from rag_assets.nlp.analysis import (
 )
 from rag_assets.nlp.cache import NlpCache
 from rag_assets.quality import RetrievalGate, smoke_probes
-
-PARTITION_TAG = "dagster/partition"  # what every run of one course carries, whatever its job
-
-PUBLISH_LOCK_FILENAME = "publish.lock"
 
 
 class DocumentSourceResource(dg.ConfigurableResource):
@@ -145,53 +141,43 @@ class SearchIndexResource(dg.ConfigurableResource):
 
 
 class RefreshLockResource(dg.ConfigurableResource):
-    """Holds the data directory for one course (or, in a run of no course, for the source) for
-    the whole run, so two refreshes never mix their data; and serialises the publishes.
+    """Holds the data directory for the whole run, so two refreshes never mix their data.
 
     Runs launched through the daemon could be serialised by the run queue, but `dagster asset
     materialize`, `dagster job execute` and `make run` execute in process and bypass it; a lock
     taken when the run's resources are set up covers every entry point. With the in-process
-    executor that is once per run, before the first step, released after the last. Runs of
-    different courses take different locks and run side by side.
+    executor that is once per run, before the first step, released after the last. With steps in
+    other processes (multiprocess, Celery), each step takes it as the owner run's, and the run's
+    claim stays between its steps (`steps_elsewhere`).
     """
 
     data_dir: str = Field(default=".rag", description="The data directory to hold (RAG_DATA_DIR)")
-    publish_wait_s: float = Field(
-        default=3600.0, description="Longest wait for another run's publish to finish"
+    steps_elsewhere: bool = Field(
+        default=False, description="Steps run in other processes: keep the run's claim between them"
     )
 
     @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[RefreshLockResource]:
-        course = context.run.tags.get(PARTITION_TAG) if context.run else None
-        lock = DirectoryLock(
-            self.data_dir, f"refresh-{course_folder(course)}.lock" if course else LOCK_FILENAME
-        )
+        lock = DirectoryLock(self.data_dir)
+        instance = context.instance
+
+        def under_way(run_id: str) -> bool | None:
+            run = instance.get_run_by_id(run_id) if instance is not None else None
+            return None if run is None else not run.is_finished
+
         try:
-            lock.acquire(holder=context.run.run_id if context.run else "(no run)")
+            lock.acquire(context.run_id or "(no run)", under_way)
         except DirectoryBusyError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
         try:
             yield self
         finally:
-            lock.release()
+            lock.release(keep_claim=self.steps_elsewhere)
 
     def stored_values(self, course: str | None = None) -> ValueStore:
         """The steps' outputs, kept in the data directory this lock holds (a course's in its own)."""
         store = ValueStore(Path(self.data_dir) / "values")
         return store if course is None else store.for_course(course)
-
-    @contextmanager
-    def publishing(self, holder: str) -> Iterator[None]:
-        """One publish at a time: the next waits for the one before to finish."""
-        lock = DirectoryLock(self.data_dir, PUBLISH_LOCK_FILENAME, purpose="published")
-        try:
-            lock.acquire(holder, wait_s=self.publish_wait_s)
-        except DirectoryBusyError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
-        try:
-            yield
-        finally:
-            lock.release()
 
 
 class QualityResource(dg.ConfigurableResource):
@@ -259,7 +245,9 @@ def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]
         "search_index": SearchIndexResource(data_dir=str(directory), elasticsearch=cluster),
         "quality_settings": QualityResource(**settings.present(env, settings.QUALITY_SETTINGS)),
         "io_manager": dg.FilesystemIOManager(base_dir=str(directory / "assets")),
-        "refresh_lock": RefreshLockResource(data_dir=str(directory)),
+        "refresh_lock": RefreshLockResource(
+            data_dir=str(directory), steps_elsewhere=settings.executor(env) != settings.IN_PROCESS
+        ),
     }
 
 
