@@ -1,4 +1,5 @@
-# One image for the Dagster webserver, the daemon and the runs they launch.
+# One image for the Dagster webserver, the daemon (and the runs it starts), the Celery workers (the
+# runs' steps) and the search service.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

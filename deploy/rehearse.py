@@ -1,12 +1,16 @@
 """The deployment rehearsal (`make rehearse`): the docker-compose deployment without the containers.
 
-It starts PostgreSQL, Redis, two Celery run workers, `dagster-daemon` and `dagster-webserver` on
-127.0.0.1 with the deployment's
-own instance configuration (deploy/dagster.yaml, byte for byte) and the environment variables
-docker-compose sets, serves the FAQ from a local HTTP server, and then only watches: every
-observation comes from the webserver's GraphQL API, the files of the served index and a headless
-Chromium, never from calling the project's code. It exits 0 only when every observation held,
-and stops everything it started, by process id, whatever happened.
+It starts PostgreSQL, Redis, two Celery step workers, `dagster-daemon` and `dagster-webserver` on
+127.0.0.1 with the deployment's own instance configuration (deploy/dagster.yaml, byte for byte)
+and the environment variables docker-compose sets, serves the FAQ from a local HTTP server, and
+then only watches: every observation comes from the webserver's GraphQL API, the files of the
+served index and the workers' logs, and a headless Chromium, never from calling the project's
+code. It exits 0 only when every observation held, and stops everything it started, by process
+id, whatever happened.
+
+The source it serves is the FAQ with copies of its courses added (`<course>-copy-NN`, answers
+shortened) until it holds more than a shard's rows, so that each per-course asset fans out over
+at least two steps and the two workers can be seen taking them side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,10 +47,12 @@ COMPOSE = ROOT / "docker-compose.yml"
 ASSETS = ("faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index")
 COURSE_ASSETS = ("raw_documents", "chunks", "lemmas", "embeddings")
 FRESHNESS_ASSETS = ("faq_source", "es_index")
-COURSE_JOB = "course_refresh"
-PUBLISH_JOB = "index_publish"
-BACKFILL_COURSE = "mlops-zoomcamp"  # the course the one-course backfill rebuilds
+JOB = "faq_index_refresh"  # the one job: a refresh is one run of it
 GROUP = "faq_index"
+# rag_assets/defs/courses.py packs whole courses into shards of at most this many rows, one step
+# each; the served source holds more, so every per-course asset has two steps or more.
+SHARD_ROWS = 10_000
+COPY_CHARS = 160  # the answers of the source's copied courses are cut to this length
 SENSOR = "initial_index_build"
 SCHEDULE = "daily_document_refresh"
 INDEX_FILE = "index.sqlite"
@@ -58,8 +65,10 @@ DEBIAN_PACKAGES = {
     "redis-server": "/usr/bin/redis-server",
 }
 CELERY_WORKERS = 2  # docker-compose.yml's celery-worker replicas
-CELERY_TASK_TAG = "dagster-celery/task_id"
-RUN_STARTED = "Started process for run"  # a run's first engine event, with the pid running it
+# dagster_celery's task records, in its run's events, the step it runs and the worker running it.
+CELERY_STEP_EVENT = ("] Executing steps ", " in celery worker")  # after "[CeleryExecutor"
+CELERY_WORKER_LABEL = "Celery worker"
+SHARD_STEP = "_of_shard["  # e.g. lemmas.lemmas_of_shard[shard_0]
 # Without the background-networking flags Chromium keeps dialling Google's hosts on a closed network.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -447,21 +456,40 @@ class DagsterApi:
             n=limit,
         )["assetOrError"]["assetMaterializations"]
 
-    def launch_backfill(self, assets: tuple[str, ...], partitions: list[str]) -> str:
-        """What the UI's "Materialize selected partitions" does: an asset backfill."""
-        result = self.query(
-            "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p)"
-            " { __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }",
-            p={"assetSelection": [{"path": [a]} for a in assets], "partitionNames": partitions},
-        )["launchPartitionBackfill"]
-        if result["__typename"] != "LaunchBackfillSuccess":
-            raise ObservationFailed(f"backfill not launched: {result}")
-        return result["backfillId"]
+    def made_by(self, run_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Each asset's materializations by the run `run_id`."""
+        return {name: [m for m in self.materializations(name) if m["runId"] == run_id] for name in ASSETS}
+
+    def check_results(self, run_id: str) -> list[tuple[str, str, str | None]]:
+        """(asset, check, status) of every check of the six assets, as the run `run_id` left it
+        (status None: the run did not execute the check)."""
+        assets = self.assets()
+        results = []
+        for name in ASSETS:
+            for check in assets[name]["assetChecksOrError"].get("checks", []):
+                executions = self.query(
+                    "query($k: AssetKeyInput!, $c: String!) { assetCheckExecutions(assetKey: $k,"
+                    " checkName: $c, limit: 50) { runId status } }",
+                    k={"path": [name]},
+                    c=check["name"],
+                )["assetCheckExecutions"]
+                status = next((e["status"] for e in executions if e["runId"] == run_id), None)
+                results.append((name, check["name"], status))
+        return results
+
+    def step_stats(self, run_id: str) -> list[dict[str, Any]]:
+        return self.query(
+            "query($id: ID!) { runOrError(runId: $id) { ... on Run"
+            " { stepStats { stepKey status startTime endTime } } } }",
+            id=run_id,
+        )["runOrError"]["stepStats"]
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's events; engine events with their text metadata (the Celery worker's name)."""
         return self.query(
             "query($id: ID!) { logsForRun(runId: $id, limit: 10000) { __typename ... on EventConnection"
-            " { events { __typename ... on MessageEvent { message timestamp } } } } }",
+            " { events { __typename ... on MessageEvent { message timestamp stepKey }"
+            " ... on EngineEvent { metadataEntries { label ... on TextMetadataEntry { text } } } } } } }",
             id=run_id,
         )["logsForRun"]["events"]
 
@@ -484,6 +512,11 @@ class DagsterApi:
 
 def tag(run: dict[str, Any], key: str) -> str | None:
     return next((t["value"] for t in run.get("tags", []) if t["key"] == key), None)
+
+
+def metadata(materialization: dict[str, Any]) -> dict[str, Any]:
+    """A materialization's JSON (as text) and numeric metadata by label."""
+    return {e["label"]: e.get("jsonString", e.get("intValue")) for e in materialization["metadataEntries"]}
 
 
 def most_at_once(spans: list[tuple[float, float]]) -> int:
@@ -521,6 +554,48 @@ def index_digest(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def index_courses(data_dir: Path, scratch: Path) -> dict[str, dict[str, str]]:
+    """course -> {entry id: question} of the served index, read from a copy of its files (a reader
+    of the served files would write to their shared-memory file)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for path in data_dir.glob(f"{INDEX_FILE}*"):
+        shutil.copyfile(path, scratch / path.name)
+    db = sqlite3.connect(f"file:{scratch / INDEX_FILE}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT DISTINCT course, doc_id, question FROM chunks").fetchall()
+    finally:
+        db.close()
+    courses: dict[str, dict[str, str]] = {}
+    for course, doc_id, question in rows:
+        courses.setdefault(course, {})[doc_id] = question
+    return courses
+
+
+def rehearsal_source(documents: Path) -> tuple[bytes, dict[str, list[str]]]:
+    """The FAQ (course groups with 'documents', the shape of ../shared/data) with copies of its
+    courses added, `<course>-copy-NN`, until it holds more than SHARD_ROWS entries; and the FAQ's
+    own courses with their questions. The copies' answers are cut to COPY_CHARS: as many rows for
+    half the NLP time, so that a whole first build stays well within the run limit."""
+    faq = json.loads(documents.read_text())
+    if not isinstance(faq, list) or not all(isinstance(g, dict) and "documents" in g for g in faq):
+        raise ObservationFailed(f"{documents}: expected a list of course groups with 'documents'")
+    entries = sum(len(group["documents"]) for group in faq)
+    copies = SHARD_ROWS // entries  # with the FAQ itself: more than SHARD_ROWS entries
+    served = list(faq) + [
+        {
+            **group,
+            "course": f"{group['course']}-copy-{n:02d}",
+            "documents": [{**d, "text": str(d.get("text", ""))[:COPY_CHARS]} for d in group["documents"]],
+        }
+        for n in range(1, copies + 1)
+        for group in faq
+    ]
+    questions: dict[str, list[str]] = {}
+    for group in faq:
+        questions.setdefault(group["course"], []).extend(d["question"] for d in group["documents"])
+    return json.dumps(served).encode(), questions
+
+
 def ensure_packages() -> str:
     """Debian's postgresql, chromium and redis-server, installed when missing (CI starts without them)."""
     missing = [
@@ -552,7 +627,8 @@ class Rehearsal:
         self.max_runtime_s = max_runtime_s
         self.report = Report()
         self.processes = Processes(out / "logs")
-        self.source = SourceServer(documents.read_bytes())
+        payload, self.faq_questions = rehearsal_source(documents)
+        self.source = SourceServer(payload)
         self.postgres: Postgres | None = None
         self.home = out / "dagster_home"
         self.data = out / "data"
@@ -560,9 +636,7 @@ class Rehearsal:
         self.redis_port = free_port()
         self.api = DagsterApi(f"http://127.0.0.1:{self.port}")
         self.first_run = self.scheduled_run = self.slow_run = self.slow_run_status = ""
-        self.first_publish = self.scheduled_publish = ""
-        self.scheduled_end = 0.0
-        self.course_runs: list[str] = []
+        self.first_run_end = self.scheduled_end = 0.0
         self.served_digest = self.served_publish = ""
         # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
         self.password = secrets.token_urlsafe(24)
@@ -586,15 +660,19 @@ class Rehearsal:
             "RAG_DATA_DIR": str(self.data),
             "RAG_API_KEY": self.api_key,
             "RAG_RERANKER": "none",  # compose's default
+            "RAG_EXECUTOR": "celery",  # compose's: the runs' steps go to the Celery workers
             "DAGSTER_CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "PYTHONPATH": str(ROOT / "deploy"),
         }
+        compose = compose_environment(service)
         # No cluster can run here: without ELASTICSEARCH_* the same code serves the embedded index.
-        wanted = {name for name in compose_environment(service) if not name.startswith("ELASTICSEARCH_")}
+        wanted = {name for name in compose if not name.startswith("ELASTICSEARCH_")}
         if unknown := wanted - set(values):
             raise ObservationFailed(
                 f"docker-compose.yml sets {sorted(unknown)}, which the rehearsal does not"
             )
+        if "RAG_EXECUTOR" in compose and compose["RAG_EXECUTOR"] != values["RAG_EXECUTOR"]:
+            raise ObservationFailed(f"docker-compose.yml sets RAG_EXECUTOR={compose['RAG_EXECUTOR']}")
         inherited = {
             k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "RAG_", "ELASTICSEARCH_"))
         }
@@ -616,21 +694,26 @@ class Rehearsal:
             observe("PostgreSQL started, Dagster database created", self.postgres.start)
             self.source.start()
             observe("webserver started with deploy/dagster.yaml", self.start_webserver)
-            observe("Redis and two Celery run workers started", self.start_celery_workers)
+            observe("Redis and two Celery step workers started", self.start_celery_workers)
             observe("search service up, not ready before the first build", self.start_search_service)
             observe("daemon started at the start of a minute", self.start_daemon)
             observe("initial-build sensor launched the first build", self.sensor_launched_first_build)
             observe(
                 "first build went through the run queue and succeeded", self.first_build_queued_and_succeeded
             )
-            observe("a run per course, then one publish, followed it", self.first_build_courses_and_publish)
-            observe("the Celery workers ran every run, two course runs at once", self.runs_on_celery_workers)
             observe(
-                "six assets materialized by them, their checks passed", self.assets_materialized_checks_passed
+                "the first build was that one run: six assets materialized, checks passed",
+                self.first_build_one_run,
+            )
+            observe(
+                "its steps ran on the two Celery workers, shards of an asset side by side",
+                self.steps_on_celery_workers,
+            )
+            observe(
+                "the served index holds every course of the source, the FAQ's entries", self.index_holds_faq
             )
             observe("search service ready after the first build, answering with its key", self.search_answers)
-            observe("a one-course backfill rebuilt and published that course alone", self.one_course_backfill)
-            observe("schedule ticked and its whole refresh succeeded", self.schedule_produced_run)
+            observe("schedule ticked and its refresh was one run that succeeded", self.schedule_produced_run)
             observe("freshness of faq_source and es_index passing", self.freshness_passing)
             observe("lineage and asset page rendered in headless Chromium", self.lineage_and_asset_pages)
             observe("schedule launched a run against the slow source", self.slow_run_started)
@@ -679,31 +762,58 @@ class Rehearsal:
                 raise ObservationFailed(f"celery-worker-{n} exited; see {log}")
         return all(log.exists() and "ready." in log.read_text(errors="replace") for log in logs) or None
 
-    def runs_on_celery_workers(self) -> str:
-        """Each run of the first build was a Celery task, run by a process of a worker (the pid
-        its run logs), never by the daemon; the course runs by more than one process."""
-        workers = {
-            pid
-            for n in range(1, CELERY_WORKERS + 1)
-            for name, process, _ in self.processes.started
-            if name == f"celery-worker-{n}"
-            for pid in session_members(process.pid)
+    def steps_on_celery_workers(self) -> str:
+        """Every step of the first build ran as a Celery task taken by one of the two workers (the
+        worker's name, in the event the task records); each per-course asset fanned out over two
+        shards or more, both workers ran shard steps, and the shards of an asset ran side by side."""
+        names = {f"worker{n}" for n in range(1, CELERY_WORKERS + 1)}
+        ran_by: dict[str, str] = {}
+        for event in self.api.events(self.first_run):
+            message = event.get("message") or ""
+            if CELERY_STEP_EVENT[0] in message and message.endswith(CELERY_STEP_EVENT[1]):
+                labels = {e["label"]: e.get("text") for e in event.get("metadataEntries", [])}
+                ran_by[event["stepKey"]] = str(labels.get(CELERY_WORKER_LABEL)).split("@")[0]
+        stats = self.api.step_stats(self.first_run)
+        elsewhere = {
+            s["stepKey"]: ran_by.get(s["stepKey"]) for s in stats if ran_by.get(s["stepKey"]) not in names
         }
-        ran_in: dict[str, int] = {}
-        for run_id in [self.first_run, *self.course_runs, self.first_publish]:
-            if not tag(self.api.run(run_id), CELERY_TASK_TAG):
-                raise ObservationFailed(f"run {run_id} has no {CELERY_TASK_TAG} tag: not launched on Celery")
-            started = [e["message"] for e in self.api.events(run_id) if e["message"].startswith(RUN_STARTED)]
-            pid = int(started[0].split("pid: ")[1].rstrip(").")) if started else 0
-            if pid not in workers:
-                raise ObservationFailed(f"run {run_id} ran in pid {pid}, not in a worker's {sorted(workers)}")
-            ran_in[run_id] = pid
-        course_pids = {ran_in[r] for r in self.course_runs}
-        if len(course_pids) < 2:
-            raise ObservationFailed(f"all course runs ran in one process: {course_pids}")
+        if not stats or elsewhere:
+            raise ObservationFailed(
+                f"steps not run by a Celery worker {sorted(names)}: {elsewhere or 'no steps'}"
+            )
+        shards = {
+            asset: [s for s in stats if s["stepKey"].startswith(f"{asset}.") and SHARD_STEP in s["stepKey"]]
+            for asset in COURSE_ASSETS
+        }
+        if few := {asset: len(steps) for asset, steps in shards.items() if len(steps) < 2}:
+            raise ObservationFailed(f"fewer than two shard steps: {few}")
+        shard_workers = {ran_by[s["stepKey"]] for steps in shards.values() for s in steps}
+        if shard_workers != names:
+            raise ObservationFailed(f"the shard steps ran on {sorted(shard_workers)} only")
+        side_by_side = [
+            asset
+            for asset, steps in shards.items()
+            if len({ran_by[s["stepKey"]] for s in steps}) > 1
+            and most_at_once([(s["startTime"], s["endTime"]) for s in steps]) > 1
+        ]
+        if not side_by_side:
+            raise ObservationFailed(f"no asset's shards ran at once on two workers: {shards}")
+        per_worker = {name: sum(w == name for w in ran_by.values()) for name in sorted(names)}
+        logged = {
+            f"worker{n}": (self.out / "logs" / f"celery-worker-{n}.log")
+            .read_text(errors="replace")
+            .count("Task execute_plan[")
+            for n in range(1, CELERY_WORKERS + 1)
+        }
+        lemmas = ", ".join(
+            f"{s['stepKey'].split('.', 1)[1]} on {ran_by[s['stepKey']]} {s['endTime'] - s['startTime']:.1f} s"
+            for s in shards["lemmas"]
+        )
+        took = ", ".join(f"{name} {count}" for name, count in per_worker.items())
         return (
-            f"{len(ran_in)} runs in worker processes {sorted(set(ran_in.values()))}; "
-            f"course runs in {sorted(course_pids)}"
+            f"{len(stats)} steps, each a Celery task: {took}; "
+            f"{', '.join(f'{a} {len(s)}' for a, s in shards.items())} shard steps; side by side on both "
+            f"workers: {', '.join(side_by_side)} ({lemmas}); task lines in the workers' logs so far: {logged}"
         )
 
     def _location_loaded(self) -> str | None:
@@ -790,8 +900,8 @@ class Rehearsal:
         tick = self.api.wait_tick_with_run("sensor", SENSOR)
         self.first_run = tick["runIds"][0]
         run = self.api.run(self.first_run)
-        if tag(run, "dagster/sensor_name") != SENSOR:
-            raise ObservationFailed(f"run {self.first_run} has tags {run['tags']}")
+        if tag(run, "dagster/sensor_name") != SENSOR or run["jobName"] != JOB:
+            raise ObservationFailed(f"run {self.first_run} of {run['jobName']} has tags {run['tags']}")
         return f"run {self.first_run} ({run['jobName']}), tag rag/trigger={tag(run, 'rag/trigger')}"
 
     def first_build_queued_and_succeeded(self) -> str:
@@ -799,131 +909,78 @@ class Rehearsal:
         lifecycle = [e["__typename"] for e in self.api.events(self.first_run) if e["__typename"] in LIFECYCLE]
         if run["status"] != "SUCCESS" or [k for k in lifecycle if k != "RunDequeuedEvent"] != QUEUED_PATH:
             raise ObservationFailed(f"status {run['status']}, lifecycle events {lifecycle}")
+        self.first_run_end = run["endTime"]
         return f"{' -> '.join(lifecycle)} in {run['endTime'] - run['creationTime']:.1f} s"
 
-    def courses_and_publish_after(self, source_run: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The course runs the source run led to, and the publish after them, once all finished."""
-        source = self.api.wait_run_finished(source_run, self.max_runtime_s + 120)
-        if source["status"] != "SUCCESS":
-            raise ObservationFailed(f"source run {source_run}: {source['status']}")
-
-        def finished() -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
-            courses = self.api.runs(tags={"rag/refresh": source_run})
-            if not courses or any(r["status"] not in FINISHED for r in courses):
-                return None
-            last = max(r["endTime"] for r in courses)
-            publishes = [r for r in self.api.runs(pipelineName=PUBLISH_JOB) if r["creationTime"] >= last]
-            if not publishes or publishes[0]["status"] not in FINISHED:
-                return None
-            return courses, publishes[0]
-
-        # The sensors look every 30 s; the course runs take the queue's slots in turn.
-        return wait_for("the course runs and the publish", finished, 4 * (self.max_runtime_s + 120))
-
-    def first_build_courses_and_publish(self) -> str:
-        courses, publish = self.courses_and_publish_after(self.first_run)
-        self.course_runs = [r["runId"] for r in courses]
-        self.first_publish = publish["runId"]
-        failed = [r for r in [*courses, publish] if r["status"] != "SUCCESS"]
-        if len(courses) != 3 or failed:
-            raise ObservationFailed(f"{len(courses)} course runs; not succeeded: {failed}")
-        overlap = most_at_once([(r["startTime"], r["endTime"]) for r in courses])
-        spans = ", ".join(
-            f"{tag(r, 'dagster/partition')} {r['endTime'] - r['startTime']:.0f} s" for r in courses
-        )
-        return (
-            f"{len(courses)} course runs ({spans}; up to {overlap} at once), then publish run "
-            f"{self.first_publish} ({publish['endTime'] - publish['startTime']:.0f} s)"
-        )
-
-    def assets_materialized_checks_passed(self) -> str:
-        assets = self.api.assets()
-        made_by = {"faq_source": {self.first_run}, "es_index": {self.first_publish}}
-        wrong = [
-            name
-            for name in ASSETS
-            if not assets.get(name, {}).get("assetMaterializations")
-            or assets[name]["assetMaterializations"][0]["runId"]
-            not in made_by.get(name, set(self.course_runs))
+    def one_run(self, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The run materialized each of the six assets once, and no other run was created while it
+        went; its materializations by asset."""
+        made = self.api.made_by(run["runId"])
+        if wrong := {name: len(m) for name, m in made.items() if len(m) != 1}:
+            raise ObservationFailed(f"materializations by run {run['runId']}: {wrong}")
+        others = [
+            r["runId"]
+            for r in self.api.runs_created_after(run["creationTime"])
+            if r["runId"] != run["runId"] and r["creationTime"] < run["endTime"]
         ]
-        if wrong:
-            raise ObservationFailed(f"not materialized by the first build's runs: {wrong}")
-        partitions = {
-            name: sorted(
-                m["partition"] for m in self.api.materializations(name) if m["runId"] in self.course_runs
-            )
-            for name in COURSE_ASSETS
-        }
-        if len({tuple(p) for p in partitions.values()}) != 1 or len(partitions["raw_documents"]) != 3:
-            raise ObservationFailed(f"partitions materialized per asset: {partitions}")
-        checks = [
-            (name, check["name"], (check["executionForLatestMaterialization"] or {}).get("status"))
-            for name in ASSETS
-            for check in assets[name]["assetChecksOrError"].get("checks", [])
-        ]
+        if others:
+            raise ObservationFailed(f"other runs created while run {run['runId']} went: {others}")
+        return {name: m[0] for name, m in made.items()}
+
+    def first_build_one_run(self) -> str:
+        made = self.one_run(self.api.run(self.first_run))
+        checks = self.api.check_results(self.first_run)
         failing = [c for c in checks if c[2] != "SUCCEEDED"]
         if not checks or failing:
             raise ObservationFailed(f"checks not passed: {failing or 'no checks found'}")
+        published = metadata(made["es_index"])
         return (
-            f"{len(ASSETS)} assets (the four per-course ones for {', '.join(partitions['raw_documents'])}), "
-            f"{len(checks)} checks SUCCEEDED ({', '.join(c[1] for c in checks)})"
+            f"run {self.first_run} materialized {', '.join(ASSETS)}; es_index published "
+            f"{published['entries']} entries of {len(json.loads(published['courses']))} courses; "
+            f"{len(checks)} checks SUCCEEDED in it ({', '.join(c[1] for c in checks)})"
         )
 
-    def one_course_backfill(self) -> str:
-        since = time.time()
-        backfill = self.api.launch_backfill(COURSE_ASSETS, [BACKFILL_COURSE])
-
-        def published() -> dict[str, Any] | None:
-            runs = self.api.runs(tags={"dagster/backfill": backfill})
-            if not runs or any(r["status"] not in FINISHED for r in runs):
-                return None
-            after = [r for r in self.api.runs(pipelineName=PUBLISH_JOB) if r["creationTime"] >= since]
-            done = [r for r in after if r["status"] in FINISHED]
-            return {"runs": runs, "publish": done[0]} if done else None
-
-        found = wait_for(
-            "the backfill's runs and a publish after them", published, 2 * (self.max_runtime_s + 120)
-        )
-        runs, publish = found["runs"], found["publish"]
-        if any(r["status"] != "SUCCESS" for r in [*runs, publish]):
-            raise ObservationFailed(f"backfill runs {runs}, publish {publish}")
-        backfill_runs = {r["runId"] for r in runs}
-        touched = {
-            name: sorted(
-                {m["partition"] for m in self.api.materializations(name) if m["runId"] in backfill_runs}
-            )
-            for name in COURSE_ASSETS
+    def index_holds_faq(self) -> str:
+        served = index_courses(self.data, self.out / "index-copy")
+        source = json.loads(metadata(self.api.made_by(self.first_run)["faq_source"][0])["courses"])
+        counts = {course: len(entries) for course, entries in served.items()}
+        if counts != source:
+            raise ObservationFailed(f"entries per course: served {counts}, faq_source counted {source}")
+        missing = {
+            course: sorted(set(questions) - set(served.get(course, {}).values()))[:3]
+            for course, questions in self.faq_questions.items()
+            if set(questions) - set(served.get(course, {}).values())
         }
-        [published] = [m for m in self.api.materializations("es_index") if m["runId"] == publish["runId"]]
-        meta = {e["label"]: e.get("jsonString") for e in published["metadataEntries"]}
-        refreshed = json.loads(meta["courses_refreshed"] or "[]")
-        as_served = json.loads(meta["courses_as_served"] or "[]")
-        if set(map(tuple, touched.values())) != {(BACKFILL_COURSE,)} or refreshed != [BACKFILL_COURSE]:
-            raise ObservationFailed(f"touched {touched}; the publish refreshed {refreshed}")
+        if missing:
+            raise ObservationFailed(f"questions of the FAQ not in the served index: {missing}")
+        faq = ", ".join(f"{course} {counts[course]}" for course in self.faq_questions)
         return (
-            f"backfill {backfill}: {len(runs)} run(s) materialized {', '.join(COURSE_ASSETS)} of "
-            f"{BACKFILL_COURSE} only; publish run {publish['runId']} took it, kept "
-            f"{', '.join(as_served)} as served"
+            f"{INDEX_FILE}: {len(counts)} courses, {sum(counts.values())} entries, as faq_source counted "
+            f"them; the FAQ's own courses with every question of theirs: {faq}"
         )
 
     def schedule_produced_run(self) -> str:
         tick = self.api.wait_tick_with_run("schedule", SCHEDULE)
         self.scheduled_run = tick["runIds"][0]
         run = self.api.wait_run_finished(self.scheduled_run, self.max_runtime_s + 120)
-        if run["status"] != "SUCCESS" or tag(run, "dagster/schedule_name") != SCHEDULE:
-            raise ObservationFailed(f"run {self.scheduled_run}: status {run['status']}, tags {run['tags']}")
-        courses, publish = self.courses_and_publish_after(self.scheduled_run)
-        failed = [r for r in [*courses, publish] if r["status"] != "SUCCESS"]
-        if failed:
-            raise ObservationFailed(f"not succeeded: {failed}")
-        self.scheduled_publish = publish["runId"]
-        self.scheduled_end = publish["endTime"]
+        if (
+            run["status"] != "SUCCESS"
+            or tag(run, "dagster/schedule_name") != SCHEDULE
+            or run["jobName"] != JOB
+        ):
+            raise ObservationFailed(
+                f"run {self.scheduled_run} of {run['jobName']}: status {run['status']}, tags {run['tags']}"
+            )
+        made = self.one_run(run)
+        self.scheduled_end = run["endTime"]
+        remade = ", ".join(f"{name} {metadata(made[name]).get('values_made')}" for name in COURSE_ASSETS)
         skipped = [t["skipReason"] for t in self.api.ticks("schedule", SCHEDULE) if t["status"] == "SKIPPED"]
         ticked = datetime.fromtimestamp(tick["timestamp"], UTC).strftime("%H:%M:%S")
+        took = run["endTime"] - run["creationTime"]
         return (
-            f"tick at {ticked} UTC -> run {self.scheduled_run}, {len(courses)} course runs, publish run "
-            f"{self.scheduled_publish}, in {publish['endTime'] - run['creationTime']:.1f} s; "
-            f"earlier skipped ticks: {skipped or 'none'}"
+            f"tick at {ticked} UTC -> run {self.scheduled_run}, the six assets in {took:.1f} s, "
+            f"values made (the source unchanged): {remade}; {len(skipped)} earlier ticks skipped"
+            + (f", the last: {skipped[0]!r}" if skipped else "")
         )
 
     def freshness_passing(self) -> str:

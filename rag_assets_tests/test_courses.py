@@ -1,4 +1,5 @@
-"""The course as the unit of work: partitions from the source, runs per course, one publish."""
+"""Courses in one run: shards of courses as steps, a refused course kept as served, course names
+as data, a refused source never built on."""
 
 from __future__ import annotations
 
@@ -10,23 +11,17 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from spacy.language import Language
 
+from rag_assets.common.stored import StoredValue
 from rag_assets.definitions import load_definitions, with_resources
-from rag_assets.defs.assets import COURSES
-from rag_assets.defs.automation import (
-    COURSE_JOB_NAME,
-    JOB_NAME,
-    PUBLISH_JOB_NAME,
-    course_run_digests,
-    course_runs_after_source,
-    publish_after_courses,
-    publish_run_config,
-)
+from rag_assets.defs.courses import CourseSet, Refusal
 from rag_assets.defs.resources import QualityResource
 from rag_assets.index.embedded import EmbeddedIndex
+from rag_assets.retrieval import Retriever
 
 from .conftest import entry, write_json
-from .test_definitions import materialize, run_resources
+from .test_definitions import COURSE_ASSETS, materialize, run_resources
 
 HOW = "How do I fix error"
 
@@ -45,41 +40,75 @@ def served_hashes(data_dir: Path) -> dict[str, str]:
     return EmbeddedIndex(data_dir).chunk_hashes()
 
 
-def test_a_failed_course_stays_as_served_and_holds_no_other_course_back(tmp_path: Path) -> None:
+def source_value(courses: dict[str, int]) -> StoredValue:
+    return StoredValue("faq_source", "d" * 32, "/nowhere", {"courses": courses})
+
+
+def test_shards_pack_whole_courses_in_name_order() -> None:
+    sizes = {"a": 4_000, "b": 5_000, "c": 2_000, "d": 25_000, "e": 10}
+    courses = CourseSet(source_value(sizes), {course: {} for course in sizes})
+    shards = courses.shards()
+    assert [sorted(shard.values) for shard in shards] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert sum(len(shard.values) for shard in shards) == len(sizes)  # each course in one shard
+    tiny = CourseSet(source_value({f"c{n:03}": 4 for n in range(200)}), {f"c{n:03}": {} for n in range(200)})
+    assert len(tiny.shards()) == 1  # two hundred small courses: one step
+
+
+def test_a_refused_course_stays_out_of_the_shards_and_comes_back_when_joined() -> None:
+    refusal = Refusal("lemmas", "lemmas_well_formed", "no lemmas")
+    courses = CourseSet(source_value({"a": 1, "b": 1}), {"a": {}}, {"b": refusal})
+    [shard] = courses.shards()
+    assert list(shard.values) == ["a"] and shard.refused == {}
+    assert courses.joined([shard]).refused == {"b": refusal}
+    assert courses.courses == ["a", "b"]
+
+
+def test_a_refused_course_stays_as_served_and_holds_no_other_course_back(tmp_path: Path) -> None:
     instance = dg.DagsterInstance.ephemeral()
     data = tmp_path / "data"
     source = faq(tmp_path, {"alpha": 20, "beta": 20})
     assert materialize(source, data, instance).success
     before = served_hashes(data)
 
-    # beta's answers become stop words only: its lemma check fails, its run stops before publishing
+    # beta's answers become stop words only: its lemma rule refuses it, alpha goes on
     entries = [
         entry("alpha", f"{HOW} {n} in alpha?", f"Reinstall service {n} of the alpha stack.")
         for n in range(20)
     ] + [entry("beta", "the", "the of and", section="the") for _ in range(20)]
     write_json(tmp_path / "faq.json", entries)
     second = materialize(source, data, instance)
-    assert not second.success  # one course failed
-    outcomes = {run.name: run.success for run in second.refresh.courses}
-    assert outcomes == {"alpha": True, "beta": False}
-    assert second.refresh.publish is not None and second.refresh.publish.success
+    assert not second.success  # not everything was refreshed
+    check = second.checks()["lemmas_well_formed"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.description.startswith("course 'beta': ")
     published = second.metadata("es_index")
     assert (published["courses_refreshed"], published["courses_as_served"]) == (["alpha"], ["beta"])
+    assert published["refusals"]["beta"].startswith("lemmas_well_formed: ")
+    assert "| beta     |         0 |        0 | refused here: " in second.metadata("lemmas")["per_course"]
     after = served_hashes(data)
     assert {c for c in after if c.startswith("beta")} == {c for c in before if c.startswith("beta")}
     assert all(after[c] == before[c] for c in after if c.startswith("beta"))  # beta as it was
     assert all(after[c] != before[c] for c in after if c.startswith("alpha"))  # alpha refreshed
+    assert second.refresh.problems == (f"lemmas_well_formed: {check.description}",)
+
+
+def test_every_course_refused_blocks_the_publish(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    source = write_json(tmp_path / "faq.json", [entry("beta", "the", "the of and", section="the")] * 5)
+    run = materialize(str(source), data, dg.DagsterInstance.ephemeral())
+    assert not run.success
+    assert run.checks()["lemmas_well_formed"].severity == dg.AssetCheckSeverity.ERROR
+    assert run.materializations("embeddings") == [] and not (data / "index.sqlite").exists()
 
 
 def test_a_gone_course_is_refused_by_the_guard_then_removed_when_allowed(tmp_path: Path) -> None:
     instance = dg.DagsterInstance.ephemeral()
     data = tmp_path / "data"
     assert materialize(faq(tmp_path, {"alpha": 20, "beta": 5}), data, instance).success
-    assert sorted(instance.get_dynamic_partitions(COURSES.name)) == ["alpha", "beta"]
 
     only_alpha = faq(tmp_path, {"alpha": 20})
     refused = materialize(only_alpha, data, instance)
-    assert not refused.success and refused.refresh.courses == []
+    assert not refused.success and refused.materializations("raw_documents") == []
     guard = refused.checks()["faq_source_count_guard"]
     assert "course 'beta' is no longer in the source" in guard.description
     assert sorted(EmbeddedIndex(data).stats().courses) == ["alpha", "beta"]  # never silently dropped
@@ -90,110 +119,100 @@ def test_a_gone_course_is_refused_by_the_guard_then_removed_when_allowed(tmp_pat
     assert allowed.success
     assert allowed.metadata("es_index")["courses_removed"] == ["beta"]
     assert list(EmbeddedIndex(data).stats().courses) == ["alpha"]
-    assert instance.get_dynamic_partitions(COURSES.name) == ["alpha"]
 
 
-def test_one_course_backfill_touches_only_that_course(tmp_path: Path) -> None:
+def test_a_source_its_checks_refused_is_never_built_on(tmp_path: Path) -> None:
+    """The refused value stays the asset's newest output: a later run of the course assets
+    alone (`--select 'raw_documents*'`) must not read it."""
     instance = dg.DagsterInstance.ephemeral()
     data = tmp_path / "data"
-    source = faq(tmp_path, {"alpha": 10, "beta": 10})
+    source = faq(tmp_path, {"alpha": 20, "beta": 20})
     assert materialize(source, data, instance).success
     before = served_hashes(data)
-    faq(tmp_path, {"alpha": 10, "beta": 10}, answer="Reboot service")  # both courses changed
+    faq(tmp_path, {"alpha": 20, "beta": 4})  # beta cut from 20 to 4 entries: over the allowed drop
+    refused = materialize(source, data, instance)
+    assert not refused.checks()["faq_source_count_guard"].passed
+
     definitions = with_resources(load_definitions(), run_resources(source, data))
-    assert definitions.resolve_job_def(JOB_NAME).execute_in_process(instance=instance).success
-
-    run = definitions.resolve_job_def(COURSE_JOB_NAME).execute_in_process(
-        instance=instance, partition_key="beta"
+    downstream = definitions.get_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey(asset) for asset in (*COURSE_ASSETS, "es_index")}
     )
-    assert run.success
-    touched = {(e.asset_key.to_user_string(), e.partition) for e in run.get_asset_materialization_events()}
-    assert touched == {(asset, "beta") for asset in ("raw_documents", "chunks", "lemmas", "embeddings")}
-    values = course_run_digests(instance, [run.run_id])
-    assert list(values) == ["beta"]
-    publish = definitions.resolve_job_def(PUBLISH_JOB_NAME).execute_in_process(
-        instance=instance, run_config=publish_run_config(values)
-    )
-    [published] = publish.asset_materializations_for_node("es_index")
-    assert published.metadata["courses_refreshed"].value == ["beta"]
-    assert published.metadata["courses_as_served"].value == ["alpha"]
-    assert published.metadata["upserted"].value == 10
-    after = served_hashes(data)
-    assert all(after[c] == before[c] for c in after if c.startswith("alpha"))
-    assert all(after[c] != before[c] for c in after if c.startswith("beta"))
+    run = downstream.execute_in_process(instance=instance, raise_on_error=False)
+    assert not run.success
+    [failure] = [e.step_failure_data.user_failure_data.description for e in run.get_step_failure_events()]
+    assert "was refused (faq_source_count_guard: " in failure and "nothing is built on it" in failure
+    assert served_hashes(data) == before
 
 
-def test_the_sensors_run_each_course_then_publish_what_succeeded(tmp_path: Path) -> None:
+def test_course_names_are_data_not_paths(tmp_path: Path, nlp: Language) -> None:
+    names = ["x", "x/y", "X", "a.b", "../up", "Ünïcødé курс", "c" * 300]
     instance = dg.DagsterInstance.ephemeral()
     data = tmp_path / "data"
-    definitions = with_resources(
-        load_definitions(), run_resources(faq(tmp_path, {"alpha": 5, "beta": 5}), data)
-    )
-    source = definitions.resolve_job_def(JOB_NAME).execute_in_process(instance=instance)
-    [success] = [e for e in source.all_events if e.event_type == dg.DagsterEventType.RUN_SUCCESS]
-    context = dg.build_run_status_sensor_context(
-        sensor_name="course_runs_after_source",
-        dagster_instance=instance,
-        dagster_run=source.dagster_run,
-        dagster_event=success,
-    )
-    requested = course_runs_after_source(context)
-    assert isinstance(requested, dg.SensorResult)
-    assert [(r.partition_key, r.run_key) for r in requested.run_requests] == [
-        ("alpha", f"{source.run_id}:alpha"),
-        ("beta", f"{source.run_id}:beta"),
-    ]
-    [add, delete] = requested.dynamic_partitions_requests
-    assert (list(add.partition_keys), list(delete.partition_keys)) == (["alpha", "beta"], [])
+    source = faq(tmp_path, dict.fromkeys(names, 3))
+    for answer in ("Restart service", "Reboot service"):  # the second refresh reads stored values
+        faq(tmp_path, dict.fromkeys(names, 3), answer=answer)
+        run = materialize(source, data, instance)
+        assert run.success, run.refresh.problems
+    index = EmbeddedIndex(data)
+    assert sorted(index.stats().courses) == sorted(names)
+    retriever = Retriever(index, nlp)
+    for name in names:
+        [hit, *_] = retriever.search(f"{HOW} 1 in {name}?", course=name)
+        assert (hit.course, hit.question) == (name, f"{HOW} 1 in {name}?")
+    assert not (data / "up").exists()
 
-    instance.add_dynamic_partitions(COURSES.name, ["alpha", "beta"])
-    nothing = publish_after_courses(dg.build_sensor_context(instance=instance))
-    assert isinstance(nothing, dg.SkipReason) and "no course run finished" in nothing.skip_message
-    course_job = definitions.resolve_job_def(COURSE_JOB_NAME)
-    runs = [course_job.execute_in_process(instance=instance, partition_key=c) for c in ("alpha", "beta")]
-    publish = publish_after_courses(dg.build_sensor_context(instance=instance))
-    assert isinstance(publish, dg.SensorResult)
-    [request] = publish.run_requests
-    assert (
-        request.run_config
-        == publish_run_config(course_run_digests(instance, [r.run_id for r in runs])).to_config_dict()
+
+def test_several_shards_build_what_one_shard_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = {"alpha": 12, "beta": 12, "gamma": 12}
+    one = materialize(faq(tmp_path, sizes), tmp_path / "one", dg.DagsterInstance.ephemeral())
+    monkeypatch.setenv("RAG_SHARD_ROWS", "12")  # a course a step
+    three = materialize(faq(tmp_path, sizes), tmp_path / "three", dg.DagsterInstance.ephemeral())
+    assert one.success and three.success
+    steps = {log.step_key for log in three.logs() if log.step_key and "lemmas_of_shard" in log.step_key}
+    assert steps == {f"lemmas.lemmas_of_shard[shard_{n}]" for n in range(3)}
+    assert served_hashes(tmp_path / "one") == served_hashes(tmp_path / "three")
+
+
+def test_two_hundred_tiny_courses_are_one_step_per_asset(tmp_path: Path) -> None:
+    names = [f"course-{n:03}" for n in range(200)]
+    run = materialize(
+        faq(tmp_path, dict.fromkeys(names, 4)), tmp_path / "data", dg.DagsterInstance.ephemeral()
     )
-    assert set(request.run_config["ops"]["es_index"]["config"]["courses"]) == {"alpha", "beta"}
-    again = publish_after_courses(dg.build_sensor_context(instance=instance, cursor=publish.cursor))
-    assert isinstance(again, dg.SkipReason)  # these runs are published once
+    assert run.success, run.refresh.problems
+    shard_steps = {log.step_key for log in run.logs() if log.step_key and "_of_shard[" in log.step_key}
+    assert len(shard_steps) == 4
+    assert len(EmbeddedIndex(tmp_path / "data").stats().courses) == 200
 
 
 @pytest.mark.slow
-def test_two_course_workers_build_the_same_index_as_one(tmp_path: Path) -> None:
-    """`make run` with RAG_COURSE_WORKERS=2: two processes run the course runs side by side."""
-    source = faq(tmp_path, {"alpha": 30, "beta": 30, "gamma": 30})
-    built = {}
-    for workers in (1, 2):
-        home = tmp_path / f"home-{workers}"
-        home.mkdir()
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(home),
-            "RAG_DATA_DIR": str(tmp_path / f"data-{workers}"),
-            "DOCUMENTS_URL": source,
-            "RAG_NLP_PROCESSES": "1",
-            "RAG_COURSE_WORKERS": str(workers),
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "rag_assets.defs.refresh"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "refresh: published 90 entries (90 chunks) of 3 courses" in done.stdout
-        built[workers] = served_hashes(tmp_path / f"data-{workers}")
-    assert built[1] == built[2] and len(built[1]) == 90
+def test_steps_in_other_processes_share_the_runs_data_directory(tmp_path: Path) -> None:
+    """RAG_EXECUTOR=multiprocess: each step in a process of its own, two at a time, two shards
+    per course asset; the steps take the directory as their run's, and build the same index."""
+    source = faq(tmp_path, {"alpha": 30, "beta": 30})
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RAG_DATA_DIR": str(tmp_path / "data"),
+        "DOCUMENTS_URL": source,
+        "RAG_NLP_PROCESSES": "1",
+        "RAG_EXECUTOR": "multiprocess",
+        "RAG_SHARD_ROWS": "30",  # a course a step
+    }
+    dagster = str(Path(sys.executable).parent / "dagster")
+    command = [dagster, "job", "execute", "-m", "rag_assets.definitions", "-j", "faq_index_refresh"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "RUN_SUCCESS" in output
+    pids = {line.split(" - ")[5] for line in output.splitlines() if " - STEP_SUCCESS - " in line}
+    assert len(pids) > 1  # the steps ran in processes of their own
+    assert len(served_hashes(tmp_path / "data")) == 60
 
 
 @pytest.mark.slow
-def test_dg_lists_the_partitioned_assets_and_the_jobs_of_a_refresh(tmp_path: Path) -> None:
+def test_dg_lists_the_assets_the_job_and_the_checks(tmp_path: Path) -> None:
     """`dg list defs` and `dg check defs`, as the project's dg configuration loads them."""
     dg_cli = str(Path(sys.executable).parent / "dg")
     root = Path(__file__).resolve().parents[1]
@@ -206,9 +225,6 @@ def test_dg_lists_the_partitioned_assets_and_the_jobs_of_a_refresh(tmp_path: Pat
     defs = json.loads(listed.stdout)
     assets = {a["asset_key"]: a for a in defs["assets"]}
     assert set(assets) == {"faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
-    assert {j["name"] for j in defs["jobs"]} >= {"faq_index_refresh", "course_refresh", "index_publish"}
-    assert {s["name"] for s in defs["sensors"]} == {
-        "initial_index_build",
-        "course_runs_after_source",
-        "publish_after_courses",
-    }
+    assert [j["name"] for j in defs["jobs"]] == ["faq_index_refresh"]
+    assert {s["name"] for s in defs["sensors"]} == {"initial_index_build"}
+    assert len(defs["asset_checks"]) == 7

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from spacy.language import Language
 
 from rag_assets.common.stored import StoredValue
 from rag_assets.definitions import load_definitions, with_resources
-from rag_assets.defs.refresh import Refresh, refresh
+from rag_assets.defs.courses import CourseSet
+from rag_assets.defs.refresh import RunOutcome, refresh
 from rag_assets.defs.resources import (
     DocumentSourceResource,
     NlpResource,
@@ -46,17 +49,18 @@ def run_resources(source: str, data_dir: Path, **overrides: object) -> dict[str,
 
 @dataclass
 class RefreshEvents:
-    """The runs of one refresh (source, courses, publish), as a test reads their events."""
+    """The run of one refresh, as a test reads its events and the values it handed on."""
 
     instance: dg.DagsterInstance
-    refresh: Refresh
+    refresh: RunOutcome
+    data_dir: Path
 
     @property
     def success(self) -> bool:
         return self.refresh.success
 
     def logs(self) -> list[dg.EventLogEntry]:
-        return [log for run in self.refresh.runs for log in self.instance.all_logs(run.run_id)]
+        return list(self.instance.all_logs(self.refresh.run_id))
 
     def materializations(self, asset: str) -> list[dg.AssetMaterialization]:
         return [
@@ -65,21 +69,28 @@ class RefreshEvents:
             if log.asset_materialization and log.asset_materialization.asset_key.to_user_string() == asset
         ]
 
-    def metadata(self, asset: str, course: str | None = None) -> dict[str, Any]:
-        """The metadata values of the asset's one materialization (of `course`, if given)."""
-        found = [m for m in self.materializations(asset) if course is None or m.partition == course]
+    def metadata(self, asset: str) -> dict[str, Any]:
+        """The metadata values of the asset's one materialization."""
+        found = self.materializations(asset)
         assert len(found) == 1, f"{len(found)} materializations of {asset}"
         return {key: value.value for key, value in found[0].metadata.items()}
 
+    def courses(self, asset: str) -> CourseSet:
+        """A course asset's value as its run stored it (what the next asset read)."""
+        with open(self.data_dir / "assets" / asset, "rb") as stored:
+            return pickle.load(stored)
+
+    def facts(self, asset: str, course: str) -> dict[str, Any]:
+        """The facts of one course's value of a course asset."""
+        return self.courses(asset).values[course][asset].facts
+
     def checks(self) -> dict[str, dg.AssetCheckEvaluation]:
-        """Check name (`name[course]` for a per-course check) -> its evaluation."""
         found = {}
         for log in self.logs():
             event = log.dagster_event
             if event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
                 evaluation = event.asset_check_evaluation_data
-                course = f"[{evaluation.partition}]" if evaluation.partition else ""
-                found[evaluation.check_name + course] = evaluation
+                found[evaluation.check_name] = evaluation
         return found
 
     def failures(self) -> list[str]:
@@ -93,9 +104,9 @@ class RefreshEvents:
 def materialize(
     source: str, data_dir: Path, instance: dg.DagsterInstance, **overrides: object
 ) -> RefreshEvents:
-    """A real refresh with test resources: the source run, a run per course, the publish."""
+    """A real refresh with test resources: one run of the refresh job, in process."""
     definitions = with_resources(load_definitions(), run_resources(source, data_dir, **overrides))
-    return RefreshEvents(instance, refresh(instance, definitions))
+    return RefreshEvents(instance, refresh(instance, definitions), data_dir)
 
 
 def test_definitions_load_with_every_asset() -> None:
@@ -103,15 +114,17 @@ def test_definitions_load_with_every_asset() -> None:
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSET_KEYS
-    assert graph.get(dg.AssetKey("es_index")).parent_keys == {
-        dg.AssetKey(k) for k in ("chunks", "lemmas", "embeddings")
-    }
+    chain = ["faq_source", *COURSE_ASSETS, "es_index"]
+    for parent, child in itertools.pairwise(chain):  # the design's lineage: a chain
+        assert graph.get(dg.AssetKey(child)).parent_keys == {dg.AssetKey(parent)}
     for key in ASSET_KEYS:
         node = graph.get(dg.AssetKey(key))
         assert node.group_name == "faq_index"
         assert node.kinds
-        # the course is the unit of work; the source and the served index span every course
-        assert node.is_partitioned == (key in COURSE_ASSETS)
+        assert not node.is_partitioned  # one run builds every course
+    assert [job.name for job in defs.jobs] == ["faq_index_refresh"]
+    job = defs.resolve_job_def("faq_index_refresh")
+    assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == ASSET_KEYS
 
 
 def test_full_graph_replaces_the_index_and_survives_a_broken_source(tmp_path: Path, nlp: Language) -> None:
@@ -127,16 +140,17 @@ def test_full_graph_replaces_the_index_and_survives_a_broken_source(tmp_path: Pa
     source = second.metadata("faq_source")
     assert source["entries"] == 948 and sum(source["courses"].values()) == 948
     courses = sorted(source["courses"])
-    assert sorted(instance.get_dynamic_partitions("course")) == courses
-    for asset in COURSE_ASSETS:  # one materialization per course, each of that course's rows
-        assert sorted(m.partition for m in second.materializations(asset)) == courses
-    per_course = {c: second.metadata("raw_documents", c)["entries"] for c in courses}
+    for asset in COURSE_ASSETS:  # one materialization, a row per course in its table
+        metadata = second.metadata(asset)
+        assert (metadata["courses"], metadata["courses_built"]) == (3, 3)
+        assert all(f"| {course}" in metadata["per_course"] for course in courses)
+    per_course = {c: second.facts("raw_documents", c)["entries"] for c in courses}
     assert per_course == source["courses"]
     published = second.metadata("es_index")
     assert published["entries"] == 948
     assert published["deleted"] == 68  # the removed entries, none of them split
     assert published["courses_refreshed"] == courses
-    assert sum(second.metadata("chunks", c)["chunks"] for c in courses) == stats.chunks
+    assert second.metadata("chunks")["chunks"] == stats.chunks
     assert "| doc_id" in source["preview"]
     assert all("preview" in m.metadata for asset in ASSET_KEYS for m in second.materializations(asset))
     # the publish gate asked both versions before serving the new one
@@ -165,7 +179,7 @@ def test_dropped_entries_are_counted(tmp_path: Path) -> None:
     assert result.success
     metadata = result.metadata("faq_source")
     assert (metadata["entries"], metadata["dropped_entries"]) == (1, 1)
-    assert result.metadata("raw_documents", "c")["entries"] == 1
+    assert result.facts("raw_documents", "c")["entries"] == 1
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/documents.json"])
@@ -223,21 +237,16 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     unchanged = materialize(source, data_dir, instance)
     assert unchanged.success
     events = {asset: unchanged.metadata(asset) for asset in ASSET_KEYS}  # all: freshness sees the refresh
-    for step in ("faq_source", *COURSE_ASSETS):
-        assert events[step]["stored_value"] == "reused (inputs unchanged)"
+    assert events["faq_source"]["stored_value"] == "reused (inputs unchanged)"
+    for step in COURSE_ASSETS:
+        assert events[step]["values_made"] == 0
     assert (events["lemmas"]["computed"], events["lemmas"]["reused"]) == (0, 30)
     assert events["es_index"]["confirmed_without_reading"] is True
     assert events["es_index"]["upserted"] == 0
     evaluations = unchanged.checks()
-    assert evaluations and all(e.passed for e in evaluations.values())
-    judged = {name: e.metadata["judged"].value for name, e in evaluations.items() if "judged" in e.metadata}
-    assert set(judged) == {
-        "faq_source_well_formed",
-        "chunks_well_formed[c]",
-        "lemmas_well_formed[c]",
-        "embeddings_well_formed[c]",
-    }
-    assert set(judged.values()) == {"earlier, of these same values"}
+    assert len(evaluations) == 7 and all(e.passed for e in evaluations.values())
+    judged = evaluations["faq_source_well_formed"].metadata["judged"].value
+    assert judged == "earlier, of these same values"  # the course rules, judged in their steps, load nothing
     assert EmbeddedIndex(data_dir).stats().published_at == published_at
 
     monkeypatch.undo()
@@ -246,7 +255,8 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     changed = materialize(source, data_dir, instance)
     assert changed.success
     metadata = {asset: changed.metadata(asset) for asset in ASSET_KEYS}
-    assert {metadata[step]["stored_value"] for step in ASSET_KEYS - {"es_index"}} == {"made"}
+    assert metadata["faq_source"]["stored_value"] == "made"
+    assert all(metadata[step]["values_made"] == 1 for step in COURSE_ASSETS)
     assert (metadata["lemmas"]["computed"], metadata["lemmas"]["reused"]) == (1, 29)
     assert metadata["es_index"]["confirmed_without_reading"] is False
     assert metadata["es_index"]["upserted"] == 1
@@ -263,7 +273,7 @@ def test_the_semantic_mode_adds_cached_sentence_vectors_and_switches_back(
     semantic = NlpResource(processes=1, cache_dir=str(tmp_path / "cache"), reranker="semantic")
     first = materialize(str(source), tmp_path, instance, nlp=semantic)
     assert first.success, first.failures()
-    assert [first.metadata("embeddings", c)["sentence_computed"] for c in "ab"] == [12, 12]
+    assert [first.facts("embeddings", c)["sentence_computed"] for c in "ab"] == [12, 12]
     assert first.metadata("es_index")["reranker"] == "semantic"
     index = EmbeddedIndex(tmp_path)
     assert index.stats().reranker == "semantic"
@@ -275,13 +285,13 @@ def test_the_semantic_mode_adds_cached_sentence_vectors_and_switches_back(
     write_json(tmp_path / "flat.json", entries)
     second = materialize(str(source), tmp_path, instance, nlp=semantic)
     assert second.success
-    assert second.metadata("embeddings", "a")["sentence_computed"] == 1
+    assert second.facts("embeddings", "a")["sentence_computed"] == 1
     assert second.metadata("es_index")["upserted"] == 1
 
     features = NlpResource(processes=1, cache_dir=str(tmp_path / "cache"), reranker="features")
     third = materialize(str(source), tmp_path, instance, nlp=features)
     assert third.success
-    assert third.metadata("embeddings", "a")["sentence_vectors"].startswith("off")
+    assert third.facts("embeddings", "a")["sentence_vectors"].startswith("off")
     assert third.metadata("es_index")["upserted"] == 24  # the rows lose their sentence vectors
     assert index.stats().reranker == "features"
     retriever = Retriever(index, nlp, reranker="semantic")

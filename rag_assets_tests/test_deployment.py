@@ -61,10 +61,50 @@ def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:
         assert services[name]["command"][-2:] == ["-w", "workspace.yaml"]
     assert services["daemon"]["command"][:2] == ["dagster-daemon", "run"]
     worker = services["celery-worker"]
-    assert worker["command"][:4] == ["celery", "-A", "dagster_celery.app", "worker"]
+    command = worker["command"]
+    assert command[:4] == ["celery", "-A", "dagster_celery.app", "worker"]
+    # the queue dagster_celery's executor sends every step to; one step at a time per worker
+    assert command[command.index("-Q") + 1] == "dagster"
+    assert command[command.index("--concurrency") + 1] == "1"
+    assert worker["deploy"]["replicas"] == 2
     # dagster_celery.app reads dagster_celery_config from the path; the image has it there
     assert (ROOT / "deploy/dagster_celery_config.py").exists()
     assert worker["environment"]["PYTHONPATH"] == "/opt/dagster/app/deploy"
+
+
+def test_the_runs_steps_go_to_the_celery_workers(compose: dict[str, Any]) -> None:
+    """Every service that loads the definitions runs the celery executor on the one broker: the
+    daemon's runs send the steps, the workers run them (and keep the run's claim on the data
+    directory between steps, which needs RAG_EXECUTOR there too)."""
+    from dagster_celery.make_app import make_app
+
+    from rag_assets.defs.execution import executor_for
+    from rag_assets.settings import CELERY
+
+    environments = [
+        compose["services"][name]["environment"] for name in ("webserver", "daemon", "celery-worker")
+    ]
+    assert {env["RAG_EXECUTOR"] for env in environments} == {CELERY}
+    assert len({env["DAGSTER_CELERY_BROKER_URL"] for env in environments}) == 1
+    broker = environments[0]["DAGSTER_CELERY_BROKER_URL"]
+    assert broker.startswith("redis://redis:")
+    assert executor_for(dict(environments[0])).name == "celery"
+    # the workers consume the queue the executor sends to
+    assert make_app().conf.task_queues[0].name == "dagster"
+
+
+def test_the_celery_workers_read_the_broker_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setenv("DAGSTER_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+    spec = importlib.util.spec_from_file_location("config", ROOT / "deploy/dagster_celery_config.py")
+    assert spec is not None and spec.loader is not None
+    config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config)
+    # results come back where the executor reads them; no step is reserved by a busy worker
+    assert config.broker_url == config.result_backend == "redis://127.0.0.1:6379/0"
+    assert config.worker_prefetch_multiplier == 1
+    assert config.worker_disable_prefetch is True
 
 
 def test_every_variable_has_an_example_value() -> None:
@@ -86,17 +126,32 @@ def test_the_instance_config_gets_every_variable_it_reads(compose: dict[str, Any
         "DAGSTER_POSTGRES_PASSWORD",
         "DAGSTER_POSTGRES_HOST",
         "DAGSTER_POSTGRES_DB",
-        "DAGSTER_CELERY_BROKER_URL",
     }
+    # the workers open the run's instance (its storage) to record each step's events
     for name in ("webserver", "daemon", "celery-worker"):
         assert needed <= set(compose["services"][name]["environment"])
     config = yaml.safe_load(text)
+    # one refresh at a time: a second run would only fail on the data directory's lock
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert config["run_coordinator"]["config"]["max_concurrent_runs"] == 1
     assert config["run_monitoring"]["enabled"] is True
-    # runs go to the Celery workers; the daemon's monitoring reads their state from Redis
+    # the daemon starts each run as a process; the run hands its steps to Celery (RAG_EXECUTOR)
     launcher = config["run_launcher"]
-    assert (launcher["module"], launcher["class"]) == ("dagster_celery.launcher", "CeleryRunLauncher")
-    assert launcher["config"]["backend"] == {"env": "DAGSTER_CELERY_BROKER_URL"}
+    assert (launcher["module"], launcher["class"]) == ("dagster.core.launcher", "DefaultRunLauncher")
+    assert "config" not in launcher
+
+
+def test_the_deployment_instance_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/dagster.yaml as the image holds it: valid, and its launcher and coordinator load
+    (storage is Postgres, so the instance itself is not opened here)."""
+    from dagster._core.instance.ref import configurable_class_data
+    from dagster._core.launcher import DefaultRunLauncher
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    (tmp_path / "dagster.yaml").write_bytes((ROOT / "deploy/dagster.yaml").read_bytes())
+    config, _ = dagster_instance_config(str(tmp_path), "dagster.yaml")
+    for key, cls in (("run_launcher", DefaultRunLauncher), ("run_coordinator", QueuedRunCoordinator)):
+        assert type(configurable_class_data(config[key]).rehydrate()) is cls
 
 
 def test_the_local_instance_config_is_valid() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -23,15 +25,9 @@ from spacy.language import Language
 
 from rag_assets import quality, settings
 from rag_assets.common.errors import RagError
+from rag_assets.common.lock import DirectoryLock
 from rag_assets.definitions import load_definitions
-from rag_assets.defs.assets import COURSES
-from rag_assets.defs.automation import (
-    COURSE_JOB_NAME,
-    JOB_NAME,
-    PUBLISH_JOB_NAME,
-    daily_document_refresh,
-    initial_index_build,
-)
+from rag_assets.defs.automation import JOB_NAME, daily_document_refresh, initial_index_build
 from rag_assets.defs.refresh import main as refresh_main
 from rag_assets.defs.refresh import summary
 from rag_assets.defs.resources import QualityResource, environment_resources
@@ -50,8 +46,10 @@ defs = load_definitions()
 
 
 @pytest.fixture
-def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    """A persistent instance with the project's own dagster.yaml (run monitoring on)."""
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.DagsterInstance]:
+    """A persistent instance with the project's own dagster.yaml (run monitoring on), and a data
+    directory of its own (RAG_DATA_DIR)."""
+    monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path / "data"))
     shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as real_instance:
         yield real_instance
@@ -85,22 +83,14 @@ def test_schedule_starts_the_whole_refresh_daily_at_midnight_utc() -> None:
     assert schedule.execution_timezone == "UTC"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.job_name == JOB_NAME
-    # the source run, then a run per course, then the publish: every run has the seed's limit
-    selected = {}
-    for name in (JOB_NAME, COURSE_JOB_NAME, PUBLISH_JOB_NAME):
-        job = defs.resolve_job_def(name)
-        assert job.tags["dagster/max_runtime"] == "3600"
-        selected[name] = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
-    assert selected == {
-        JOB_NAME: {"faq_source"},
-        COURSE_JOB_NAME: {"raw_documents", "chunks", "lemmas", "embeddings"},
-        PUBLISH_JOB_NAME: {"es_index"},
-    }
-    assert defs.resolve_job_def(COURSE_JOB_NAME).partitions_def == COURSES
+    # one run of every asset, with the seed's limit
+    job = defs.resolve_job_def(JOB_NAME)
+    assert job.tags["dagster/max_runtime"] == "3600"
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
+        "faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"
+    }  # fmt: skip
     assert len(defs.resolve_asset_graph().asset_check_keys) == 7
-    sensors = {sensor.name: sensor for sensor in defs.sensors}
-    assert sensors["course_runs_after_source"].default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensors["publish_after_courses"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert [sensor.name for sensor in defs.sensors] == ["initial_index_build"]
 
 
 def test_schedule_settings_come_from_the_environment() -> None:
@@ -149,22 +139,36 @@ def test_a_refresh_with_a_bad_setting_names_it_and_runs_nothing(
 
 def test_schedule_requests_a_run_when_idle(instance: dg.DagsterInstance) -> None:
     assert isinstance(daily_document_refresh(dg.build_schedule_context(instance=instance)), dg.RunRequest)
-    source = add_run(instance, dg.DagsterRunStatus.SUCCESS)
-    # the sensors have yet to run its courses and publish them: the refresh is unfinished
-    skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
-    assert isinstance(skip, dg.SkipReason)
-    assert skip.skip_message == (
-        f"run {source.run_id} of {JOB_NAME} finished; its refresh is not published yet; skipping this tick"
-    )
-    add_run(instance, dg.DagsterRunStatus.SUCCESS, job_name=PUBLISH_JOB_NAME)
-    request = daily_document_refresh(dg.build_schedule_context(instance=instance))
-    assert isinstance(request, dg.RunRequest)
-    # a run of one course (a backfill's) finished after that publish: the next one has yet to follow
-    time.sleep(1.1)  # run storage records updates to the second
-    backfilled = {"dagster/partition": "mlops-zoomcamp", "dagster/backfill": "b1"}
-    course = add_run(instance, dg.DagsterRunStatus.FAILURE, job_name="__ASSET_JOB", **backfilled)
-    skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
-    assert isinstance(skip, dg.SkipReason) and course.run_id in skip.skip_message
+    add_run(instance, dg.DagsterRunStatus.SUCCESS)  # a refresh is one run: once it ended, nothing follows
+    add_run(instance, dg.DagsterRunStatus.FAILURE)
+    assert isinstance(daily_document_refresh(dg.build_schedule_context(instance=instance)), dg.RunRequest)
+
+
+def test_a_killed_refresh_does_not_hold_back_the_next_tick(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    """`kill -9` of `make run`: the instance still says STARTED, but its claim on the data
+    directory ended with its process; the tick runs, and the next run marks the dead one failed."""
+    killed = add_run(instance, dg.DagsterRunStatus.STARTED)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from rag_assets.common.lock import DirectoryLock; "
+         f"DirectoryLock({str(tmp_path / 'data')!r}).acquire({killed.run_id!r}); import time; time.sleep(60)"]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            not (tmp_path / "data" / "refresh.lock").exists()
+            or "pids" not in (tmp_path / "data" / "refresh.lock").read_text()
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        skip = daily_document_refresh(dg.build_schedule_context(instance=instance))
+        assert isinstance(skip, dg.SkipReason) and killed.run_id in skip.skip_message  # alive: it waits
+    finally:
+        holder.kill()
+        holder.wait()
+    assert DirectoryLock(tmp_path / "data").ended_holder() == killed.run_id
+    assert isinstance(daily_document_refresh(dg.build_schedule_context(instance=instance)), dg.RunRequest)
 
 
 @pytest.mark.parametrize("status", [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED])
@@ -356,8 +360,12 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
     first = materialize(str(DATA / "documents-2025.json"), data, instance)
     assert first.success
     evaluations = first.checks()
-    # two on the source, three on each of the three courses' values, two on the served index
-    assert len(evaluations) == 2 + 3 * 3 + 2
+    # two on the source, one on each course asset (judging every course), two on the served index
+    assert len(evaluations) == 2 + 3 + 2
+    assert all(
+        evaluations[f"{asset}_well_formed"].metadata["courses_judged"].value == 3
+        for asset in ("chunks", "lemmas", "embeddings")
+    )
     assert all(e.passed for e in evaluations.values()), {n: e.description for n, e in evaluations.items()}
 
     import json
@@ -376,17 +384,18 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
     course = "course 'data-engineering-zoomcamp' dropped from 435 to 217 entries"
     assert guard.description.startswith(f"{overall} (RAG_MAX_ENTRY_DROP); {course}")
     assert guard.metadata["served_entries"].value == 948
-    assert second.refresh.courses == [] and second.refresh.publish is None  # nothing ran after it
+    assert second.materializations("raw_documents") == []  # nothing ran after it
     assert EmbeddedIndex(data).stats().entries == 948
     errors = [e.user_message for e in second.logs() if e.level == logging.ERROR]
     assert f"faq_source_count_guard failed: {guard.description}" in errors
     monkeypatch.setenv("RAG_DATA_DIR", str(data))
     lines = summary(second.refresh, fresh)  # how `make run` ends
     assert lines[:2] == [
-        f"run {second.refresh.source.run_id} ({JOB_NAME}) did not succeed:",
+        f"run {second.refresh.run_id} did not do everything:",
         f"  blocked by faq_source_count_guard: {guard.description}",
     ]
-    assert len(lines) == 3 and lines[2].startswith(f"the served index is unchanged: 948 entries at {data}")
+    assert len(lines) == 3, "\n".join(lines)
+    assert lines[2].startswith(f"the served index is unchanged: 948 entries at {data}")
 
 
 def test_the_retrieval_quality_check_runs_only_when_configured(tmp_path: Path) -> None:

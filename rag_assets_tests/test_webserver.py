@@ -12,9 +12,24 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import free_port
+from rag_assets.index.embedded import EmbeddedIndex
+
+from .conftest import DATA, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_DIRS: dict[str, str] = {}  # webserver URL -> its RAG_DATA_DIR
+LAUNCH = """
+mutation($selector: JobOrPipelineSelector!) {
+  launchPipelineExecution(executionParams: {selector: $selector, mode: "default"}) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+  }
+}
+"""
+RUN = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+RUNS = "{ runsOrError { ... on Runs { results { runId } } } }"
 QUERY = """
 {
   assetNodes {
@@ -42,8 +57,17 @@ QUERY = """
 @pytest.fixture(scope="module")
 def webserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("dagster_home")
+    # runs the webserver launches start at once, without a daemon's queue
+    coordinator = "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: DefaultRunCoordinator\n"
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + coordinator)
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "RAG_DATA_DIR": str(home / "data")}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RAG_DATA_DIR": str(home / "data"),
+        "DOCUMENTS_URL": str(DATA / "documents-2025.json"),
+        "RAG_NLP_PROCESSES": "1",
+    }
     binary = Path(sys.executable).parent / "dagster-webserver"
     process = subprocess.Popen(
         [str(binary), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
@@ -54,6 +78,7 @@ def webserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    DATA_DIRS[url] = str(home / "data")
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -71,6 +96,10 @@ def webserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def webserver_data_dir(url: str) -> str:
+    return DATA_DIRS[url]
 
 
 def graphql(url: str) -> dict:
@@ -94,13 +123,12 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
         "raw_documents": ["faq_source"],
         "chunks": ["raw_documents"],
         "lemmas": ["chunks"],
-        "embeddings": ["chunks", "lemmas"],
-        "es_index": ["chunks", "embeddings", "lemmas"],
+        "embeddings": ["lemmas"],
+        "es_index": ["embeddings"],
     }
     assert {n["groupName"] for n in nodes.values()} == {"faq_index"}
     assert "spacy" in nodes["lemmas"]["kinds"]
-    partitioned = {key for key, n in nodes.items() if n["isPartitioned"]}
-    assert partitioned == {"raw_documents", "chunks", "lemmas", "embeddings"}  # by course
+    assert not any(n["isPartitioned"] for n in nodes.values())  # one run builds every course
     checks = {
         key: {c["name"]: c["blocking"] for c in n["assetChecksOrError"]["checks"]} for key, n in nodes.items()
     }
@@ -121,9 +149,37 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
         "UTC",
     )
     assert schedule["scheduleState"]["status"] == "RUNNING"
-    assert sorted(s["name"] for s in repository["sensors"]) == [
-        "course_runs_after_source",
-        "initial_index_build",
-        "publish_after_courses",
-    ]
-    assert {"faq_index_refresh", "course_refresh", "index_publish"} <= {j["name"] for j in repository["jobs"]}
+    assert [s["name"] for s in repository["sensors"]] == ["initial_index_build"]
+    assert {j["name"] for j in repository["jobs"]} == {"faq_index_refresh", "__ASSET_JOB"}
+
+
+def test_materialize_all_in_the_ui_builds_and_publishes_in_one_run(webserver: str) -> None:
+    """What the UI's *Materialize all* sends: one run of every asset, launched by the webserver."""
+    data = graphql(webserver)
+    keys = [n["assetKey"] for n in data["assetNodes"]]
+    selector = {
+        "repositoryLocationName": "rag_assets",
+        "repositoryName": "__repository__",
+        "pipelineName": "__ASSET_JOB",
+        "assetSelection": keys,
+    }
+    answer = requests.post(
+        f"{webserver}/graphql", json={"query": LAUNCH, "variables": {"selector": selector}}, timeout=60
+    ).json()
+    assert answer.get("data"), answer
+    launched = answer["data"]["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 300
+    while True:
+        run = requests.post(
+            f"{webserver}/graphql", json={"query": RUN, "variables": {"id": run_id}}, timeout=60
+        ).json()["data"]["runOrError"]
+        if run["status"] in ("SUCCESS", "FAILURE", "CANCELED") or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert run["status"] == "SUCCESS"
+    runs = requests.post(f"{webserver}/graphql", json={"query": RUNS}, timeout=60).json()["data"]
+    assert [r["runId"] for r in runs["runsOrError"]["results"]] == [run_id]  # nothing chained after it
+    stats = EmbeddedIndex(Path(webserver_data_dir(webserver))).stats()
+    assert (stats.entries, len(stats.courses)) == (948, 3)

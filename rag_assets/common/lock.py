@@ -36,10 +36,12 @@ class DirectoryLock:
         self.path = Path(directory).resolve() / name
         self._handle: IO[str] | None = None
 
-    def acquire(self, holder: str, run_under_way: Callable[[str], bool | None] = lambda run: None) -> None:
+    def acquire(
+        self, holder: str, run_under_way: Callable[[str], bool | None] = lambda run: None
+    ) -> str | None:
         """Take the directory for run `holder`, or raise DirectoryBusyError naming the run that
         has it. `run_under_way(run)` says whether the instance knows that run as under way (True),
-        finished (False), or not at all (None)."""
+        finished (False), or not at all (None). Returns the run whose ended claim this took over."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
         try:
@@ -48,7 +50,7 @@ class DirectoryLock:
             claim = _read(handle)
             handle.close()
             if claim.get("holder") == holder:
-                return  # a sibling step of this run holds it
+                return None  # a sibling step of this run holds it
             raise DirectoryBusyError(self._busy(claim)) from None
         claim = _read(handle)
         if claim.get("holder") not in (None, holder) and _alive(claim, run_under_way):
@@ -67,6 +69,25 @@ class DirectoryLock:
         handle.write(json.dumps(mine))
         handle.flush()
         self._handle = handle
+        return claim.get("holder") if claim.get("holder") not in (None, holder) else None
+
+    def ended_holder(self, run_under_way: Callable[[str], bool | None] = lambda run: None) -> str | None:
+        """The run whose claim is still written here though its processes ended (it was killed),
+        or None."""
+        try:
+            handle = open(self.path, encoding="utf-8")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with handle:
+            claim = _read(handle)
+            if not claim.get("holder"):
+                return None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # its process holds the flock
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return None if _alive(claim, run_under_way) else str(claim["holder"])
 
     def release(self, keep_claim: bool = False) -> None:
         """Let the directory go; `keep_claim` leaves the run's claim for its next steps."""

@@ -172,23 +172,21 @@ class ValueStore:
         except (OSError, ValueError):
             return set()
 
-    def refuse(self, value: StoredValue, reason: str) -> None:
-        """Mark a value its blocking checks refused: no later step or run may build on it, even
+    def refuse(self, value: StoredValue, check: str, reason: str) -> None:
+        """Mark a value a blocking check refused: no later step or run may build on it, even
         though it stays the asset's newest output until a good one replaces it."""
-        _write_atomically(self._refusal_path(value), lambda out: out.write(reason.encode()))
+        _write_atomically(self._refusal_path(value, check), lambda out: out.write(reason.encode()))
 
-    def accept(self, value: StoredValue) -> None:
-        self._refusal_path(value).unlink(missing_ok=True)
+    def accept(self, value: StoredValue, check: str) -> None:
+        self._refusal_path(value, check).unlink(missing_ok=True)
 
     def refusal(self, value: StoredValue) -> str | None:
-        """Why the value was refused, or None."""
-        try:
-            return self._refusal_path(value).read_text()
-        except FileNotFoundError:
-            return None
+        """Why the value was refused (each check that refused it), or None."""
+        found = sorted(self.directory.glob(f"{value.step}/{value.digest}.*.refused"))
+        return "; ".join(f"{path.suffixes[-2][1:]}: {path.read_text()}" for path in found) or None
 
-    def _refusal_path(self, value: StoredValue) -> Path:
-        return self.directory / value.step / f"{value.digest}.refused"
+    def _refusal_path(self, value: StoredValue, check: str) -> Path:
+        return self.directory / value.step / f"{value.digest}.{check}.refused"
 
     def find(self, step: str, value_digest: str) -> StoredValue | None:
         pickled, facts_file = self._paths(step, value_digest)
@@ -238,7 +236,7 @@ class ValueStore:
             reverse=True,
         )
         for old in facts[KEEP_PER_STEP:]:
-            for path in (old, old.with_suffix(".pkl"), old.with_suffix(".refused")):
+            for path in (old, old.with_suffix(".pkl"), *old.parent.glob(f"{old.stem}.*.refused")):
                 path.unlink(missing_ok=True)
 
 

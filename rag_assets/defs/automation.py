@@ -11,7 +11,9 @@ the daemon sees no index.
 import dagster as dg
 
 from rag_assets import settings
+from rag_assets.common.lock import DirectoryLock
 from rag_assets.defs.assets import es_index
+from rag_assets.defs.resources import runs_under_way
 
 JOB_NAME = "faq_index_refresh"
 IN_FLIGHT = [
@@ -33,9 +35,11 @@ refresh_job = dg.define_asset_job(
 
 def run_in_flight(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
     """Any run of this code location that has not finished: a refresh, but also a
-    materialization started from the UI or the CLI."""
-    runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=1)
-    return runs[0] if runs else None
+    materialization started from the UI or the CLI; not a run whose process was killed while it
+    held the data directory (the instance still says STARTED, the directory's lock knows better)."""
+    killed = DirectoryLock(settings.data_dir()).ended_holder(runs_under_way(instance))
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=2)
+    return next((run for run in runs if run.run_id != killed), None)
 
 
 @dg.schedule(

@@ -42,11 +42,11 @@ def source_result(
     context: Context, refresh_lock: RefreshLockResource, faq_source: StoredValue, verdict: quality.Verdict
 ) -> dg.AssetCheckResult:
     """A source check's result; a refused source value is marked so nothing is ever built on it."""
-    store = refresh_lock.stored_values()
+    store, check = refresh_lock.stored_values(), context.check_specs[0].key.name
     if verdict.passed:
-        store.accept(faq_source)
+        store.accept(faq_source, check)
     else:
-        store.refuse(faq_source, f"{context.check_specs[0].key.name}: {verdict.description}")
+        store.refuse(faq_source, check, verdict.description)
     return result(context, verdict)
 
 

@@ -10,14 +10,21 @@ run; everything a step needs travels in its shard.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from rag_assets import settings
 from rag_assets.common.stored import StoredValue
 
 # About 10,000 chunks: 3-4 s of spaCy here, so a step's own overhead (about 0.1 s of Dagster
 # events on a SQLite instance) stays small, and a large source has enough steps to spread.
 SHARD_ROWS = 10_000
+
+
+def shard_rows() -> int:
+    """RAG_SHARD_ROWS, else SHARD_ROWS: the most rows of small courses packed into one step."""
+    return settings.number(os.environ, "RAG_SHARD_ROWS", SHARD_ROWS)
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,11 @@ class CourseSet:
             return int(self.source.facts["courses"].get(course, 0))
         return int(newest.facts.get("chunks", newest.facts.get("entries", 0)))
 
-    def shards(self, max_rows: int = SHARD_ROWS) -> list[CourseSet]:
+    def shards(self, max_rows: int | None = None) -> list[CourseSet]:
         """The courses still going, packed in name order into shards of at most `max_rows` rows
-        (a larger course alone). The refusals stay out of them: `joined` adds them back."""
+        (`shard_rows()`; a larger course alone). The refusals stay out of them: `joined` adds them
+        back."""
+        max_rows = max_rows or shard_rows()
         shards: list[list[str]] = []
         rows = 0
         for course in sorted(self.values):

@@ -43,15 +43,20 @@ def outcome(result: dg.ExecuteInProcessResult) -> RunOutcome:
     problems += [
         f"{event.step_key} failed: {_failure_message(event.step_failure_data.error)}"
         for event in result.get_step_failure_events()
-        # a failed blocking check stops its step too; the check's own line says why
-        if event.step_failure_data.error.cls_name != "DagsterAssetCheckFailedError"
+        if not _said_by_a_check(event.step_failure_data.error)
     ]
-    problems += [
+    problems += [  # a failure before any step: the data directory is busy, a resource is wrong
         f"the run failed: {_failure_message(event.event_specific_data.error)}"
         for event in result.all_events
-        if event.event_type == dg.DagsterEventType.RUN_FAILURE and event.event_specific_data.error
+        if event.event_type == dg.DagsterEventType.RUN_FAILURE
+        and not _said_by_a_check(event.event_specific_data.error)
     ]
     return RunOutcome(result.run_id, result.success and not problems, tuple(problems))
+
+
+def _said_by_a_check(error: dg.SerializableErrorInfo | None) -> bool:
+    """No error, or a blocking check's stop, whose own line already says why."""
+    return error is None or error.cls_name == "DagsterAssetCheckFailedError"
 
 
 def _failure_message(error: dg.SerializableErrorInfo | None) -> str:

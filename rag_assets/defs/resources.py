@@ -140,6 +140,16 @@ class SearchIndexResource(dg.ConfigurableResource):
         return EmbeddedIndex(Path(self.data_dir), log)
 
 
+def runs_under_way(instance: dg.DagsterInstance | None) -> Callable[[str], bool | None]:
+    """Whether the instance knows a run as under way (True), finished (False), or not (None)."""
+
+    def under_way(run_id: str) -> bool | None:
+        run = instance.get_run_by_id(run_id) if instance is not None else None
+        return None if run is None else not run.is_finished
+
+    return under_way
+
+
 class RefreshLockResource(dg.ConfigurableResource):
     """Holds the data directory for the whole run, so two refreshes never mix their data.
 
@@ -160,15 +170,19 @@ class RefreshLockResource(dg.ConfigurableResource):
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[RefreshLockResource]:
         lock = DirectoryLock(self.data_dir)
         instance = context.instance
-
-        def under_way(run_id: str) -> bool | None:
-            run = instance.get_run_by_id(run_id) if instance is not None else None
-            return None if run is None else not run.is_finished
-
+        under_way = runs_under_way(instance)
+        run_id = context.run.run_id if context.run else "(no run)"
         try:
-            lock.acquire(context.run_id or "(no run)", under_way)
+            ended = lock.acquire(run_id, under_way)
         except DirectoryBusyError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        if ended is not None and under_way(ended) and instance is not None:
+            # its process ended without finishing (killed): say so, so nothing waits for it
+            dead = instance.get_run_by_id(ended)
+            if dead is not None:
+                instance.report_run_failed(
+                    dead, f"its process ended without finishing; run {run_id} took over {self.data_dir}"
+                )
         try:
             yield self
         finally:

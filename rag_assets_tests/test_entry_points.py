@@ -1,0 +1,75 @@
+"""Every way a Dagster user starts a refresh builds what changed and publishes it, in one run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from rag_assets.index.embedded import EmbeddedIndex
+
+from .conftest import entry, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DAGSTER, DG = str(Path(sys.executable).parent / "dagster"), str(Path(sys.executable).parent / "dg")
+MODULE = ["-m", "rag_assets.definitions"]
+ENTRY_POINTS = {
+    "make run": [sys.executable, "-m", "rag_assets.defs.refresh"],
+    "dagster asset materialize --select '*'": [DAGSTER, "asset", "materialize", "--select", "*", *MODULE],
+    "dagster job execute -j faq_index_refresh": [
+        DAGSTER,
+        "job",
+        "execute",
+        "-j",
+        "faq_index_refresh",
+        *MODULE,
+    ],
+    "dg launch --assets '*'": [DG, "launch", "--assets", "*"],
+}  # the UI's Materialize all: test_webserver.py
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(ENTRY_POINTS))
+def test_each_entry_point_builds_and_publishes_in_one_run(tmp_path: Path, command: str) -> None:
+    entries = [
+        entry(c, f"How do I fix error {n} in {c}?", f"Restart service {n}.") for c in "ab" for n in range(5)
+    ]
+    source = write_json(tmp_path / "faq.json", entries)
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RAG_DATA_DIR": str(data),
+        "DOCUMENTS_URL": str(source),
+        "RAG_NLP_PROCESSES": "1",
+    }
+    for answer in ("Restart service", "Reboot service"):  # a build, then a change to publish
+        entries = [
+            entry(c, f"How do I fix error {n} in {c}?", f"{answer} {n}.") for c in "ab" for n in range(5)
+        ]
+        write_json(source, entries)
+        done = subprocess.run(
+            ENTRY_POINTS[command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        index = EmbeddedIndex(data)
+        assert (index.stats().entries, sorted(index.stats().courses)) == (10, ["a", "b"])
+    if command == "make run":
+        assert (
+            done.stdout.strip()
+            .splitlines()[-2]
+            .startswith("refresh: published 10 entries (10 chunks) of 2 courses")
+        )
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 2 and all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+        published = instance.get_latest_materialization_event(dg.AssetKey("es_index"))
+        assert published is not None and published.run_id == runs[0].run_id
+        metadata = published.asset_materialization.metadata
+        assert metadata["courses_refreshed"].value == ["a", "b"] and metadata["upserted"].value == 10
