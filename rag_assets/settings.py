@@ -142,7 +142,7 @@ EXECUTORS = (IN_PROCESS, MULTIPROCESS, CELERY)
 
 
 def executor(env: Mapping[str, str] = os.environ) -> str:
-    """RAG_EXECUTOR: where a run's steps execute (docs/operations.md, Scaling out)."""
+    """RAG_EXECUTOR: where a run's steps execute (README, Scaling out)."""
     name = env.get("RAG_EXECUTOR") or IN_PROCESS
     if name not in EXECUTORS:
         raise RagError(f"RAG_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)}")

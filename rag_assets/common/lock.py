@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +48,7 @@ class DirectoryLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            claim = _read(handle)
+            claim = _holders_claim(handle)
             handle.close()
             if claim.get("holder") == holder:
                 return None  # a sibling step of this run holds it
@@ -114,6 +115,17 @@ def _alive(claim: dict[str, Any], run_under_way: Callable[[str], bool | None]) -
     if claim.get("host") != socket.gethostname():
         return bool(under_way)
     return any(_process_lives(int(pid)) for pid in claim.get("pids", []))
+
+
+def _holders_claim(handle: IO[str], wait_s: float = 2.0) -> dict[str, Any]:
+    """The claim of the process holding the flock, which writes it just after taking the flock:
+    a sibling step started at the same moment may look before it is written."""
+    deadline = time.monotonic() + wait_s
+    claim = _read(handle)
+    while not claim.get("holder") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        claim = _read(handle)
+    return claim
 
 
 def _process_lives(pid: int) -> bool:

@@ -148,10 +148,10 @@ class ValueStore:
     """`<directory>/<step>/<digest>.pkl` with its facts beside it in `<digest>.json`.
 
     The facts file is written last, so a value counts as stored only once it is complete.
-    Each course keeps its values in a store of its own (`for_course`): course runs running at the
-    same time never prune each other's values. The values the served index was published from
-    are kept whatever their age (`keep_served`), since a later publish of another course reads
-    them again.
+    Each course keeps its values in a store of its own (`for_course`): steps running at the same
+    time never prune each other's values. The values the served index was published from are
+    kept whatever their age (`keep_served`), since a later publish reads them again for a course
+    a rule refused. A value a blocking check refused is marked beside it (`refuse`).
     """
 
     def __init__(self, directory: Path | str, root: Path | str | None = None) -> None:

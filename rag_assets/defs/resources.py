@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,9 @@ from rag_assets.nlp.analysis import (
 )
 from rag_assets.nlp.cache import NlpCache
 from rag_assets.quality import RetrievalGate, smoke_probes
+
+ASSET_VALUES = "assets"  # the IO manager's folder in the data directory
+KEEP_RUN_OUTPUTS = 2
 
 
 class DocumentSourceResource(dg.ConfigurableResource):
@@ -95,7 +99,7 @@ class NlpResource(dg.ConfigurableResource):
         return model_fingerprint(self.model)
 
     def cache(self, course: str, log: Callable[[str], None] | None = None) -> NlpCache:
-        """A course's own cache: course runs side by side never write to the same file."""
+        """A course's own cache: steps side by side never write to the same file."""
         directory = Path(self.cache_dir) / "courses" / course_folder(course)
         return NlpCache(directory, self.fingerprint(), self.cache_ttl_days, log)
 
@@ -140,6 +144,15 @@ class SearchIndexResource(dg.ConfigurableResource):
         return EmbeddedIndex(Path(self.data_dir), log)
 
 
+def prune_run_outputs(directory: Path, keep: str) -> None:
+    """Drop the step outputs the IO manager keeps per run (`<run id>/`), but those of this run and
+    the newest `KEEP_RUN_OUTPUTS` others (a re-execution from failure reads them): they are
+    handles, not data, yet at 200 courses a run leaves 5 MB of them."""
+    runs = [p for p in directory.glob("*-*-*-*-*") if p.is_dir() and p.name != keep]
+    for old in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_RUN_OUTPUTS:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def runs_under_way(instance: dg.DagsterInstance | None) -> Callable[[str], bool | None]:
     """Whether the instance knows a run as under way (True), finished (False), or not (None)."""
 
@@ -176,6 +189,7 @@ class RefreshLockResource(dg.ConfigurableResource):
             ended = lock.acquire(run_id, under_way)
         except DirectoryBusyError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        prune_run_outputs(Path(self.data_dir) / ASSET_VALUES, keep=run_id)
         if ended is not None and under_way(ended) and instance is not None:
             # its process ended without finishing (killed): say so, so nothing waits for it
             dead = instance.get_run_by_id(ended)
@@ -258,7 +272,7 @@ def environment_resources(env: Mapping[str, str] = os.environ) -> dict[str, Any]
         ),
         "search_index": SearchIndexResource(data_dir=str(directory), elasticsearch=cluster),
         "quality_settings": QualityResource(**settings.present(env, settings.QUALITY_SETTINGS)),
-        "io_manager": dg.FilesystemIOManager(base_dir=str(directory / "assets")),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(directory / ASSET_VALUES)),
         "refresh_lock": RefreshLockResource(
             data_dir=str(directory), steps_elsewhere=settings.executor(env) != settings.IN_PROCESS
         ),

@@ -86,8 +86,10 @@ def lemma_table(lang: str = "en") -> Table:
     return load_lookups(lang, [LEMMA_TABLE]).get_table(LEMMA_TABLE)
 
 
+@functools.cache
 def model_fingerprint(model: str = MODEL_NAME) -> str:
-    """Everything that changes analysis output, read from the model's meta.json (no loading)."""
+    """Everything that changes analysis output, read from the model's meta.json (no loading);
+    once per process, like the model itself (`load_pipeline`)."""
     location = model_location(model)
     if spacy.util.is_package(location):
         meta = spacy.util.get_package_version(location) or ""
