@@ -447,10 +447,10 @@ class DagsterApi:
         )["runsOrError"]["results"][::-1]
 
     def materializations(self, asset: str, limit: int = 50) -> list[dict[str, Any]]:
-        """Newest first, with the partition and the JSON and numeric metadata."""
+        """Newest first, with the JSON and numeric metadata."""
         return self.query(
             "query($k: AssetKeyInput!, $n: Int) { assetOrError(assetKey: $k) { ... on Asset"
-            " { assetMaterializations(limit: $n) { runId partition timestamp metadataEntries { label"
+            " { assetMaterializations(limit: $n) { runId timestamp metadataEntries { label"
             " ... on JsonMetadataEntry { jsonString } ... on IntMetadataEntry { intValue } } } } } }",
             k={"path": [asset]},
             n=limit,
@@ -637,6 +637,7 @@ class Rehearsal:
         self.api = DagsterApi(f"http://127.0.0.1:{self.port}")
         self.first_run = self.scheduled_run = self.slow_run = self.slow_run_status = ""
         self.first_run_end = self.scheduled_end = 0.0
+        self.stray_steps: dict[str, str] = {}
         self.served_digest = self.served_publish = ""
         # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
         self.password = secrets.token_urlsafe(24)
@@ -767,12 +768,7 @@ class Rehearsal:
         worker's name, in the event the task records); each per-course asset fanned out over two
         shards or more, both workers ran shard steps, and the shards of an asset ran side by side."""
         names = {f"worker{n}" for n in range(1, CELERY_WORKERS + 1)}
-        ran_by: dict[str, str] = {}
-        for event in self.api.events(self.first_run):
-            message = event.get("message") or ""
-            if CELERY_STEP_EVENT[0] in message and message.endswith(CELERY_STEP_EVENT[1]):
-                labels = {e["label"]: e.get("text") for e in event.get("metadataEntries", [])}
-                ran_by[event["stepKey"]] = str(labels.get(CELERY_WORKER_LABEL)).split("@")[0]
+        ran_by = {step: worker for step, (worker, _) in self.celery_steps(self.first_run).items()}
         stats = self.api.step_stats(self.first_run)
         elsewhere = {
             s["stepKey"]: ran_by.get(s["stepKey"]) for s in stats if ran_by.get(s["stepKey"]) not in names
@@ -906,11 +902,20 @@ class Rehearsal:
 
     def first_build_queued_and_succeeded(self) -> str:
         run = self.api.wait_run_finished(self.first_run, self.max_runtime_s + 120)
-        lifecycle = [e["__typename"] for e in self.api.events(self.first_run) if e["__typename"] in LIFECYCLE]
+        events = self.api.events(self.first_run)
+        lifecycle = [e["__typename"] for e in events if e["__typename"] in LIFECYCLE]
+        if any("maximum runtime" in (e.get("message") or "") for e in events):
+            raise ObservationFailed(
+                f"run monitoring stopped the first build: a whole refresh takes longer here than "
+                f"--max-runtime-s {self.max_runtime_s} (REHEARSE_MAX_RUNTIME_S); raise it"
+            )
         if run["status"] != "SUCCESS" or [k for k in lifecycle if k != "RunDequeuedEvent"] != QUEUED_PATH:
             raise ObservationFailed(f"status {run['status']}, lifecycle events {lifecycle}")
         self.first_run_end = run["endTime"]
-        return f"{' -> '.join(lifecycle)} in {run['endTime'] - run['creationTime']:.1f} s"
+        return (
+            f"{' -> '.join(lifecycle)} in {run['endTime'] - run['creationTime']:.1f} s "
+            f"({run['endTime'] - run['startTime']:.1f} s running, limit {self.max_runtime_s} s)"
+        )
 
     def one_run(self, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The run materialized each of the six assets once, and no other run was created while it
@@ -979,8 +984,8 @@ class Rehearsal:
         took = run["endTime"] - run["creationTime"]
         return (
             f"tick at {ticked} UTC -> run {self.scheduled_run}, the six assets in {took:.1f} s, "
-            f"values made (the source unchanged): {remade}; {len(skipped)} earlier ticks skipped"
-            + (f", the last: {skipped[0]!r}" if skipped else "")
+            f"values made (the source unchanged): {remade}; ticks skipped so far: {len(skipped)}"
+            + (f", the newest: {skipped[0]!r}" if skipped else "")
         )
 
     def freshness_passing(self) -> str:
@@ -1076,17 +1081,67 @@ class Rehearsal:
         self.slow_run_status = run["status"]
         raced = "" if run["status"] == "FAILURE" else " (the worker's own cancellation landed after it)"
         running = run["endTime"] - run["startTime"]
-        return f"{run['status']}{raced} after {running:.0f} s of running; run monitoring's event: {verdict!r}"
+        # The run's process revokes its Celery tasks; a task a worker has started goes on (Celery
+        # stops a started task only when revoked with terminate, which dagster_celery does not do).
+        self.stray_steps = self.steps_still_going(self.slow_run)
+        left = f"; its steps still going in the workers: {self.stray_steps}" if self.stray_steps else ""
+        return (
+            f"{run['status']}{raced} after {running:.0f} s of running; run monitoring's event: "
+            f"{verdict!r}{left}"
+        )
+
+    def steps_still_going(self, run_id: str) -> dict[str, str]:
+        """step -> worker, for the run's steps a worker started and that recorded no end."""
+        ended = {"ExecutionStepSuccessEvent", "ExecutionStepFailureEvent"}
+        events = self.api.events(run_id)
+        done = {e["stepKey"] for e in events if e["__typename"] in ended}
+        return {
+            step: worker
+            for step, (worker, _) in self.celery_steps(run_id, events).items()
+            if step not in done
+        }
+
+    def celery_steps(
+        self, run_id: str, events: list[dict[str, Any]] | None = None
+    ) -> dict[str, tuple[str, float]]:
+        """step -> (worker, when), from the event each Celery task records as it takes a step."""
+        steps: dict[str, tuple[str, float]] = {}
+        for event in self.api.events(run_id) if events is None else events:
+            message = event.get("message") or ""
+            if CELERY_STEP_EVENT[0] in message and message.endswith(CELERY_STEP_EVENT[1]):
+                labels = {e["label"]: e.get("text") for e in event.get("metadataEntries", [])}
+                worker = str(labels.get(CELERY_WORKER_LABEL)).split("@")[0]
+                steps[event["stepKey"]] = (worker, int(event["timestamp"]) / 1000)
+        return steps
 
     def index_unchanged(self) -> str:
         self.source.slow.clear()
+        stray = ""
+        if self.stray_steps:
+            # The source answers now: a step left going ends, and the index must still be as served.
+            wait_for(
+                "the failed run's steps left in the workers ending",
+                lambda: True if not self.steps_still_going(self.slow_run) else None,
+                60,
+                1.0,
+            )
+            failed_at = self.api.run(self.slow_run)["endTime"]
+            later = [s for s, (_, at) in self.celery_steps(self.slow_run).items() if at > failed_at]
+            if later:
+                raise ObservationFailed(f"steps of the failed run started after its failure: {later}")
+            made = [name for name, m in self.api.made_by(self.slow_run).items() if m]
+            left = ", ".join(f"{step} on {worker}" for step, worker in self.stray_steps.items())
+            stray = (
+                f"; its steps left going ({left}) ended once the source answered, recording "
+                f"{', '.join(made) or 'nothing'} for the failed run; no step started after its failure"
+            )
         digest = index_digest(self.data)
         latest = self.api.assets()["es_index"]["assetMaterializations"][0]["runId"]
         if digest != self.served_digest or latest != self.served_publish:
             raise ObservationFailed(
                 f"index sha256 {self.served_digest[:12]} -> {digest[:12]}; es_index last from run {latest}"
             )
-        return f"{INDEX_FILE} sha256 {digest[:16]}… before and after; es_index still from run {latest}"
+        return f"{INDEX_FILE} sha256 {digest[:16]}… before and after; es_index still from run {latest}{stray}"
 
     def lineage_and_asset_pages(self) -> str:
         location = self.api.repository["repositoryLocationName"]
@@ -1168,7 +1223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".rehearsal", help="output folder (emptied first)")
     parser.add_argument("--documents", type=Path, required=True, help="FAQ JSON the local source serves")
-    parser.add_argument("--max-runtime-s", type=int, default=90, help="RAG_MAX_RUNTIME_S for every run")
+    parser.add_argument(
+        "--max-runtime-s",
+        type=int,
+        default=90,
+        help="RAG_MAX_RUNTIME_S for every run: longer than a whole refresh takes (70-85 s here)",
+    )
     args = parser.parse_args(argv)
     out = args.out.absolute()
     shutil.rmtree(out, ignore_errors=True)
