@@ -241,6 +241,7 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     for step in COURSE_ASSETS:
         assert events[step]["values_made"] == 0
     assert (events["lemmas"]["computed"], events["lemmas"]["reused"]) == (0, 30)
+    assert all(events[step]["chunks"] == 30 for step in COURSE_ASSETS[1:])  # reused values count too
     assert events["es_index"]["confirmed_without_reading"] is True
     assert events["es_index"]["upserted"] == 0
     evaluations = unchanged.checks()

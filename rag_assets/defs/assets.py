@@ -151,9 +151,19 @@ def documents_value(loaded: LoadedDocuments) -> tuple[pd.DataFrame, dict[str, An
     }
 
 
-def course_documents_value(source: StoredValue, course: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read part by part: the whole source is never held to take one course out of it."""
-    frame = pd.concat([part[part["course"] == course] for part in source.parts()], ignore_index=True)
+def course_frames(source: StoredValue, courses: list[str]) -> dict[str, pd.DataFrame]:
+    """These courses' entries, from one pass over the source part by part: the whole source is
+    never held, nor read once per course."""
+    found: dict[str, list[pd.DataFrame]] = {course: [] for course in courses}
+    for part in source.parts():
+        for course, rows in part[part["course"].isin(found)].groupby("course", sort=False):
+            found[str(course)].append(rows)
+    return {course: pd.concat(frames, ignore_index=True) for course, frames in found.items()}
+
+
+def course_documents_value(
+    source: StoredValue, course: str, frame: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     return frame, {
         "entries": len(frame),
         "course": course,
@@ -384,7 +394,9 @@ def course_metadata(
     totals: dict[str, int | float] = {}
     for value in values.values():
         facts = value.facts
-        counted = {"computed": 0, "reused": facts.get("chunks", 0)} if value.reused else facts
+        # a reused value was made by an earlier run: it counts, but nothing was computed for it
+        counted = {**facts, "computed": 0, "reused": facts.get("chunks", 0), "sentence_computed": 0}
+        counted = counted if value.reused else facts
         for key in ("entries", "chunks", "computed", "reused", "sentence_computed", "zero_vectors"):
             if isinstance(counted.get(key), int | float):
                 totals[key] = totals.get(key, 0) + counted[key]
@@ -409,10 +421,17 @@ def raw_documents_of_shard(
     context: dg.OpExecutionContext, refresh_lock: RefreshLockResource, shard: CourseSet
 ) -> CourseSet:
     source = shard.source
+    digests = {course: digest(source.digest, course) for course in shard.values}
+    missing = [
+        c for c in shard.values if refresh_lock.stored_values(c).find("raw_documents", digests[c]) is None
+    ]
+    frames = course_frames(source, missing) if missing else {}
 
     def make(course: str, values: dict[str, StoredValue]) -> StoredValue:
         return refresh_lock.stored_values(course).find_or_make(
-            "raw_documents", digest(source.digest, course), lambda: course_documents_value(source, course)
+            "raw_documents",
+            digests[course],
+            lambda: course_documents_value(source, course, frames.pop(course)),
         )
 
     return build_shard(context, shard, "raw_documents", make)
