@@ -9,6 +9,7 @@ in the Dagster UI.
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -289,22 +290,36 @@ def judged(
     return verdict
 
 
+@dataclass(frozen=True)
+class CourseRule:
+    """A course asset's rule (`<step>_well_formed`): the steps whose values it reads, its
+    thresholds, and the verdict over those values."""
+
+    inputs: tuple[str, ...]
+    thresholds: tuple[object, ...]
+    verdict: Callable[[dict[str, StoredValue]], quality.Verdict]
+
+
 def build_shard(
     context: dg.OpExecutionContext,
+    refresh_lock: RefreshLockResource,
     shard: CourseSet,
     step: str,
     make: Callable[[str, dict[str, StoredValue]], StoredValue],
-    rule: Callable[[str, dict[str, StoredValue]], quality.Verdict] | None = None,
+    rule: CourseRule | None = None,
 ) -> CourseSet:
-    """Each course of the shard: its value of `step`, then the step's rule on it; a course the
-    rule refuses goes no further (it stays as served), the others go on."""
+    """Each course of the shard: its value of `step`, then the step's rule on it (`judged`); a
+    course the rule refuses goes no further (it stays as served), the others go on."""
     progress = Progress(f"{step} ({context.op_handle})", len(shard.values), context.log.info)
     check = f"{step}_well_formed"
 
     def judge(course: str, value: StoredValue) -> Refusal | None:
         if rule is None:
             return None
-        verdict = rule(course, {**shard.values[course], step: value})
+        values = {**shard.values[course], step: value}
+        inputs = [values[name] for name in rule.inputs]
+        store = refresh_lock.stored_values(course)
+        verdict = judged(store, check, inputs, rule.thresholds, lambda: rule.verdict(values))
         if verdict.passed:
             return None
         context.log.error(f"{check} refused course {course!r}: {verdict.description}")
@@ -434,7 +449,7 @@ def raw_documents_of_shard(
             lambda: course_documents_value(source, course, frames.pop(course)),
         )
 
-    return build_shard(context, shard, "raw_documents", make)
+    return build_shard(context, refresh_lock, shard, "raw_documents", make)
 
 
 class ChunksConfig(dg.Config):
@@ -458,18 +473,12 @@ def chunks_of_shard(
             lambda: chunks_value(make_chunks(documents.load(), chunking_config), chunking_config),
         )
 
-    def rule(course: str, values: dict[str, StoredValue]) -> quality.Verdict:
-        chunks = values["chunks"]
-        limit = chunks.facts["max_chars"]
-        return judged(
-            refresh_lock.stored_values(course),
-            "chunks_well_formed",
-            [chunks],
-            (),
-            lambda: quality.check_chunks(chunks.load(), limit),
-        )
-
-    return build_shard(context, shard, "chunks", make, rule)
+    rule = CourseRule(
+        ("chunks",),
+        (),
+        lambda values: quality.check_chunks(values["chunks"].load(), values["chunks"].facts["max_chars"]),
+    )
+    return build_shard(context, refresh_lock, shard, "chunks", make, rule)
 
 
 @dg.op
@@ -488,18 +497,13 @@ def lemmas_of_shard(
             lambda: lemmas_value(nlp, course, chunks, context.log),
         )
 
-    def rule(course: str, values: dict[str, StoredValue]) -> quality.Verdict:
-        lemmas, chunks = values["lemmas"], values["chunks"]
-        share = quality_settings.max_empty_lemma_share
-        return judged(
-            refresh_lock.stored_values(course),
-            "lemmas_well_formed",
-            [lemmas, chunks],
-            (share,),
-            lambda: quality.check_lemmas(lemmas.load(), chunk_ids(chunks), share),
-        )
-
-    return build_shard(context, shard, "lemmas", make, rule)
+    share = quality_settings.max_empty_lemma_share
+    rule = CourseRule(
+        ("lemmas", "chunks"),
+        (share,),
+        lambda values: quality.check_lemmas(values["lemmas"].load(), chunk_ids(values["chunks"]), share),
+    )
+    return build_shard(context, refresh_lock, shard, "lemmas", make, rule)
 
 
 @dg.op
@@ -517,18 +521,13 @@ def embeddings_of_shard(
             lambda: embeddings_value(nlp, course, values, context.log),
         )
 
-    def rule(course: str, values: dict[str, StoredValue]) -> quality.Verdict:
-        embeddings, chunks = values["embeddings"], values["chunks"]
-        share = quality_settings.max_zero_vector_share
-        return judged(
-            refresh_lock.stored_values(course),
-            "embeddings_well_formed",
-            [embeddings, chunks],
-            (share,),
-            lambda: quality.check_vectors(embeddings.load(), chunk_ids(chunks), share),
-        )
-
-    return build_shard(context, shard, "embeddings", make, rule)
+    share = quality_settings.max_zero_vector_share
+    rule = CourseRule(
+        ("embeddings", "chunks"),
+        (share,),
+        lambda values: quality.check_vectors(values["embeddings"].load(), chunk_ids(values["chunks"]), share),
+    )
+    return build_shard(context, refresh_lock, shard, "embeddings", make, rule)
 
 
 @dg.graph_asset(group_name=GROUP, kinds={"python", "pandas"})
@@ -621,13 +620,13 @@ def es_index(
         kept_as = "kept as served" if course in kept else "not served (never published)"
         context.log.warning(f"course {course!r} {kept_as}: {refusal.check} refused it: {refusal.reason}")
     stats = backend.stats()
+    listed = sorted(current | set(courses))
     table = pd.DataFrame(
         {
-            "course": sorted(current | set(courses)),
-            "entries": [stats.courses.get(c, 0) for c in sorted(current | set(courses))],
+            "course": listed,
+            "entries": [stats.courses.get(c, 0) for c in listed],
             "values": [
-                "this refresh" if c in built else "as served" if c in kept else "not served"
-                for c in sorted(current | set(courses))
+                "this refresh" if c in built else "as served" if c in kept else "not served" for c in listed
             ],
         }
     )

@@ -29,12 +29,19 @@ from rag_assets.retrieval import Retriever
 Context = dg.AssetCheckExecutionContext
 
 
-def result(context: Context, verdict: quality.Verdict) -> dg.AssetCheckResult:
+def result(
+    context: Context,
+    verdict: quality.Verdict,
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+) -> dg.AssetCheckResult:
     """The check's result; a failure is also logged as an ERROR line, where a user looks first."""
     if not verdict.passed:
         context.log.error(f"{context.check_specs[0].key.name} failed: {verdict.description}")
     return dg.AssetCheckResult(
-        passed=verdict.passed, description=verdict.description, metadata=dict(verdict.metadata)
+        passed=verdict.passed,
+        severity=severity,
+        description=verdict.description,
+        metadata=dict(verdict.metadata),
     )
 
 
@@ -103,19 +110,12 @@ def course_rule_result(context: Context, courses: CourseSet, step: str) -> dg.As
     """The verdicts the step's rule gave each course as the step made its values."""
     refused = courses.refused_at(step)
     metadata = {"courses_judged": len(courses.values) + len(refused), "courses_refused": sorted(refused)}
-    if not refused:
-        return dg.AssetCheckResult(passed=True, metadata=metadata)
-    description = "; ".join(f"course {c!r}: {r.reason}" for c, r in refused.items())
-    if courses.values:
-        description += f" (refused, kept as served; {len(courses.values)} other courses go on)"
-    context.log.error(f"{context.check_specs[0].key.name} failed: {description}")
-    return dg.AssetCheckResult(
-        passed=False,
-        # a warning lets the other courses go on to the publish; refusing every course blocks it
-        severity=dg.AssetCheckSeverity.WARN if courses.values else dg.AssetCheckSeverity.ERROR,
-        description=description,
-        metadata=metadata,
-    )
+    problems = [f"course {c!r}: {r.reason}" for c, r in refused.items()]
+    if problems and courses.values:
+        problems[-1] += f" (refused, kept as served; {len(courses.values)} other courses go on)"
+    # a warning lets the other courses go on to the publish; refusing every course blocks it
+    severity = dg.AssetCheckSeverity.WARN if courses.values else dg.AssetCheckSeverity.ERROR
+    return result(context, quality.Verdict(problems, metadata), severity)
 
 
 @dg.asset_check(asset=assets.chunks, blocking=True)
