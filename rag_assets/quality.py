@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -56,15 +57,129 @@ def _table_problems(
 
 
 def check_documents(frame: pd.DataFrame) -> Verdict:
+    """Every entry has an id, a course and a question; empty answers are judged per course
+    (`check_course_content`), so that one course's glitch holds no other course back."""
     problems, metadata = _table_problems(
-        frame, DOCUMENT_COLUMNS, "doc_id", ["doc_id", "course", "question", "answer", "content_hash"]
+        frame, DOCUMENT_COLUMNS, "doc_id", ["doc_id", "course", "question", "content_hash"]
     )
     return Verdict(problems, metadata)
 
 
+# An answer with fewer letters or digits says nothing: "", ".", "-", "?" (the real snapshots'
+# shortest answers are "No.", "Yes", "TODO").
+MIN_ANSWER_WORD_CHARS = 2
+
+
+def blank_answers(answers: pd.Series) -> pd.Series:
+    return answers.str.count(r"[^\W_]") < MIN_ANSWER_WORD_CHARS
+
+
+def without_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """A course's entries with each repeated (question, answer) kept once: a repeat adds nothing
+    but a second copy of every hit. The first keeps its id (ids rank identical entries by position)."""
+    repeated = frame.duplicated(["question", "answer"])
+    return frame[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
+def content_figures(frame: pd.DataFrame, duplicate_entries: int) -> dict[str, int]:
+    """What `check_course_content` judges, counted once when the course's entries are stored."""
+    blank = blank_answers(frame["answer"])
+    return {
+        "source_entries": len(frame) + duplicate_entries,
+        "duplicate_entries": duplicate_entries,
+        "blank_answers": int(blank.sum()),
+        "duplicate_answers": int(frame.loc[~blank, "answer"].duplicated().sum()),
+    }
+
+
+def check_course_content(
+    facts: Mapping[str, int], max_blank_share: float, max_duplicate_share: float
+) -> Verdict:
+    """A course's answers are there and its entries are not repeated, beyond what real FAQs have
+    (at most 0 blank answers and 4.4 % repeated entries per course in the four snapshots)."""
+    entries, source_entries = facts["entries"], facts["source_entries"]
+    figures = {
+        "blank_answer_share": _share(facts["blank_answers"], entries),
+        "duplicate_entry_share": _share(facts["duplicate_entries"], source_entries),
+        "duplicate_answer_share": _share(facts["duplicate_answers"], entries),
+    }
+    problems = [
+        f"{count} of {total} {what} ({figures[figure]:.1%}), more than the allowed {allowed:.0%} ({setting})"
+        for count, total, what, figure, allowed, setting in (
+            (
+                facts["blank_answers"],
+                entries,
+                "answers are empty or have no words",
+                "blank_answer_share",
+                max_blank_share,
+                "RAG_MAX_BLANK_ANSWER_SHARE",
+            ),
+            (
+                facts["duplicate_entries"],
+                source_entries,
+                "entries repeat another entry's question and answer",
+                "duplicate_entry_share",
+                max_duplicate_share,
+                "RAG_MAX_DUPLICATE_SHARE",
+            ),
+            (
+                facts["duplicate_answers"],
+                entries,
+                "entries repeat another entry's answer under another question",
+                "duplicate_answer_share",
+                max_duplicate_share,
+                "RAG_MAX_DUPLICATE_SHARE",
+            ),
+        )
+        if figures[figure] > allowed
+    ]
+    counts = ("entries", "source_entries", "duplicate_entries", "blank_answers", "duplicate_answers")
+    return Verdict(problems, {**{name: facts[name] for name in counts}, **figures})
+
+
+def check_answer_churn(new: pd.DataFrame, served: pd.DataFrame | None, max_churn: float) -> Verdict:
+    """The share of a course's served entries whose answer changed, from the chunks' texts.
+
+    A real daily delta changes a few answers (at most 6.9 % of a course between the two
+    `documents.json` snapshots); answers shuffled among the entries, or all replaced, change
+    nearly every one. New and removed entries are the count guard's concern, not churn's.
+    """
+    if served is None:
+        return Verdict([], {"served_entries": "none served yet (or no longer kept)"})
+    answers_new, answers_served = _answers(new), _answers(served)
+    both = answers_new.index.intersection(answers_served.index)
+    changed = int((answers_new[both] != answers_served[both]).sum())
+    churn = _share(changed, len(both))
+    metadata: dict[str, float | int | str] = {
+        "entries_still_served": len(both),
+        "answers_changed": changed,
+        "answer_churn": churn,
+    }
+    if churn <= max_churn:
+        return Verdict([], metadata)
+    return Verdict(
+        [
+            f"{changed} of the {len(both)} entries it serves would change their answer ({churn:.1%}), "
+            f"more than the allowed {max_churn:.0%} (RAG_MAX_ANSWER_CHURN): answers shuffled or "
+            "replaced? If the change is deliberate, allow it for one refresh"
+        ],
+        metadata,
+    )
+
+
+def _answers(chunks: pd.DataFrame) -> pd.Series:
+    """Each entry's answer as its chunks' texts (doc_id -> joined windows)."""
+    return chunks.groupby("doc_id", sort=False)["text"].agg("\x1f".join)
+
+
+def _share(count: int, total: int) -> float:
+    return round(count / total, 4) if total else 0.0
+
+
 def check_chunks(frame: pd.DataFrame, max_chars: int) -> Verdict:
     """Every chunk text within max_chars, unless it is one unbreakable word."""
-    problems, metadata = _table_problems(frame, CHUNK_COLUMNS, "chunk_id", ["chunk_id", "doc_id", "text"])
+    # an entry with an empty answer is still found by its question (its chunk's text is empty)
+    problems, metadata = _table_problems(frame, CHUNK_COLUMNS, "chunk_id", ["chunk_id", "doc_id", "question"])
     if problems and "missing columns" in problems[0]:
         return Verdict(problems, metadata)
     sizes = frame["text"].str.len()
@@ -223,12 +338,57 @@ def smoke_probes(chunk_parts: Iterable[pd.DataFrame], limit: int) -> list[Ground
     ]
 
 
+# An answer probe asks with a sentence of the answer: enough words to find it, not a whole page.
+ANSWER_PROBE_WORDS = (4, 30)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_WORDS = re.compile(r"[^\W_]+")
+
+
+def answer_sentence(answer: str, question: str) -> str | None:
+    """The first sentence of an answer with enough words of its own (words the question does not
+    have) to search with, cut at the most words. Only those words: the question is in every
+    chunk, so its words would find the entry whatever its answer says."""
+    fewest, most = ANSWER_PROBE_WORDS
+    asked = {word.lower() for word in _WORDS.findall(question)}
+    for sentence in _SENTENCE_END.split(answer):
+        words = [word for word in _WORDS.findall(sentence) if word.lower() not in asked]
+        if len(words) >= fewest:
+            return " ".join(words[:most])
+    return None
+
+
+def answer_probes(chunk_parts: Iterable[pd.DataFrame], per_course: int) -> dict[str, list[GroundTruth]]:
+    """Per course, up to `per_course` entries asked with a sentence of their answer, spread over
+    the course in id order. Made from the served version's chunks: an index that still answers
+    with those words at the same entries kept its answers."""
+    columns = ["course", "doc_id", "question", "text"]
+    firsts = pd.concat(
+        [pd.DataFrame(columns=columns)]
+        + [part.loc[part["chunk_index"] == 0, columns] for part in chunk_parts],
+        ignore_index=True,
+    )
+    probes: dict[str, list[GroundTruth]] = {}
+    for course, entries in firsts.sort_values("doc_id").groupby("course"):
+        asked = [
+            GroundTruth(sentence, str(course), row.doc_id)
+            for row in entries.itertuples(index=False)
+            if (sentence := answer_sentence(row.text, row.question))
+        ]
+        step = max(1, len(asked) // max(per_course, 1))
+        probes[str(course)] = asked[::step][:per_course]
+    return probes
+
+
 class RetrievalGate:
     """Refuses a new version that answers worse than the live one (see `PublishGate`).
 
     Both versions are asked the same questions: the new version's entries their own questions
     (hit rate in the first 3) and, when configured, the ground truth (hit rate and MRR at `eval_k`).
-    A figure lower than the live one's by more than `max_drop` refuses the publish.
+    A figure lower than the live one's by more than `max_drop` refuses the publish. Those see the
+    questions only, which are part of every chunk; so each course whose content changed is also
+    asked with sentences of its served answers (`answer_probes`): a course whose answers were
+    blanked or shuffled no longer finds them at their entries, and a fall of its hit rate by more
+    than `max_answer_drop` refuses the publish.
     """
 
     def __init__(
@@ -239,36 +399,69 @@ class RetrievalGate:
         eval_k: int = 5,
         max_drop: float = 0.02,
         reranker: str = "none",
+        answers: dict[str, list[GroundTruth]] | None = None,
+        max_answer_drop: float = 0.3,
     ) -> None:
         self._nlp = nlp  # or how to load it: a publish that changes nothing never needs the model
         self.reranker = reranker  # both versions are searched in the mode the service uses
         self.question_sets = {"smoke": (probes, 3), "ground_truth": (ground_truth, eval_k)}
         self.max_drop = max_drop
+        self.answers = answers or {}
+        self.max_answer_drop = max_answer_drop
 
     def __call__(self, candidate: SearchBackend, live: SearchBackend | None) -> GateVerdict:
         nlp = self._nlp if isinstance(self._nlp, Language) else self._nlp()
+        searched = {
+            name: Retriever(backend, nlp, reranker=self.reranker)
+            for name, backend in (("new", candidate), ("served", live))
+            if backend is not None
+        }
         figures: dict[str, float] = {}
         problems: list[str] = []
         for name, (questions, k) in self.question_sets.items():
             if not questions:
                 continue
-            new = evaluate(Retriever(candidate, nlp, reranker=self.reranker), questions, k=k)
-            old = None
-            if live is not None:
-                old = evaluate(Retriever(live, nlp, reranker=self.reranker), questions, k=k)
+            results = {
+                version: evaluate(retriever, questions, k=k) for version, retriever in searched.items()
+            }
             for metric in ("hit_rate", "mrr"):
-                figures[f"gate_{name}_{metric}_new"] = getattr(new, metric)
-                if old is None:
-                    continue
-                figures[f"gate_{name}_{metric}_served"] = getattr(old, metric)
-                if getattr(new, metric) < getattr(old, metric) - self.max_drop:
+                for version, result in results.items():
+                    figures[f"gate_{name}_{metric}_{version}"] = getattr(result, metric)
+                if "served" in results and (
+                    getattr(results["new"], metric) < getattr(results["served"], metric) - self.max_drop
+                ):
                     problems.append(
                         f"{name.replace('_', ' ')} {metric.replace('_', ' ')} would fall from "
-                        f"{getattr(old, metric):.4f} (served) to {getattr(new, metric):.4f} (new), "
+                        f"{getattr(results['served'], metric):.4f} (served) to "
+                        f"{getattr(results['new'], metric):.4f} (new), "
                         f"more than the allowed {self.max_drop:g} (RAG_MAX_QUALITY_DROP)"
                     )
+        if "served" in searched:
+            problems += self._answers_kept(searched, figures)
         summary = ", ".join(f"{key.removeprefix('gate_')} {value:.4f}" for key, value in figures.items())
         return GateVerdict(not problems, "; ".join(problems) or f"passed: {summary}", figures)
+
+    def _answers_kept(self, searched: dict[str, Retriever], figures: dict[str, float]) -> list[str]:
+        """Per course: the answer probes' hit rate in the first 3, new against served."""
+        problems = []
+        asked = {version: 0.0 for version in searched}
+        for course, probes in sorted(self.answers.items()):
+            if not probes:
+                continue
+            rates = {version: evaluate(r, probes, k=3).hit_rate for version, r in searched.items()}
+            for version, rate in rates.items():
+                asked[version] += rate * len(probes)
+            if rates["new"] < rates["served"] - self.max_answer_drop:
+                problems.append(
+                    f"course {course!r}: its served answers would be found at their entries for "
+                    f"{rates['new']:.0%} of {len(probes)} answer probes instead of {rates['served']:.0%}, "
+                    f"a fall of more than {self.max_answer_drop:.0%} (RAG_MAX_ANSWER_PROBE_DROP): answers "
+                    "blanked, shuffled or replaced"
+                )
+        total = sum(len(probes) for probes in self.answers.values())
+        if total:
+            figures.update({f"gate_answers_hit_rate_{v}": round(n / total, 4) for v, n in asked.items()})
+        return problems
 
 
 def smoke_probe(chunks: pd.DataFrame) -> GroundTruth:

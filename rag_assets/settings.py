@@ -50,12 +50,17 @@ QUALITY_SETTINGS = {
     "RAG_MAX_COURSE_ENTRY_DROP": "max_course_entry_drop",
     "RAG_MAX_ZERO_VECTOR_SHARE": "max_zero_vector_share",
     "RAG_MAX_EMPTY_LEMMA_SHARE": "max_empty_lemma_share",
+    "RAG_MAX_BLANK_ANSWER_SHARE": "max_blank_answer_share",
+    "RAG_MAX_DUPLICATE_SHARE": "max_duplicate_share",
+    "RAG_MAX_ANSWER_CHURN": "max_answer_churn",
     "RAG_GROUND_TRUTH": "ground_truth",
     "RAG_EVAL_MIN_HIT_RATE": "min_hit_rate",
     "RAG_EVAL_MIN_MRR": "min_mrr",
     "RAG_EVAL_K": "eval_k",
     "RAG_MAX_QUALITY_DROP": "max_quality_drop",
     "RAG_GATE_PROBES": "gate_probes",
+    "RAG_GATE_ANSWER_PROBES": "answer_probes",
+    "RAG_MAX_ANSWER_PROBE_DROP": "max_answer_probe_drop",
 }
 
 

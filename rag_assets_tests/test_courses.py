@@ -24,6 +24,11 @@ from .conftest import entry, write_json
 from .test_definitions import COURSE_ASSETS, materialize, run_resources
 
 HOW = "How do I fix error"
+# Distinct entries that leave no lemma: a course of them is refused by its lemma rule.
+STOP_WORDS = [
+    *("the", "a", "an", "of", "and", "or", "to", "in", "on", "at"),
+    *("by", "for", "with", "is", "it", "be", "as", "was", "are", "this"),
+]
 
 
 def faq(tmp_path: Path, courses: dict[str, int], answer: str = "Restart service") -> str:
@@ -70,11 +75,15 @@ def test_a_refused_course_stays_as_served_and_holds_no_other_course_back(tmp_pat
     assert materialize(source, data, instance).success
     before = served_hashes(data)
 
-    # beta's answers become stop words only: its lemma rule refuses it, alpha goes on
+    # beta's answers become stop words only: its lemma rule refuses it; alpha's update goes on
     entries = [
-        entry("alpha", f"{HOW} {n} in alpha?", f"Reinstall service {n} of the alpha stack.")
+        entry(
+            "alpha",
+            f"{HOW} {n} in alpha?",
+            f"{'Reinstall' if n < 3 else 'Restart'} service {n} of the alpha stack.",
+        )
         for n in range(20)
-    ] + [entry("beta", "the", "the of and", section="the") for _ in range(20)]
+    ] + [entry("beta", word, f"{word} of and", section="the") for word in STOP_WORDS]
     write_json(tmp_path / "faq.json", entries)
     second = materialize(source, data, instance)
     assert not second.success  # not everything was refreshed
@@ -88,13 +97,15 @@ def test_a_refused_course_stays_as_served_and_holds_no_other_course_back(tmp_pat
     after = served_hashes(data)
     assert {c for c in after if c.startswith("beta")} == {c for c in before if c.startswith("beta")}
     assert all(after[c] == before[c] for c in after if c.startswith("beta"))  # beta as it was
-    assert all(after[c] != before[c] for c in after if c.startswith("alpha"))  # alpha refreshed
+    assert published["upserted"] == 3  # alpha's three edited answers, nothing else
     assert second.refresh.problems == (f"lemmas_well_formed: {check.description}",)
 
 
 def test_every_course_refused_blocks_the_publish(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    source = write_json(tmp_path / "faq.json", [entry("beta", "the", "the of and", section="the")] * 5)
+    source = write_json(
+        tmp_path / "faq.json", [entry("beta", w, f"{w} of and", section="the") for w in STOP_WORDS]
+    )
     run = materialize(str(source), data, dg.DagsterInstance.ephemeral())
     assert not run.success
     assert run.checks()["lemmas_well_formed"].severity == dg.AssetCheckSeverity.ERROR
@@ -149,9 +160,10 @@ def test_course_names_are_data_not_paths(tmp_path: Path, nlp: Language) -> None:
     instance = dg.DagsterInstance.ephemeral()
     data = tmp_path / "data"
     source = faq(tmp_path, dict.fromkeys(names, 3))
+    every_answer_changes = QualityResource(max_answer_churn=1)
     for answer in ("Restart service", "Reboot service"):  # the second refresh reads stored values
         faq(tmp_path, dict.fromkeys(names, 3), answer=answer)
-        run = materialize(source, data, instance)
+        run = materialize(source, data, instance, quality_settings=every_answer_changes)
         assert run.success, run.refresh.problems
     index = EmbeddedIndex(data)
     assert sorted(index.stats().courses) == sorted(names)
@@ -227,4 +239,4 @@ def test_dg_lists_the_assets_the_job_and_the_checks(tmp_path: Path) -> None:
     assert set(assets) == {"faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"}
     assert [j["name"] for j in defs["jobs"]] == ["faq_index_refresh"]
     assert {s["name"] for s in defs["sensors"]} == {"initial_index_build"}
-    assert len(defs["asset_checks"]) == 7
+    assert len(defs["asset_checks"]) == 9

@@ -245,7 +245,7 @@ def test_a_refresh_of_an_unchanged_source_loads_no_stored_value_and_confirms_the
     assert events["es_index"]["confirmed_without_reading"] is True
     assert events["es_index"]["upserted"] == 0
     evaluations = unchanged.checks()
-    assert len(evaluations) == 7 and all(e.passed for e in evaluations.values())
+    assert len(evaluations) == 9 and all(e.passed for e in evaluations.values())
     judged = evaluations["faq_source_well_formed"].metadata["judged"].value
     assert judged == "earlier, of these same values"  # the course rules, judged in their steps, load nothing
     assert EmbeddedIndex(data_dir).stats().published_at == published_at

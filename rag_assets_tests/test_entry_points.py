@@ -48,6 +48,7 @@ def test_each_entry_point_builds_and_publishes_in_one_run(tmp_path: Path, comman
         "RAG_DATA_DIR": str(data),
         "DOCUMENTS_URL": str(source),
         "RAG_NLP_PROCESSES": "1",
+        "RAG_MAX_ANSWER_CHURN": "1",  # every answer changes, deliberately
     }
     for answer in ("Restart service", "Reboot service"):  # a build, then a change to publish
         entries = [

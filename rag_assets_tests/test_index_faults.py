@@ -73,7 +73,7 @@ def test_the_next_refresh_heals_a_damaged_index(tmp_path: Path) -> None:
     """Through the real job: the guard cannot read the damaged index, so it has nothing to compare
     with, and the publish sets the file aside and builds a complete index."""
     source = str(
-        write_json(tmp_path / "faq.json", [entry("c", f"Question {n}?", "Answer.") for n in range(40)])
+        write_json(tmp_path / "faq.json", [entry("c", f"Question {n}?", f"Answer {n}.") for n in range(40)])
     )
     first = materialize(source, tmp_path / "data", dg.DagsterInstance.ephemeral())
     assert first.success

@@ -89,7 +89,7 @@ def test_schedule_starts_the_whole_refresh_daily_at_midnight_utc() -> None:
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
         "faq_source", "raw_documents", "chunks", "lemmas", "embeddings", "es_index"
     }  # fmt: skip
-    assert len(defs.resolve_asset_graph().asset_check_keys) == 7
+    assert len(defs.resolve_asset_graph().asset_check_keys) == 9
     assert [sensor.name for sensor in defs.sensors] == ["initial_index_build"]
 
 
@@ -262,10 +262,11 @@ def test_document_check(stages: tuple) -> None:
     assert quality.check_documents(documents.head(0)).problems == ["no rows"]
     bad = documents.copy()
     bad.loc[3, "doc_id"] = bad.loc[2, "doc_id"]
-    bad.loc[5, "answer"] = " "
+    bad.loc[5, "answer"] = " "  # judged per course (check_course_content), not here
+    bad.loc[6, "question"] = " "
     assert quality.check_documents(bad).problems == [
         f"1 duplicate doc_id values (first: {bad.loc[2, 'doc_id']})",
-        "1 rows with an empty answer",
+        "1 rows with an empty question",
     ]
     assert quality.check_documents(documents.drop(columns="question")).problems == [
         "missing columns: question"
@@ -360,8 +361,8 @@ def test_every_check_passes_on_a_real_run_and_the_guard_blocks_a_collapsed_sourc
     first = materialize(str(DATA / "documents-2025.json"), data, instance)
     assert first.success
     evaluations = first.checks()
-    # two on the source, one on each course asset (judging every course), two on the served index
-    assert len(evaluations) == 2 + 3 + 2
+    # two on the source, one or two on each course asset (judging every course), two on the served index
+    assert len(evaluations) == 2 + 5 + 2
     assert all(
         evaluations[f"{asset}_well_formed"].metadata["courses_judged"].value == 3
         for asset in ("chunks", "lemmas", "embeddings")

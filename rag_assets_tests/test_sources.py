@@ -106,18 +106,21 @@ def test_malformed_entries_are_dropped_and_reported(tmp_path: Path) -> None:
         [
             entry("c", "good question", "good answer"),
             {"course": "c", "section": "s", "text": "no question"},
-            entry("c", "empty answer", "   "),
+            entry("c", "empty question", "an answer") | {"question": "  "},
             "not an object",
             {"course": "c", "section": 3, "question": "q", "text": "a"},
             entry("c", "another good one", "yes"),
+            entry("c", "an empty answer", "   "),
         ],
     )
     loaded = load_documents(str(source), Fetcher())
-    assert loaded.frame["question"].tolist() == ["good question", "another good one"]
+    # an empty answer is no malformed entry: the course's content check judges how many there are
+    assert loaded.frame["question"].tolist() == ["good question", "another good one", "an empty answer"]
+    assert loaded.frame["answer"].tolist()[-1] == ""
     reasons = [str(d) for d in loaded.dropped]
     assert reasons == [
         f"{source} entry #1: missing field 'question'",
-        f"{source} entry #2: field 'text' is empty",
+        f"{source} entry #2: field 'question' is empty",
         f"{source} entry #3: entry is str, not an object",
         f"{source} entry #4: field 'section' is not a string",
     ]
@@ -263,8 +266,24 @@ def test_renaming_a_repeated_id_never_takes_an_existing_id(tmp_path: Path) -> No
         entry("c", "Third?", "c", id="X~2"),
     ]
     loaded = load_documents(str(write_json(tmp_path / "flat.json", entries)), Fetcher())
-    assert list(loaded.frame["doc_id"]) == ["X", "X~3", "X~2"]
+    assert set(loaded.frame["doc_id"]) == {"X", "X~3", "X~2"}
     assert loaded.renamed_ids == ["X~3"]
+
+
+@pytest.mark.parametrize("with_ids", [False, True], ids=["derived ids", "repeated source ids"])
+def test_ids_survive_a_reordered_source(tmp_path: Path, with_ids: bool) -> None:
+    """Entries sharing a question (or a source id) keep their ids when the source reorders them,
+    so a refresh of an unchanged source rewrites nothing."""
+    extra = {"id": "X"} if with_ids else {}
+    entries = [entry("c", "Same question?", f"Answer {n}.", **extra) for n in range(4)] + [
+        entry("c", f"Question {n}?", "Answer.") for n in range(3)
+    ]
+    ids = {}
+    for name, order in (("forward", entries), ("reversed", entries[::-1])):
+        frame = load_documents(str(write_json(tmp_path / f"{name}.json", order)), Fetcher()).frame
+        assert frame["doc_id"].is_unique
+        ids[name] = dict(zip(frame["answer"] + frame["question"], frame["doc_id"], strict=True))
+    assert ids["forward"] == ids["reversed"]
 
 
 def test_an_oversized_entry_is_dropped_and_counted(tmp_path: Path) -> None:

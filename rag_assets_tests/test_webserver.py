@@ -134,8 +134,8 @@ def test_the_ui_shows_the_lineage_checks_and_schedule(webserver: str) -> None:
     }
     assert checks == {
         "faq_source": {"faq_source_well_formed": True, "faq_source_count_guard": True},
-        "raw_documents": {},
-        "chunks": {"chunks_well_formed": True},
+        "raw_documents": {"raw_documents_content": True},
+        "chunks": {"chunks_well_formed": True, "chunks_answer_churn": True},
         "lemmas": {"lemmas_well_formed": True},
         "embeddings": {"embeddings_well_formed": True},
         "es_index": {"es_index_matches_chunks": False, "es_index_smoke_query": False},

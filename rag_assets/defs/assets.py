@@ -7,6 +7,7 @@ in the Dagster UI.
 """
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -165,8 +166,10 @@ def course_frames(source: StoredValue, courses: list[str]) -> dict[str, pd.DataF
 def course_documents_value(
     source: StoredValue, course: str, frame: pd.DataFrame
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    frame, duplicates = quality.without_duplicates(frame)
     return frame, {
         "entries": len(frame),
+        **quality.content_figures(frame, duplicates),
         "course": course,
         "source": source.facts["source"],
         "source_value": source.digest,
@@ -290,14 +293,23 @@ def judged(
     return verdict
 
 
+Figures = dict[str, dict[str, Any]]  # check -> the figures its rule found for a course
+
+
 @dataclass(frozen=True)
 class CourseRule:
-    """A course asset's rule (`<step>_well_formed`): the steps whose values it reads, its
-    thresholds, and the verdict over those values."""
+    """A rule of a course asset (one asset check): the values it reads for a course (by name,
+    from the course's values so far and `inputs`' extras), its thresholds, and its verdict."""
 
-    inputs: tuple[str, ...]
+    check: str
+    inputs: Callable[[str, dict[str, StoredValue]], dict[str, StoredValue]]
     thresholds: tuple[object, ...]
     verdict: Callable[[dict[str, StoredValue]], quality.Verdict]
+
+
+def of_steps(*steps: str) -> Callable[[str, dict[str, StoredValue]], dict[str, StoredValue]]:
+    """A rule's inputs: the course's values of these steps."""
+    return lambda course, values: {step: values[step] for step in steps}
 
 
 def build_shard(
@@ -306,24 +318,29 @@ def build_shard(
     shard: CourseSet,
     step: str,
     make: Callable[[str, dict[str, StoredValue]], StoredValue],
-    rule: CourseRule | None = None,
+    rules: tuple[CourseRule, ...] = (),
 ) -> CourseSet:
-    """Each course of the shard: its value of `step`, then the step's rule on it (`judged`); a
-    course the rule refuses goes no further (it stays as served), the others go on."""
+    """Each course of the shard: its value of `step`, then the step's rules on it (`judged`); a
+    course a rule refuses goes no further (it stays as served), the others go on."""
     progress = Progress(f"{step} ({context.op_handle})", len(shard.values), context.log.info)
-    check = f"{step}_well_formed"
 
-    def judge(course: str, value: StoredValue) -> Refusal | None:
-        if rule is None:
-            return None
-        values = {**shard.values[course], step: value}
-        inputs = [values[name] for name in rule.inputs]
+    def judge(course: str, values: dict[str, StoredValue]) -> tuple[Refusal | None, Figures]:
+        figures: Figures = {}
         store = refresh_lock.stored_values(course)
-        verdict = judged(store, check, inputs, rule.thresholds, lambda: rule.verdict(values))
-        if verdict.passed:
-            return None
-        context.log.error(f"{check} refused course {course!r}: {verdict.description}")
-        return Refusal(step, check, verdict.description)
+        for rule in rules:
+            inputs = rule.inputs(course, values)
+            verdict = judged(
+                store,
+                rule.check,
+                list(inputs.values()),
+                rule.thresholds,
+                functools.partial(rule.verdict, inputs),
+            )
+            figures[rule.check] = verdict.metadata
+            if not verdict.passed:
+                context.log.error(f"{rule.check} refused course {course!r}: {verdict.description}")
+                return Refusal(step, rule.check, verdict.description), figures
+        return None, figures
 
     built = shard.build(step, make, judge, progress.update)
     seconds = progress.close()
@@ -433,7 +450,10 @@ def course_metadata(
 
 @dg.op
 def raw_documents_of_shard(
-    context: dg.OpExecutionContext, refresh_lock: RefreshLockResource, shard: CourseSet
+    context: dg.OpExecutionContext,
+    refresh_lock: RefreshLockResource,
+    quality_settings: QualityResource,
+    shard: CourseSet,
 ) -> CourseSet:
     source = shard.source
     digests = {course: digest(source.digest, course) for course in shard.values}
@@ -449,7 +469,17 @@ def raw_documents_of_shard(
             lambda: course_documents_value(source, course, frames.pop(course)),
         )
 
-    return build_shard(context, refresh_lock, shard, "raw_documents", make)
+    rule = CourseRule(
+        "raw_documents_content",
+        of_steps("raw_documents"),
+        (quality_settings.max_blank_answer_share, quality_settings.max_duplicate_share),
+        lambda values: quality.check_course_content(
+            values["raw_documents"].facts,
+            quality_settings.max_blank_answer_share,
+            quality_settings.max_duplicate_share,
+        ),
+    )
+    return build_shard(context, refresh_lock, shard, "raw_documents", make, (rule,))
 
 
 class ChunksConfig(dg.Config):
@@ -461,9 +491,15 @@ class ChunksConfig(dg.Config):
 
 @dg.op
 def chunks_of_shard(
-    context: dg.OpExecutionContext, refresh_lock: RefreshLockResource, config: ChunksConfig, shard: CourseSet
+    context: dg.OpExecutionContext,
+    refresh_lock: RefreshLockResource,
+    search_index: SearchIndexResource,
+    quality_settings: QualityResource,
+    config: ChunksConfig,
+    shard: CourseSet,
 ) -> CourseSet:
     chunking_config = ChunkingConfig(config.max_chars, config.overlap_chars)
+    served = search_index.backend().served_sources()
 
     def make(course: str, values: dict[str, StoredValue]) -> StoredValue:
         documents = values["raw_documents"]
@@ -473,12 +509,41 @@ def chunks_of_shard(
             lambda: chunks_value(make_chunks(documents.load(), chunking_config), chunking_config),
         )
 
-    rule = CourseRule(
-        ("chunks",),
-        (),
-        lambda values: quality.check_chunks(values["chunks"].load(), values["chunks"].facts["max_chars"]),
+    def with_served(course: str, values: dict[str, StoredValue]) -> dict[str, StoredValue]:
+        """The course's new chunks and, while kept, the chunks its served answers came from."""
+        found = served_value(refresh_lock, course, "chunks", served.get(course))
+        return {"chunks": values["chunks"], **({"served": found} if found else {})}
+
+    max_churn = quality_settings.max_answer_churn
+    rules = (
+        CourseRule(
+            "chunks_well_formed",
+            of_steps("chunks"),
+            (),
+            lambda values: quality.check_chunks(values["chunks"].load(), values["chunks"].facts["max_chars"]),
+        ),
+        CourseRule(
+            "chunks_answer_churn",
+            with_served,
+            (max_churn,),
+            lambda values: answer_churn(values, max_churn),
+        ),
     )
-    return build_shard(context, refresh_lock, shard, "chunks", make, rule)
+    return build_shard(context, refresh_lock, shard, "chunks", make, rules)
+
+
+def answer_churn(values: dict[str, StoredValue], max_churn: float) -> quality.Verdict:
+    """`check_answer_churn` of the course's new chunks against the served ones; chunks served as
+    they are changed nothing, and are not loaded to say so."""
+    new, served = values["chunks"], values.get("served")
+    columns = ["doc_id", "text"]
+    if served is not None and served.digest == new.digest:
+        return quality.Verdict(
+            [], {"entries_still_served": new.facts["entries"], "answers_changed": 0, "answer_churn": 0.0}
+        )
+    return quality.check_answer_churn(
+        new.load(columns=columns), None if served is None else served.load(columns=columns), max_churn
+    )
 
 
 @dg.op
@@ -499,11 +564,12 @@ def lemmas_of_shard(
 
     share = quality_settings.max_empty_lemma_share
     rule = CourseRule(
-        ("lemmas", "chunks"),
+        "lemmas_well_formed",
+        of_steps("lemmas", "chunks"),
         (share,),
         lambda values: quality.check_lemmas(values["lemmas"].load(), chunk_ids(values["chunks"]), share),
     )
-    return build_shard(context, refresh_lock, shard, "lemmas", make, rule)
+    return build_shard(context, refresh_lock, shard, "lemmas", make, (rule,))
 
 
 @dg.op
@@ -523,11 +589,12 @@ def embeddings_of_shard(
 
     share = quality_settings.max_zero_vector_share
     rule = CourseRule(
-        ("embeddings", "chunks"),
+        "embeddings_well_formed",
+        of_steps("embeddings", "chunks"),
         (share,),
         lambda values: quality.check_vectors(values["embeddings"].load(), chunk_ids(values["chunks"]), share),
     )
-    return build_shard(context, refresh_lock, shard, "embeddings", make, rule)
+    return build_shard(context, refresh_lock, shard, "embeddings", make, (rule,))
 
 
 @dg.graph_asset(group_name=GROUP, kinds={"python", "pandas"})
@@ -600,8 +667,23 @@ def es_index(
         context.log.info(f"{report.location} was published from this same content: confirmed as current")
     else:
         content = IndexContent.of_courses(courses, nlp.fingerprint(), nlp.reranker)
+        # the courses this refresh changes are asked with their served answers
+        changed = [
+            found
+            for course, values in built.items()
+            if (found := served_value(refresh_lock, course, "chunks", served.get(course)))
+            and found.digest != values.chunks.digest
+        ]
         # the model loads only to judge
-        gate = quality_settings.gate(nlp.pipeline, content.chunks.parts(), nlp.reranker)
+        gate = quality_settings.gate(
+            nlp.pipeline,
+            content.chunks.parts(),
+            (
+                value.load(columns=["course", "doc_id", "chunk_index", "question", "text"])
+                for value in changed
+            ),
+            nlp.reranker,
+        )
         try:
             report = backend.publish(content, gate)
         except PublishError as exc:
@@ -662,10 +744,22 @@ def es_index(
     )
 
 
+SERVED_STEPS = ("chunks", "lemmas", "embeddings")  # the values a served course names, in order
+
+
+def served_value(
+    refresh_lock: RefreshLockResource, course: str, step: str, digests: list[str] | None
+) -> StoredValue | None:
+    """The value of `step` the served course was published from, while it is still kept."""
+    if digests is None:
+        return None
+    return refresh_lock.stored_values(course).find(step, digests[SERVED_STEPS.index(step)])
+
+
 def course_values(refresh_lock: RefreshLockResource, course: str, digests: list[str]) -> CourseValues:
     """A course's stored values by digest; refuses, naming the course, if one is no longer kept."""
     store = refresh_lock.stored_values(course)
-    found = [store.find(step, d) for step, d in zip(("chunks", "lemmas", "embeddings"), digests, strict=True)]
+    found = [store.find(step, d) for step, d in zip(SERVED_STEPS, digests, strict=True)]
     if any(value is None for value in found):
         raise StoredValueError(
             f"the stored values of course {course!r} ({', '.join(digests)}) are no longer kept; "

@@ -33,6 +33,7 @@ def result(
     context: Context,
     verdict: quality.Verdict,
     severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+    metadata: dict[str, object] | None = None,
 ) -> dg.AssetCheckResult:
     """The check's result; a failure is also logged as an ERROR line, where a user looks first."""
     if not verdict.passed:
@@ -41,7 +42,7 @@ def result(
         passed=verdict.passed,
         severity=severity,
         description=verdict.description,
-        metadata=dict(verdict.metadata),
+        metadata={**verdict.metadata, **(metadata or {})},
     )
 
 
@@ -106,34 +107,57 @@ def faq_source_count_guard(
     return source_result(context, refresh_lock, faq_source, verdict)
 
 
-def course_rule_result(context: Context, courses: CourseSet, step: str) -> dg.AssetCheckResult:
-    """The verdicts the step's rule gave each course as the step made its values."""
-    refused = courses.refused_at(step)
-    metadata = {"courses_judged": len(courses.values) + len(refused), "courses_refused": sorted(refused)}
+def course_rule_result(context: Context, courses: CourseSet) -> dg.AssetCheckResult:
+    """The verdicts the check's rule gave each course as the step made its values, with each
+    course's figures in a table."""
+    check = context.check_specs[0].key.name
+    refused = courses.refused_by(check)
+    figures = courses.figures.get(check, {})
+    metadata: dict[str, object] = {"courses_judged": len(figures), "courses_refused": sorted(refused)}
+    if figures:
+        table = pd.DataFrame.from_dict(figures, orient="index").drop(columns="judged", errors="ignore")
+        table.insert(0, "status", ["refused" if c in refused else "passed" for c in table.index])
+        metadata["per_course"] = dg.MetadataValue.md(table.rename_axis("course").to_markdown())
     problems = [f"course {c!r}: {r.reason}" for c, r in refused.items()]
     if problems and courses.values:
         problems[-1] += f" (refused, kept as served; {len(courses.values)} other courses go on)"
     # a warning lets the other courses go on to the publish; refusing every course blocks it
     severity = dg.AssetCheckSeverity.WARN if courses.values else dg.AssetCheckSeverity.ERROR
-    return result(context, quality.Verdict(problems, metadata), severity)
+    verdict = quality.Verdict(problems)
+    return result(context, verdict, severity, metadata)
+
+
+@dg.asset_check(asset=assets.raw_documents, blocking=True)
+def raw_documents_content(context: Context, raw_documents: CourseSet) -> dg.AssetCheckResult:
+    """Per course: few answers empty or without words, few entries repeating another's question
+    and answer or answer (RAG_MAX_BLANK_ANSWER_SHARE, RAG_MAX_DUPLICATE_SHARE); repeats are
+    served once."""
+    return course_rule_result(context, raw_documents)
 
 
 @dg.asset_check(asset=assets.chunks, blocking=True)
 def chunks_well_formed(context: Context, chunks: CourseSet) -> dg.AssetCheckResult:
     """Per course: chunk ids unique, texts present and no longer than the window they were cut with."""
-    return course_rule_result(context, chunks, "chunks")
+    return course_rule_result(context, chunks)
+
+
+@dg.asset_check(asset=assets.chunks, blocking=True)
+def chunks_answer_churn(context: Context, chunks: CourseSet) -> dg.AssetCheckResult:
+    """Per course: the share of its served entries whose answer changes in this refresh stays
+    below RAG_MAX_ANSWER_CHURN (a real day changes a few; a shuffle nearly all)."""
+    return course_rule_result(context, chunks)
 
 
 @dg.asset_check(asset=assets.lemmas, blocking=True)
 def lemmas_well_formed(context: Context, lemmas: CourseSet) -> dg.AssetCheckResult:
     """Per course: one lemma row per chunk, and few chunks without any lemma."""
-    return course_rule_result(context, lemmas, "lemmas")
+    return course_rule_result(context, lemmas)
 
 
 @dg.asset_check(asset=assets.embeddings, blocking=True)
 def embeddings_well_formed(context: Context, embeddings: CourseSet) -> dg.AssetCheckResult:
     """Per course: 300 dimensions, unit length, no NaN, a bounded share of zero vectors."""
-    return course_rule_result(context, embeddings, "embeddings")
+    return course_rule_result(context, embeddings)
 
 
 def served_chunks(refresh_lock: RefreshLockResource, backend: SearchBackend) -> list[StoredValue]:
@@ -205,7 +229,9 @@ def es_index_retrieval_quality(
 STRUCTURAL_CHECKS = [
     faq_source_well_formed,
     faq_source_count_guard,
+    raw_documents_content,
     chunks_well_formed,
+    chunks_answer_churn,
     lemmas_well_formed,
     embeddings_well_formed,
     es_index_matches_chunks,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from rag_assets import settings
 from rag_assets.common.stored import StoredValue
@@ -47,6 +48,8 @@ class CourseSet:
     source: StoredValue
     values: dict[str, dict[str, StoredValue]] = field(default_factory=dict)
     refused: dict[str, Refusal] = field(default_factory=dict)
+    # check -> course -> the figures its rule found, shown in the check's metadata
+    figures: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def courses(self) -> list[str]:
@@ -74,36 +77,55 @@ class CourseSet:
                 rows = 0
             shards[-1].append(course)
             rows += size
-        return [replace(self, values={c: self.values[c] for c in shard}, refused={}) for shard in shards]
+        return [
+            replace(self, values={c: self.values[c] for c in shard}, refused={}, figures={})
+            for shard in shards
+        ]
 
     def joined(self, shards: Iterable[CourseSet]) -> CourseSet:
-        """This set's courses as the shards made them, with the refusals from before and theirs."""
+        """This set's courses as the shards made them, with the refusals and figures from before
+        and theirs."""
         values: dict[str, dict[str, StoredValue]] = {}
         refused = dict(self.refused)
+        figures = {check: dict(found) for check, found in self.figures.items()}
         for shard in shards:
             values.update(shard.values)
             refused.update(shard.refused)
-        return replace(self, values=dict(sorted(values.items())), refused=dict(sorted(refused.items())))
+            for check, found in shard.figures.items():
+                figures.setdefault(check, {}).update(found)
+        return replace(
+            self,
+            values=dict(sorted(values.items())),
+            refused=dict(sorted(refused.items())),
+            figures={check: dict(sorted(found.items())) for check, found in figures.items()},
+        )
 
     def refused_at(self, step: str) -> dict[str, Refusal]:
         return {course: refusal for course, refusal in self.refused.items() if refusal.step == step}
+
+    def refused_by(self, check: str) -> dict[str, Refusal]:
+        return {course: refusal for course, refusal in self.refused.items() if refusal.check == check}
 
     def build(
         self,
         step: str,
         make: Callable[[str, dict[str, StoredValue]], StoredValue],
-        judge: Callable[[str, StoredValue], Refusal | None],
+        judge: Callable[[str, dict[str, StoredValue]], tuple[Refusal | None, dict[str, Any]]],
         progress: Callable[[], None],
     ) -> CourseSet:
-        """Each course's value of `step` (`make`), kept only if `judge` finds nothing wrong."""
+        """Each course's value of `step` (`make`), kept only if `judge` (its refusal, if any, and
+        the figures of each rule it applied) finds nothing wrong."""
         values: dict[str, dict[str, StoredValue]] = {}
         refused: dict[str, Refusal] = {}
+        figures: dict[str, dict[str, dict[str, Any]]] = {}
         for course in sorted(self.values):
-            value = make(course, self.values[course])
-            refusal = judge(course, value)
+            made = {**self.values[course], step: make(course, self.values[course])}
+            refusal, found = judge(course, made)
+            for check, metadata in found.items():
+                figures.setdefault(check, {})[course] = metadata
             if refusal is None:
-                values[course] = {**self.values[course], step: value}
+                values[course] = made
             else:
                 refused[course] = refusal
             progress()
-        return replace(self, values=values, refused=refused)
+        return replace(self, values=values, refused=refused, figures=figures)

@@ -38,7 +38,7 @@ from rag_assets.nlp.analysis import (
     model_fingerprint,
 )
 from rag_assets.nlp.cache import NlpCache
-from rag_assets.quality import RetrievalGate, smoke_probes
+from rag_assets.quality import RetrievalGate, answer_probes, smoke_probes
 
 ASSET_VALUES = "assets"  # the IO manager's folder in the data directory
 KEEP_RUN_OUTPUTS = 2
@@ -219,6 +219,15 @@ class QualityResource(dg.ConfigurableResource):
     )
     max_zero_vector_share: float = Field(default=0.05, description="Largest allowed share of zero vectors")
     max_empty_lemma_share: float = Field(default=0.02, description="Largest share of chunks without lemmas")
+    max_blank_answer_share: float = Field(
+        default=0.1, description="Largest share of a course's answers that are empty or have no words"
+    )
+    max_duplicate_share: float = Field(
+        default=0.1, description="Largest share of a course's entries repeating another's question or answer"
+    )
+    max_answer_churn: float = Field(
+        default=0.5, description="Largest share of a course's served entries whose answer changes at once"
+    )
     ground_truth: str | None = Field(
         default=None, description="CSV question,course,document (RAG_GROUND_TRUTH)"
     )
@@ -229,11 +238,22 @@ class QualityResource(dg.ConfigurableResource):
         default=0.02, description="Publish gate: largest drop in hit rate or MRR against the live index"
     )
     gate_probes: int = Field(default=50, description="Publish gate: entries asked their own question")
+    answer_probes: int = Field(
+        default=20, description="Publish gate: entries of each changed course asked with their served answer"
+    )
+    max_answer_probe_drop: float = Field(
+        default=0.3, description="Publish gate: largest fall of a course's answer-probe hit rate"
+    )
 
     def gate(
-        self, nlp: Callable[[], Language], chunk_parts: Iterable[pd.DataFrame], reranker: str
+        self,
+        nlp: Callable[[], Language],
+        chunk_parts: Iterable[pd.DataFrame],
+        served_chunk_parts: Iterable[pd.DataFrame],
+        reranker: str,
     ) -> RetrievalGate:
-        """The publish gate for a new version made of these chunks, searched in `reranker` mode."""
+        """The publish gate for a new version made of these chunks, searched in `reranker` mode;
+        the served chunks of the courses it changes give the answer probes."""
         return RetrievalGate(
             nlp,
             smoke_probes(chunk_parts, self.gate_probes),
@@ -241,6 +261,8 @@ class QualityResource(dg.ConfigurableResource):
             eval_k=self.eval_k,
             max_drop=self.max_quality_drop,
             reranker=reranker,
+            answers=answer_probes(served_chunk_parts, self.answer_probes),
+            max_answer_drop=self.max_answer_probe_drop,
         )
 
 

@@ -307,14 +307,14 @@ def _raw_entries(items: Iterable[Any], location: str, course: str | None) -> lis
     return [_RawEntry(location, position, item, course) for position, item in enumerate(items)]
 
 
-def _required_text(item: dict[str, Any], *names: str) -> str:
+def _required_text(item: dict[str, Any], *names: str, may_be_empty: bool = False) -> str:
     for name in names:
         value = item.get(name)
         if value is None:
             continue
         if not isinstance(value, str):
             raise ValueError(f"field '{name}' is {type(value).__name__}, not a string")
-        if not value.strip():
+        if not value.strip() and not may_be_empty:
             raise ValueError(f"field '{name}' is empty")
         return value.strip()
     raise ValueError(f"missing field '{' or '.join(names)}'")
@@ -345,7 +345,9 @@ def _entry_fields(raw: _RawEntry, max_entry_chars: int) -> dict[str, Any]:
         "course": _required_text({"course": course}, "course"),
         "section": section.strip(),
         "question": _required_text(item, "question"),
-        "answer": _required_text(item, "answer", "text"),
+        # An empty answer is kept: the course's content check judges how many it has, so a
+        # course whose answers were all blanked stays as served instead of looking deleted.
+        "answer": _required_text(item, "answer", "text", may_be_empty=True),
         "source_id": None if source_id is None else str(source_id).strip() or None,
     }
 
@@ -374,10 +376,6 @@ def build_documents(
         )
     frame = pd.DataFrame(columns)
     renamed = assign_doc_ids(frame)
-    frame["content_hash"] = [
-        stable_hash(c, s, q, a)
-        for c, s, q, a in zip(frame.course, frame.section, frame.question, frame.answer, strict=True)
-    ]
     return LoadedDocuments(
         frame=frame[DOCUMENT_COLUMNS].reset_index(drop=True),
         shape=shape,
@@ -395,16 +393,26 @@ def assign_doc_ids(frame: pd.DataFrame) -> list[str]:
     """Fill `doc_id`: the source id when given, else a hash of (course, question, occurrence).
 
     Keying on the question rather than the answer keeps an entry's id when its answer is edited,
-    so a refresh updates it in place; the occurrence number keeps repeated questions apart.
-    A repeated source id gets the first free `~n` suffix, one that no entry of the source has as
-    its own id; the renamed ids are returned.
+    so a refresh updates it in place. Entries that share a question (or a source id) are told
+    apart by their rank in content order, not by their position in the source, so a source that
+    reorders its entries keeps every id: the first keeps the plain id, each other gets the first
+    free `~n` suffix that no entry has as its own id. The renamed ids are returned.
     """
+    content = [
+        stable_hash(c, s, q, a)
+        for c, s, q, a in zip(frame.course, frame.section, frame.question, frame.answer, strict=True)
+    ]
+    # Visiting in content order (position only among identical entries) makes the ranks
+    # independent of the source's order.
+    order = sorted(range(len(frame)), key=lambda row: (content[row], row))
     occurrences: Counter[tuple[str, str]] = Counter()
     taken = {source_id for source_id in frame.source_id if source_id}
     seen_ids: set[str] = set()
-    doc_ids: list[str] = []
+    doc_ids: list[str] = [""] * len(frame)
     renamed: list[str] = []
-    for course, question, source_id in zip(frame.course, frame.question, frame.source_id, strict=True):
+    courses, questions, source_ids = list(frame.course), list(frame.question), list(frame.source_id)
+    for row in order:
+        course, question, source_id = courses[row], questions[row], source_ids[row]
         occurrences[(course, question)] += 1
         if not source_id:
             doc_id = stable_hash(course, question, str(occurrences[(course, question)]))
@@ -417,6 +425,7 @@ def assign_doc_ids(frame: pd.DataFrame) -> list[str]:
             taken.add(doc_id)
             renamed.append(doc_id)
         seen_ids.add(doc_id)
-        doc_ids.append(doc_id)
+        doc_ids[row] = doc_id
     frame["doc_id"] = doc_ids
-    return renamed
+    frame["content_hash"] = content
+    return sorted(renamed)
