@@ -11,8 +11,8 @@ import pytest
 from spacy.language import Language
 
 from rag_assets.evaluation import read_ground_truth
-from rag_assets.fitting import fit_rerankers
-from rag_assets.index.backend import Candidate, IndexContent, StoredChunk
+from rag_assets.fitting import FOLDS, fit_rerankers
+from rag_assets.index.backend import SEMANTIC, Candidate, IndexContent, StoredChunk
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.index.reranking import (
     FEATURES,
@@ -175,14 +175,33 @@ def test_semantic_without_sentence_vectors_falls_back_to_features(
     assert str(index.location) in warnings[0] and "RAG_RERANKER=semantic" in warnings[0]
 
 
+# The semantic mode's sentence vectors come from onnxruntime's int8 kernels, which differ by
+# instruction set (AVX2 here, AVX-512 VNNI elsewhere), so its fit moves a little by CPU. Measured
+# by fitting with another numeric path (onnxruntime's float MatMuls on the same weights) against
+# the committed AVX2 fit: figures -0.0010 hit rate, +0.0005 MRR (a VNNI machine found MRR
+# -0.0009), weights at most 0.029 apart, feature means 0.0004. Allowed: twice that. The
+# features mode reads no sentence vector: its fit is the same on every CPU.
+CPU_SPREAD = {"figures": 0.002, "weights": 0.06, "mean": 0.001}
+
+
 def test_the_fit_reproduces_the_committed_weights_and_figures(nlp: Language):
     """`make fit-reranker` on ../shared/eval gives the weights the package ships (80 s)."""
     ground_truth = read_ground_truth(EVAL / "ground-truth-dev.csv")
     results, models = fit_rerankers(str(EVAL / "documents-with-ids.json"), ground_truth, nlp)
     for mode, fitted in models.items():
         committed = RerankModel.load(mode)
-        assert fitted.fitted_on == committed.fitted_on
-        assert results[mode].hit_rate == committed.fitted_on["grouped_5_fold"]["hit_rate"]
-        np.testing.assert_allclose(fitted.weights, committed.weights, atol=1e-6)
-        np.testing.assert_allclose(fitted.mean, committed.mean, atol=1e-6)
+        exact = mode != SEMANTIC
+        cv = f"grouped_{FOLDS}_fold"
+        assert {k: v for k, v in fitted.fitted_on.items() if k != cv} == {
+            k: v for k, v in committed.fitted_on.items() if k != cv
+        }
+        for metric in ("hit_rate", "mrr"):
+            expected = committed.fitted_on[cv][metric]
+            assert getattr(results[mode], metric) == pytest.approx(
+                expected, abs=0 if exact else CPU_SPREAD["figures"]
+            )
+        np.testing.assert_allclose(
+            fitted.weights, committed.weights, atol=1e-6 if exact else CPU_SPREAD["weights"]
+        )
+        np.testing.assert_allclose(fitted.mean, committed.mean, atol=1e-6 if exact else CPU_SPREAD["mean"])
     assert (results["none"].hit_rate, results["none"].mrr) == (0.9501, 0.8868)
