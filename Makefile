@@ -24,7 +24,7 @@ EVAL_DOCUMENTS ?= ../shared/eval/documents-with-ids.json
 EVAL_GROUND_TRUTH ?= ../shared/eval/ground-truth-dev.csv
 LINTED := rag_assets rag_assets_tests benchmarks deploy
 
-.PHONY: setup lock run test lint dev serve bench bench-targets bench-courses bench-1m bench-scale-out bench-serve rehearse fit-reranker clean
+.PHONY: setup lock run test lint dev serve bench bench-targets bench-courses bench-1m bench-scale-out bench-serve bench-no-match rehearse fit-reranker clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ bench-courses: setup
 # The 1M-chunk scale point alone (about 20 minutes on 2 cores): cold, queries, warm.
 bench-1m: setup
 	$(PY) benchmarks/refresh.py --new $(BENCH_NEW) --scale 1000000 --scale-only --out bench-1m-results.json
+
+# "No entry matches": dev golds lost and unanswerable queries refused at a few relevance floors,
+# in the lexical and the cosine scale (about 3 minutes).
+bench-no-match: setup
+	$(PY) benchmarks/no_match.py --documents $(EVAL_DOCUMENTS) --ground-truth $(EVAL_GROUND_TRUTH) --out bench-no-match-results.json
 
 # Four courses of 25,000 chunks: a cold refresh, one run, its steps on one Celery worker pinned to a
 # core against two (each on a core of its own); Redis on 127.0.0.1 for it (about 15 minutes).

@@ -102,14 +102,17 @@ def evaluate(
     ground_truth: list[GroundTruth],
     k: int = 5,
     log: Callable[[str], None] | None = None,
+    min_relevance: float = 0.0,
 ) -> EvalResult:
+    """Hit rate and MRR of the top k; by default of the ranking alone (`min_relevance` 0: no hit
+    dropped for its relevance), else of what a search with that floor returns."""
     reciprocal_ranks: list[float] = []
     latencies_ms: list[float] = []
     progress = Progress("evaluate", len(ground_truth), log)
     for row in ground_truth:
         started = time.perf_counter()
         try:
-            hits = retriever.search(row.question, course=row.course, k=k)
+            hits = retriever.search(row.question, course=row.course, k=k, min_relevance=min_relevance)
         except UnknownCourseError:  # an index without the course answers nothing about it
             hits = []
         latencies_ms.append((time.perf_counter() - started) * 1000)

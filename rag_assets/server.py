@@ -48,6 +48,7 @@ class SearchResults(BaseModel):
     course: str | None
     k: int
     hits: list[Hit]  # each entry at its best chunk: the fields of `rag search --json`
+    no_match: bool  # no entry is relevant enough: an assistant should say it has no answer
 
 
 class CourseEntries(BaseModel):
@@ -143,16 +144,24 @@ def create_app(
             str | None, Query(min_length=1, max_length=MAX_COURSE_CHARS, description="only this course")
         ] = None,
         k: Annotated[int, Query(ge=1, le=MAX_K, description="entries to return")] = 5,
+        min_relevance: Annotated[
+            float | None,
+            Query(
+                ge=0,
+                le=1,
+                description="drop hits less relevant than this (default: the mode's; 0 keeps all)",
+            ),
+        ] = None,
     ) -> SearchResults:
         """The k best entries for the question: lexical and vector rankings fused, each entry
-        shown at its best chunk."""
+        shown at its best chunk. No hit means no entry matches the question well enough."""
         try:
-            hits = served["retriever"].search(query, course=course, k=k)
+            hits = served["retriever"].search(query, course=course, k=k, min_relevance=min_relevance)
         except QueryError as exc:  # passed the schema, but nothing to search for ("\x1f" is blank too)
             raise parameter_error(422, exc.parameter, str(exc), "value_error") from None
         except UnknownCourseError as exc:  # well-formed, but no such course is served
             raise parameter_error(404, "course", str(exc), "unknown_course") from None
-        return SearchResults(query=query, course=course, k=k, hits=hits)
+        return SearchResults(query=query, course=course, k=k, hits=hits, no_match=not hits)
 
     @app.get("/courses", dependencies=protected, responses=errors, tags=["index"])
     async def courses() -> list[CourseEntries]:

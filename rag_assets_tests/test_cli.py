@@ -14,7 +14,7 @@ from rag_assets.index.embedded import EmbeddedIndex
 from .conftest import EVAL, eval_slice, rag
 from .fake_elasticsearch import FakeElasticsearch
 
-HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score"}
+HIT_KEYS = {"doc_id", "chunk_id", "course", "section", "question", "text", "score", "relevance"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,21 @@ def test_search_json(data_dir: Path) -> None:
     assert len(hits) == 5
     assert all(set(hit) == HIT_KEYS for hit in hits)
     assert hits[0]["question"] == "Course - Can I still join the course after the start date?"
+    assert hits[0]["relevance"] >= 0.5  # two thirds of its content words are in that question
+
+
+@pytest.mark.parametrize(
+    "query", ["xyzzy flarb quux blorptangle", "Who painted the Mona Lisa?", "gantry mantic murine doctrine"]
+)
+def test_a_query_nothing_answers_says_no_entry_matches(data_dir: Path, query: str) -> None:
+    said = rag("search", query, data_dir=data_dir)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip().splitlines()[-1] == (
+        "no entry matches the query (none relevant enough; --min-relevance 0 shows the closest)"
+    )
+    assert json.loads(rag("search", query, "--json", data_dir=data_dir).stdout) == []
+    closest = json.loads(rag("search", query, "--json", "--min-relevance", "0", data_dir=data_dir).stdout)
+    assert all(hit["relevance"] < 0.25 for hit in closest)  # below the lexical floor: left out
 
 
 def test_search_text_and_k(data_dir: Path) -> None:

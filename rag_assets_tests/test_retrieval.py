@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from spacy.language import Language
 
+import rag_assets
 from rag_assets.index.backend import (
     AnalysisMismatchError,
     IndexContent,
@@ -18,7 +19,7 @@ from rag_assets.index.backend import (
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
 from rag_assets.nlp.analysis import model_fingerprint
-from rag_assets.retrieval import Retriever, rank_entries
+from rag_assets.retrieval import MIN_RELEVANCE, Retriever, default_retriever, rank_entries
 
 DE = "data-engineering-zoomcamp"
 
@@ -41,7 +42,7 @@ def test_join_after_start_is_the_first_hit(retriever: Retriever) -> None:
 
 
 def test_one_hit_per_entry(retriever: Retriever) -> None:
-    hits = retriever.search("docker compose postgres pgadmin network", k=20)
+    hits = retriever.search("docker compose postgres pgadmin network", k=20, min_relevance=0)
     assert len({hit.doc_id for hit in hits}) == len(hits) == 20
 
 
@@ -93,3 +94,25 @@ def test_a_query_analysed_otherwise_than_the_index_is_refused(
     )
     EmbeddedIndex(tmp_path).publish(content_2025)  # a refresh under the current analysis heals it
     assert Retriever(EmbeddedIndex(tmp_path), nlp).search("docker")
+
+
+def test_the_python_api_leaves_out_hits_below_the_relevance_floor(
+    tmp_path: Path, content_2025: IndexContent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rag_assets.search`: an empty list is the answer "no entry matches"; the floor is the mode's
+    unless given."""
+    EmbeddedIndex(tmp_path).publish(content_2025)
+    monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path))
+    default_retriever.cache_clear()
+    try:
+        assert rag_assets.search("Who painted the Mona Lisa?") == []
+        closest = rag_assets.search("Who painted the Mona Lisa?", min_relevance=0)
+        assert len(closest) == 5 and max(hit.relevance for hit in closest) < MIN_RELEVANCE["none"]
+        [hit] = rag_assets.search("Can I still join the course after the start date?", k=1)
+        assert hit.question == "Course - Can I still join the course after the start date?"
+        assert hit.relevance == 1.0  # every content word of the query is in its question
+        assert (
+            rag_assets.search("Can I still join the course after the start date?", min_relevance=1.01) == []
+        )
+    finally:
+        default_retriever.cache_clear()

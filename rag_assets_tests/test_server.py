@@ -124,8 +124,20 @@ def test_search_answers_what_the_cli_answers(
     assert (body["query"], body["course"], body["k"]) == (question, "data-engineering-zoomcamp", 3)
     cli = rag_json(data_dir, "search", question, "--course", "data-engineering-zoomcamp", "--k", "3")
     assert body["hits"] == cli
-    assert len(body["hits"]) == 3
+    assert len(body["hits"]) == 3 and body["no_match"] is False
     assert {hit["course"] for hit in body["hits"]} == {"data-engineering-zoomcamp"}
+
+
+def test_a_question_nothing_answers_gets_no_match(served: Server) -> None:
+    """Off-topic: every hit is below the default floor, so none is returned and `no_match` says
+    so; `min_relevance=0` still shows the closest entries."""
+    question = "How do I knit a scarf?"
+    body = served.get("/search", params={"query": question}).json()
+    assert (body["hits"], body["no_match"]) == ([], True)
+    closest = served.get("/search", params={"query": question, "min_relevance": 0}).json()
+    assert len(closest["hits"]) == 5
+    assert all(0 <= hit["relevance"] < 0.25 for hit in closest["hits"])
+    assert served.get("/search", params={"query": question, "min_relevance": 2}).status_code == 422
 
 
 def test_courses_and_stats_are_the_served_index(served: Server) -> None:
