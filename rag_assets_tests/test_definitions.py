@@ -294,6 +294,12 @@ def test_the_semantic_mode_adds_cached_sentence_vectors_and_switches_back(
     assert third.success
     assert third.facts("embeddings", "a")["sentence_vectors"].startswith("off")
     assert third.metadata("es_index")["upserted"] == 24  # the rows lose their sentence vectors
+    assert third.metadata("es_index")["mode_switch"] == (
+        f"RAG_RERANKER=features, but the served index at {tmp_path / 'index.sqlite'} was built for "
+        "RAG_RERANKER=semantic: this refresh rewrites all of its 24 rows (set RAG_RERANKER=semantic "
+        "to keep that mode)"
+    )
+    assert second.metadata("es_index")["mode_switch"] == ""
     assert index.stats().reranker == "features"
     retriever = Retriever(index, nlp, reranker="semantic")
     assert retriever.search("How do I fix error 3 of a?", "a")[0].question == "How do I fix error 3 of a?"

@@ -74,3 +74,35 @@ def test_each_entry_point_builds_and_publishes_in_one_run(tmp_path: Path, comman
         assert published is not None and published.run_id == runs[0].run_id
         metadata = published.asset_materialization.metadata
         assert metadata["courses_refreshed"].value == ["a", "b"] and metadata["upserted"].value == 10
+
+
+@pytest.mark.slow
+def test_make_run_says_when_a_mode_switch_rewrites_every_row(tmp_path: Path) -> None:
+    """A plain `make run` after a semantic build rewrites every row without sentence vectors: its
+    last lines say so, naming both modes."""
+    entries = [
+        entry(c, f"How do I fix error {n} in {c}?", f"Restart service {n}.") for c in "ab" for n in range(4)
+    ]
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"},
+        "RAG_DATA_DIR": str(tmp_path / "data"),
+        "DOCUMENTS_URL": str(write_json(tmp_path / "faq.json", entries)),
+        "RAG_NLP_PROCESSES": "1",
+    }
+    outputs = []
+    for mode in ("semantic", "none"):
+        done = subprocess.run(
+            ENTRY_POINTS["make run"],
+            cwd=ROOT,
+            env={**env, "RAG_RERANKER": mode},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        outputs.append(done.stdout.strip().splitlines())
+    assert not any(line.startswith("refresh: warning:") for line in outputs[0])
+    assert outputs[1][-2] == (
+        f"refresh: warning: RAG_RERANKER=none, but the served index at {tmp_path / 'data' / 'index.sqlite'} "
+        "was built for RAG_RERANKER=semantic: this refresh rewrites all of its 8 rows (set "
+        "RAG_RERANKER=semantic to keep that mode)"
+    )

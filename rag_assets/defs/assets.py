@@ -35,8 +35,11 @@ from rag_assets.index.backend import (
     SEMANTIC,
     CourseValues,
     IndexContent,
+    IndexDamagedError,
+    IndexNotFoundError,
     PublishError,
     PublishRefusedError,
+    SearchBackend,
     made_by,
 )
 from rag_assets.ingest import chunking, sources
@@ -661,6 +664,9 @@ def es_index(
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     courses = dict(sorted({**kept, **built}.items()))
     content_digest = IndexContent.courses_digest(courses, nlp.reranker)
+    switched = mode_switch(backend, nlp.reranker)
+    if switched:
+        context.log.warning(switched)
     report = backend.confirm(content_digest)
     confirmed = report is not None
     if report is not None:
@@ -721,6 +727,7 @@ def es_index(
             "per_course": dg.MetadataValue.md(table.to_markdown(index=False)),
             "backend": backend.kind,
             "reranker": nlp.reranker,
+            "mode_switch": switched,
             "location": report.location,
             "entries": stats.entries,
             "chunks": stats.chunks,
@@ -754,6 +761,22 @@ def served_value(
     if digests is None:
         return None
     return refresh_lock.stored_values(course).find(step, digests[SERVED_STEPS.index(step)])
+
+
+def mode_switch(backend: SearchBackend, reranker: str) -> str:
+    """Why this publish rewrites every row, when it does: the served index was built for a
+    RAG_RERANKER mode that stores sentence vectors and this one does not, or the other way round."""
+    try:
+        served = backend.stats()
+    except (IndexNotFoundError, IndexDamagedError):
+        return ""
+    if served.reranker is None or (served.reranker == SEMANTIC) == (reranker == SEMANTIC):
+        return ""
+    return (
+        f"RAG_RERANKER={reranker}, but the served index at {served.location} was built for "
+        f"RAG_RERANKER={served.reranker}: this refresh rewrites all of its {served.chunks} rows "
+        f"(set RAG_RERANKER={served.reranker} to keep that mode)"
+    )
 
 
 def course_values(refresh_lock: RefreshLockResource, course: str, digests: list[str]) -> CourseValues:

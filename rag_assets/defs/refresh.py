@@ -117,6 +117,8 @@ def summary(done: RunOutcome, instance: dg.DagsterInstance) -> list[str]:
         )
         if meta["courses_as_served"]:
             lines.append(f"kept as served (refused by a check): {', '.join(meta['courses_as_served'])}")
+        if meta.get("mode_switch"):
+            lines.append(f"warning: {meta['mode_switch']}")
     return [*lines, served_line(published_now=meta is not None)]
 
 
