@@ -234,7 +234,10 @@ def query_words_last(argv: Sequence[str], options_with_values: set[str], flags: 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["search"]:
-        argv = ["search", *query_words_last(argv[1:], {"--course", "--k"}, {"--json", "-h", "--help"})]
+        argv = [
+            "search",
+            *query_words_last(argv[1:], {"--course", "--k", "--min-relevance"}, {"--json", "-h", "--help"}),
+        ]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

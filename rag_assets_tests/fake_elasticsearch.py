@@ -309,6 +309,22 @@ class FakeElasticsearch:
 
     def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> tuple[int, Any]:
         docs = self.indices[index].docs
+        if "terms_held" in body.get("aggs", {}):
+            filters = body["aggs"]["terms_held"]["filters"]["filters"]
+            held = {
+                term: sum(
+                    any(
+                        query["combined_fields"]["query"] in d[f].split()
+                        for f in query["combined_fields"]["fields"]
+                    )
+                    for d in docs.values()
+                )
+                for term, query in filters.items()
+            }
+            return 200, {
+                "hits": {"total": {"value": len(docs), "relation": "eq"}, "hits": []},
+                "aggregations": {"terms_held": {"buckets": {t: {"doc_count": n} for t, n in held.items()}}},
+            }
         if "aggs" in body:
             return 200, self._aggregate(docs)
         if "sort" in body:

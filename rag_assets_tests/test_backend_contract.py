@@ -169,3 +169,16 @@ def test_the_semantic_mode_keeps_each_chunks_sentence_vector_for_its_candidates(
     backend.publish(dataclasses.replace(content, reranker="features"))  # every row loses its vector
     assert backend.stats().reranker == "features"
     assert backend.candidates([rows.chunk_id[3]])[rows.chunk_id[3]].sentence is None
+
+
+def test_term_frequencies_count_the_chunks_holding_each_term(
+    backend: SearchBackend, content: IndexContent
+) -> None:
+    """What the relevance's idf weights come from, the same in every backend (a live cluster too)."""
+    backend.publish(content)
+    rows, _ = content_rows(content)
+    term = rows.question_lemmas[0].split()[0]
+    holding = sum(
+        term in " ".join(fields).split() for fields in rows[list(LEMMA_FIELD_COLUMNS)].itertuples(index=False)
+    )
+    assert backend.term_frequencies([term, "lasagna"]) == (len(rows), {term: holding, "lasagna": 0})

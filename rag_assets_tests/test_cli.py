@@ -38,7 +38,7 @@ def test_search_json(data_dir: Path) -> None:
     assert len(hits) == 5
     assert all(set(hit) == HIT_KEYS for hit in hits)
     assert hits[0]["question"] == "Course - Can I still join the course after the start date?"
-    assert hits[0]["relevance"] >= 0.5  # two thirds of its content words are in that question
+    assert hits[0]["relevance"] >= 0.4  # most of the query's idf-weighted content words are in it
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,8 @@ def test_a_query_nothing_answers_says_no_entry_matches(data_dir: Path, query: st
     assert json.loads(rag("search", query, "--json", data_dir=data_dir).stdout) == []
     closest = json.loads(rag("search", query, "--json", "--min-relevance", "0", data_dir=data_dir).stdout)
     assert all(hit["relevance"] < 0.25 for hit in closest)  # below the lexical floor: left out
+    if query != "xyzzy flarb quux blorptangle":  # no word of it is in the FAQ: nothing is found at all
+        assert len(closest) == 5
 
 
 def test_search_text_and_k(data_dir: Path) -> None:

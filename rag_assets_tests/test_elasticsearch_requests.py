@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from rag_assets.index.elasticsearch import (
     knn_query,
     lexical_query,
 )
+from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.nlp.sentence import SENTENCE_DIM
 
 from .conftest import content_rows, index_content, semantic_content, subset
@@ -585,3 +587,34 @@ def test_without_the_semantic_mode_no_sentence_vector_is_sent(
     assert fake.calls("PUT", VERSION_NAME)[0].body["mappings"]["_meta"]["reranker"] == "features"
     [candidate] = es.candidates([content.chunk_ids[0]]).values()
     assert candidate.sentence is None
+
+
+def test_term_frequencies_are_one_count_request_and_agree_with_the_embedded_index(
+    fake: FakeElasticsearch, content: IndexContent, tmp_path: Path
+) -> None:
+    """The relevance's idf weights: how many chunks hold each query term, read without hits."""
+    es = backend(fake)
+    es.publish(content)
+    terms = ["docker", "cours", "kafka", "lasagna"]
+    start = len(fake.requests)
+    rows, held = es.term_frequencies(terms)
+    [request] = fake.requests[start:]
+    assert (request.method, request.path) == ("POST", f"/{ALIAS}/_search")
+    assert request.body == {
+        "size": 0,
+        "track_total_hits": True,
+        "aggs": {
+            "terms_held": {
+                "filters": {
+                    "filters": {
+                        term: {"combined_fields": {"query": term, "fields": list(LEMMA_FIELD_COLUMNS)}}
+                        for term in terms
+                    }
+                }
+            }
+        },
+    }
+    embedded = EmbeddedIndex(tmp_path)
+    embedded.publish(content)
+    assert (rows, held) == embedded.term_frequencies(terms)
+    assert rows == len(content) and held["lasagna"] == 0 and held["cours"] > 0

@@ -342,6 +342,11 @@ class SearchBackend(Protocol):
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]: ...
 
+    def term_frequencies(self, terms: Sequence[str]) -> tuple[int, dict[str, int]]:
+        """The chunks served, and how many of them hold each term in a lemma field (0: none):
+        what a term's idf is made of."""
+        ...
+
     def candidates(self, chunk_ids: Sequence[str]) -> dict[str, Candidate]:
         """The chunks with their lemma fields and sentence vectors, in one request."""
         ...

@@ -116,6 +116,13 @@ def lexical_query(lemmas: Sequence[str], course: str | None, k: int) -> dict[str
     return {"size": k, "_source": False, "query": query}
 
 
+def term_frequencies_query(terms: Sequence[str]) -> dict[str, Any]:
+    """How many chunks hold each term in a lemma field (a `filters` bucket per term, matched as
+    the lexical query matches it), and how many there are: no hit is read."""
+    filters = {term: {"combined_fields": {"query": term, "fields": LEMMA_FIELD_COLUMNS}} for term in terms}
+    return {"size": 0, "track_total_hits": True, "aggs": {"terms_held": {"filters": {"filters": filters}}}}
+
+
 def knn_query(vector: np.ndarray, course: str | None, k: int) -> dict[str, Any]:
     """Approximate kNN with the course filter applied inside the search, not after it."""
     knn: dict[str, Any] = {
@@ -533,8 +540,12 @@ class ElasticsearchIndex:
         return index
 
     def _search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._search_body(body)["hits"]["hits"]
+
+    def _search_body(self, body: dict[str, Any]) -> Any:
+        """The whole response of a search of the served (or pinned) index."""
         try:
-            return self.client.search(index=self._pinned or self.alias, **body)["hits"]["hits"]
+            return self.client.search(index=self._pinned or self.alias, **body)
         except NotFoundError as exc:
             raise self._missing() from exc
 
@@ -550,6 +561,11 @@ class ElasticsearchIndex:
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
         return [hit["_id"] for hit in self._search(knn_query(vector, course, k))]
+
+    def term_frequencies(self, terms: Sequence[str]) -> tuple[int, dict[str, int]]:
+        found = self._search_body(term_frequencies_query(terms))
+        buckets = found["aggregations"]["terms_held"]["buckets"]
+        return int(found["hits"]["total"]["value"]), {t: int(buckets[t]["doc_count"]) for t in terms}
 
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
         return {

@@ -47,6 +47,7 @@ from rag_assets.index.backend import (
     StoredChunk,
 )
 from rag_assets.index.lexical import (
+    ROWID,
     PackedPostings,
     Postings,
     RowTable,
@@ -684,6 +685,15 @@ class EmbeddedIndex:
         ranked = bm25_top(postings, terms, served.table, served.norms, code, k)
         chunk_ids = self._chunk_ids([row for row, _ in ranked])
         return [(chunk_id, score) for chunk_id, (_, score) in zip(chunk_ids, ranked, strict=True)]
+
+    def term_frequencies(self, terms: Sequence[str]) -> tuple[int, dict[str, int]]:
+        served = self._served()
+        held = dict.fromkeys(terms, 0)
+        if held:
+            width = np.dtype(ROWID).itemsize  # the blob's length says it: none is read
+            sql = f"SELECT term, length(rowids) FROM postings WHERE term IN ({', '.join('?' * len(held))})"
+            held.update({term: size // width for term, size in self._query(sql, list(held))})
+        return served.table.rows, held
 
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
         served = self._served()
