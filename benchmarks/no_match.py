@@ -71,7 +71,7 @@ def main() -> None:
 
 def table(mode: str, gold: np.ndarray, best: dict[str, list[float]]) -> list[dict[str, object]]:
     scale = "cosine" if mode == SEMANTIC else "lexical"
-    print(f"\nRAG_RERANKER={mode}: {scale} scale, default floor {MIN_RELEVANCE[mode]}")
+    print(f"\nRAG_RERANKER={mode}: {scale} scale, default floor {MIN_RELEVANCE[scale]}")
     print(f"{'floor':>6} {'dev golds lost':>15} " + " ".join(f"{kind:>28}" for kind in best))
     rows = []
     for floor in FLOORS[mode]:

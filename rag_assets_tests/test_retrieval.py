@@ -107,7 +107,7 @@ def test_the_python_api_leaves_out_hits_below_the_relevance_floor(
     try:
         assert rag_assets.search("Who painted the Mona Lisa?") == []
         closest = rag_assets.search("Who painted the Mona Lisa?", min_relevance=0)
-        assert len(closest) == 5 and max(hit.relevance for hit in closest) < MIN_RELEVANCE["none"]
+        assert len(closest) == 5 and max(hit.relevance for hit in closest) < MIN_RELEVANCE["lexical"]
         [hit] = rag_assets.search("Can I still join the course after the start date?", k=1)
         assert hit.question == "Course - Can I still join the course after the start date?"
         assert hit.relevance == 1.0  # every content word of the query is in its question

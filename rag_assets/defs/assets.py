@@ -781,8 +781,7 @@ def mode_switch(backend: SearchBackend, reranker: str) -> str:
 
 def course_values(refresh_lock: RefreshLockResource, course: str, digests: list[str]) -> CourseValues:
     """A course's stored values by digest; refuses, naming the course, if one is no longer kept."""
-    store = refresh_lock.stored_values(course)
-    found = [store.find(step, d) for step, d in zip(SERVED_STEPS, digests, strict=True)]
+    found = [served_value(refresh_lock, course, step, digests) for step in SERVED_STEPS]
     if any(value is None for value in found):
         raise StoredValueError(
             f"the stored values of course {course!r} ({', '.join(digests)}) are no longer kept; "
