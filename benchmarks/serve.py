@@ -28,8 +28,10 @@ import requests
 
 from rag_assets.common.cores import usable_cores
 from rag_assets.evaluation import build_index
+from rag_assets.index.backend import RERANKER_MODES
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.nlp.analysis import load_pipeline
+from rag_assets.settings import DEFAULT_RERANKER
 
 WRK_SCRIPT = """
 paths = {}
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--ground-truth", required=True, help="CSV whose questions are asked")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--workers", type=int, default=usable_cores(), help="`rag serve --workers`")
+    parser.add_argument("--reranker", default=DEFAULT_RERANKER, choices=RERANKER_MODES, help="RAG_RERANKER")
     parser.add_argument("--out", default="serve-bench-results.json")
     args = parser.parse_args()
 
@@ -129,12 +132,17 @@ def main() -> None:
             "--workers",
             str(args.workers),
         ],
-        env=env | {"RAG_DATA_DIR": str(workdir)},
+        env=env | {"RAG_DATA_DIR": str(workdir), "RAG_RERANKER": args.reranker},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    results: dict[str, Any] = {"workers": args.workers, "entries_source": args.new, "queries": len(paths)}
+    results: dict[str, Any] = {
+        "workers": args.workers,
+        "reranker": args.reranker,
+        "entries_source": args.new,
+        "queries": len(paths),
+    }
     try:
         started = time.monotonic()
         while True:
@@ -152,7 +160,10 @@ def main() -> None:
         server_pids = sorted(set(server_pids))
         run_wrk(wrk, script, base, 4, 3)  # warm-up: every query's vector lists read once
 
-        print(f"rag serve ({args.workers} worker(s)), {len(paths)} questions, {args.seconds:g} s per point")
+        print(
+            f"rag serve ({args.workers} worker(s), RAG_RERANKER={args.reranker}), {len(paths)} questions, "
+            f"{args.seconds:g} s per point"
+        )
         print(" ".join(f"{name:>11}" for name in COLUMNS))
         points = []
         for connections in (1, 4, 8):

@@ -85,8 +85,8 @@ class QueryError(RagError):
 
 def check_query(query: str, k: int) -> None:
     """Refuse what no search can answer, naming the parameter."""
-    if not query or not query.strip():
-        raise QueryError("query", "the query is empty")
+    if not query.replace("\ufeff", "").strip():  # str.strip() keeps the byte-order mark
+        raise QueryError("query", "the query is blank")
     try:
         query.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -97,7 +97,7 @@ def check_query(query: str, k: int) -> None:
         raise QueryError("k", f"k must be at least 1, got {k}")
 
 
-# The least relevance a hit needs to be returned, chosen on dev (README, "No good match"): each
+# The least relevance a hit needs to be returned, chosen on dev (docs/retrieval.md, "No good match"): each
 # loses under 1 % of the dev questions' gold entries from the top 5 (0.75 % and 0.57 %) and
 # refuses over 90 % of generated questions the FAQ does not answer (91.2 % and 94.3 %).
 MIN_RELEVANCE = {"lexical": 0.25, "cosine": 0.2}  # by scale: every mode's, the semantic mode's
@@ -117,7 +117,7 @@ def relevance(weights: dict[str, float], candidate: Candidate, query_sentence: n
     "long") counts for little, and a word the FAQ never uses for much.
 
     A fused or reranker score only orders one query's hits; a query that nothing answers still
-    gets a first hit. These say how much the first hit matches at all (README, "No good match").
+    gets a first hit. These say how much the first hit matches at all (docs/retrieval.md, "No good match").
     """
     if query_sentence is not None:
         return float(candidate.sentence @ query_sentence)
@@ -153,8 +153,8 @@ class Retriever:
     def search(
         self, query: str, course: str | None = None, k: int = 5, min_relevance: float | None = None
     ) -> list[Hit]:
-        """The best `k` entries whose relevance is at least `min_relevance` (default: the mode's
-        `MIN_RELEVANCE`; 0 keeps every hit). An empty list says no entry matches."""
+        """Of the best `k` entries, those whose relevance is at least `min_relevance` (default:
+        the mode's `MIN_RELEVANCE`; 0 keeps every hit). An empty list says no entry matches."""
         check_query(query, k)
         query_sentence = self._encode(query, self.reranker)
         terms = analyse_query(self.nlp, query)

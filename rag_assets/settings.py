@@ -12,10 +12,10 @@ from rag_assets.index.elasticsearch import ElasticsearchSettings
 from rag_assets.index.embedded import EmbeddedIndex
 
 DEFAULT_DATA_DIR = ".rag"
-# Chosen by measurement (README, Reranking): the features mode ranks better on dev, but costs
-# up to a millisecond per query at 1k (past the 1.5 ms target) for a gain the held-out courses
-# have yet to confirm; the semantic mode's sentence vectors cost hours per million chunks.
-DEFAULT_RERANKER = "none"
+# Chosen by measurement (docs/retrieval.md, The default mode): the features mode ranks better than
+# the fused order on dev and on the held-out courses at no index cost and about a millisecond per
+# query; the semantic mode's sentence vectors cost hours per million chunks on two cores.
+DEFAULT_RERANKER = "features"
 # ELASTICSEARCH_* variable -> ElasticsearchSettings field; only variables that are set are used.
 ELASTICSEARCH_SETTINGS = {
     "ELASTICSEARCH_URL": "url",
@@ -135,7 +135,7 @@ def freshness_hours(env: Mapping[str, str] = os.environ) -> tuple[float, float]:
 
 
 def reranker(env: Mapping[str, str] = os.environ) -> str:
-    """RAG_RERANKER: how a search orders its fused top 20 again (README, Reranking)."""
+    """RAG_RERANKER: how a search orders its fused top 20 again (docs/retrieval.md, Modes)."""
     mode = env.get("RAG_RERANKER") or DEFAULT_RERANKER
     if mode not in RERANKER_MODES:
         raise RagError(f"RAG_RERANKER={mode!r} is not one of {', '.join(RERANKER_MODES)}")
@@ -147,7 +147,7 @@ EXECUTORS = (IN_PROCESS, MULTIPROCESS, CELERY)
 
 
 def executor(env: Mapping[str, str] = os.environ) -> str:
-    """RAG_EXECUTOR: where a run's steps execute (README, Scaling out)."""
+    """RAG_EXECUTOR: where a run's steps execute (docs/deployment.md, Scaling out)."""
     name = env.get("RAG_EXECUTOR") or IN_PROCESS
     if name not in EXECUTORS:
         raise RagError(f"RAG_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)}")

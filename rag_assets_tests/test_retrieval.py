@@ -33,12 +33,16 @@ def retriever(
     return Retriever(index, nlp)
 
 
-def test_join_after_start_is_the_first_hit(retriever: Retriever) -> None:
-    hits = retriever.search("I just discovered the course, can I still join?", course=DE)
-    assert hits[0].question == "Course - Can I still join the course after the start date?"
-    assert len(hits) == 5
-    assert all(hit.course == DE for hit in hits)
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+def test_join_after_start_is_among_the_first_hits(retriever: Retriever, nlp: Language) -> None:
+    """The fused order has it first; the features mode (the default) second, after "When will the
+    course start?" (docs/retrieval.md, The default mode)."""
+    fused = Retriever(retriever.backend, nlp, reranker="none")
+    for searcher, place in ((fused, 0), (retriever, 1)):
+        hits = searcher.search("I just discovered the course, can I still join?", course=DE, min_relevance=0)
+        assert hits[place].question == "Course - Can I still join the course after the start date?"
+        assert len(hits) == 5
+        assert all(hit.course == DE for hit in hits)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_one_hit_per_entry(retriever: Retriever) -> None:
@@ -47,7 +51,7 @@ def test_one_hit_per_entry(retriever: Retriever) -> None:
 
 
 def test_errors_are_clear(retriever: Retriever, tmp_path: Path, nlp: Language) -> None:
-    with pytest.raises(RagError, match="the query is empty"):
+    with pytest.raises(RagError, match="the query is blank"):
         retriever.search("   ")
     with pytest.raises(UnknownCourseError, match="unknown course 'nope'; the index has: data-engineering"):
         retriever.search("docker", course="nope")
