@@ -24,7 +24,7 @@ EVAL_DOCUMENTS ?= ../shared/eval/documents-with-ids.json
 EVAL_GROUND_TRUTH ?= ../shared/eval/ground-truth-dev.csv
 LINTED := rag_assets rag_assets_tests benchmarks deploy
 
-.PHONY: setup lock run test lint dev serve bench bench-targets bench-courses bench-1m bench-scale-out bench-serve bench-no-match rehearse fit-reranker clean
+.PHONY: setup lock run test lint dev serve bench bench-targets bench-courses bench-1m bench-scale-out bench-serve bench-mcp bench-no-match rehearse fit-reranker clean
 
 setup: $(STAMP)
 
@@ -41,16 +41,18 @@ lock: setup
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra dev --extra deploy -o requirements/dev.lock
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra deploy -o requirements/deploy.lock
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: dagster-instance.yaml
 	@mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	cp dagster-instance.yaml $@
 
 # The job the schedule runs (faq_index_refresh), in process, ending with a summary.
 run: setup $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m rag_assets.defs.refresh
 
+# The UI and the daemon (the schedule) on http://127.0.0.1:$(PORT); `make dev PORT=3300` for another port.
+PORT ?= 3000
 dev: setup $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/dg dev --host 127.0.0.1 --port $(PORT)
 
 test: lint
 	$(VENV)/bin/pytest
@@ -87,8 +89,13 @@ rehearse: setup
 	$(PY) deploy/rehearse.py --documents $(REHEARSE_DOCUMENTS) --out $(REHEARSE_OUT) --max-runtime-s $(REHEARSE_MAX_RUNTIME_S)
 
 # `rag serve` under load (wrk, installed from Debian's packages when missing), and under a publish.
+# `BENCH_RERANKER=none` (or semantic): the server in that mode instead of the default.
 bench-serve: setup
-	$(PY) benchmarks/serve.py --new $(BENCH_NEW) --old $(BENCH_OLD) --ground-truth ../shared/eval/ground-truth-dev.csv --out serve-bench-results.json
+	$(PY) benchmarks/serve.py --new $(BENCH_NEW) --old $(BENCH_OLD) --ground-truth ../shared/eval/ground-truth-dev.csv $(if $(BENCH_RERANKER),--reranker $(BENCH_RERANKER)) --out serve-bench-results.json
+
+# `rag mcp --http` beside `rag serve`: 4 concurrent clients for 30 s each, one server process (about 2 minutes).
+bench-mcp: setup
+	$(PY) benchmarks/mcp_load.py --documents $(BENCH_NEW) --ground-truth ../shared/eval/ground-truth-dev.csv --out bench-mcp-results.json
 
 # Grouped cross-validated figures of every RAG_RERANKER mode, and the weights the package ships
 # (rag_assets/index/rerankers/); 60-150 s here.

@@ -401,7 +401,7 @@ def make_run(documents: str, workdir: Path) -> dict[str, Any]:
     """`make run` on a fresh data directory and instance: its process's wall time, from outside."""
     home = workdir / "dagster"
     home.mkdir(parents=True)
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")  # as the Makefile's run target does
+    shutil.copy(ROOT / "dagster-instance.yaml", home / "dagster.yaml")  # as the Makefile's run target does
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "DAGSTER_", "DOCUMENTS_URL"))}
     env |= {
         "DAGSTER_HOME": str(home),

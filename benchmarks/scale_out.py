@@ -138,7 +138,7 @@ def environment(workdir: Path, corpus: Path, **extra: str) -> dict[str, str]:
 
 def new_instance_home(workdir: Path) -> None:
     (workdir / "dagster").mkdir(parents=True)
-    shutil.copy(ROOT / "dagster.yaml", workdir / "dagster" / "dagster.yaml")  # as `make run` has it
+    shutil.copy(ROOT / "dagster-instance.yaml", workdir / "dagster" / "dagster.yaml")  # as `make run` has it
 
 
 def celery_refresh(

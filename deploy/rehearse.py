@@ -153,17 +153,24 @@ class Processes:
         cwd: Path = ROOT,
         user: str | None = None,
         stop_signal: signal.Signals = signal.SIGTERM,
+        stdin: bytes | None = None,
     ) -> subprocess.Popen[bytes]:
+        """`stdin`: written to the process and closed (a configuration holding a secret, which
+        then appears in no argument and no file)."""
         with open(self.log_dir / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 argv,
                 env=env,
                 cwd=cwd,
+                stdin=subprocess.PIPE if stdin is not None else None,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=user,
             )
+        if stdin is not None and process.stdin is not None:
+            process.stdin.write(stdin)
+            process.stdin.close()
         self.started.append((name, process, stop_signal))
         return process
 
@@ -238,6 +245,13 @@ def port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1)
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def redis_reply(port: int, command: bytes) -> bytes:
+    """Redis's first reply line to `command`, sent without authenticating."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(command)
+        return connection.recv(256).split(b"\n", 1)[0]
 
 
 def free_port() -> int:
@@ -642,6 +656,7 @@ class Rehearsal:
         # Secrets of this rehearsal only: never printed, never written to rehearsal.json.
         self.password = secrets.token_urlsafe(24)
         self.api_key = secrets.token_urlsafe(24)
+        self.redis_password = secrets.token_hex(24)  # in the broker URL: no character to escape
         self.search_port = free_port()
         self.search = requests.Session()
         self.search.headers["X-API-Key"] = self.api_key
@@ -660,14 +675,17 @@ class Rehearsal:
             "DOCUMENTS_URL": self.source.url,
             "RAG_DATA_DIR": str(self.data),
             "RAG_API_KEY": self.api_key,
-            "RAG_RERANKER": "none",  # compose's default
+            "RAG_RERANKER": "features",  # compose's default
             "RAG_EXECUTOR": "celery",  # compose's: the runs' steps go to the Celery workers
-            "DAGSTER_CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "DAGSTER_CELERY_BROKER_URL": f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
             "PYTHONPATH": str(ROOT / "deploy"),
         }
         compose = compose_environment(service)
-        # No cluster can run here: without ELASTICSEARCH_* the same code serves the embedded index.
+        # No cluster can run here: without ELASTICSEARCH_* the same code serves the embedded index,
+        # which the search services then find in the data directory.
         wanted = {name for name in compose if not name.startswith("ELASTICSEARCH_")}
+        if "ELASTICSEARCH_URL" in compose:
+            wanted.add("RAG_DATA_DIR")
         if unknown := wanted - set(values):
             raise ObservationFailed(
                 f"docker-compose.yml sets {sorted(unknown)}, which the rehearsal does not"
@@ -695,7 +713,9 @@ class Rehearsal:
             observe("PostgreSQL started, Dagster database created", self.postgres.start)
             self.source.start()
             observe("webserver started with deploy/dagster.yaml", self.start_webserver)
-            observe("Redis and two Celery step workers started", self.start_celery_workers)
+            observe(
+                "Redis (password required) and two Celery step workers started", self.start_celery_workers
+            )
             observe("search service up, not ready before the first build", self.start_search_service)
             observe("daemon started at the start of a minute", self.start_daemon)
             observe("initial-build sensor launched the first build", self.sensor_launched_first_build)
@@ -743,18 +763,23 @@ class Rehearsal:
         return f"{self.api.base_url}, code location {location}, Postgres storage, source {self.source.url}"
 
     def start_celery_workers(self) -> str:
-        redis = self.processes.start(
-            "redis-server",
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", ""],
-        )
+        # As compose starts it: the password in the configuration on stdin, in no argument or file.
+        config = f'bind 127.0.0.1\nport {self.redis_port}\nsave ""\nrequirepass {self.redis_password}\n'
+        redis = self.processes.start("redis-server", ["redis-server", "-"], stdin=config.encode())
         wait_for("Redis answering", lambda: port_open(self.redis_port) or None, 30, 0.2)
+        refused = redis_reply(self.redis_port, b"PING\r\n")
+        if not refused.startswith(b"-NOAUTH"):
+            raise ObservationFailed(f"Redis answered a client without the password: {refused!r}")
         pids = []
         for n in range(1, CELERY_WORKERS + 1):
             argv = [*compose_command("celery-worker"), "--hostname", f"worker{n}@%h"]
             worker = self.processes.start(f"celery-worker-{n}", argv, self.environment("celery-worker"))
             pids.append(worker.pid)
         wait_for("Celery workers ready", self._celery_workers_ready, 120)
-        return f"redis-server pid {redis.pid} on 127.0.0.1:{self.redis_port}; worker pids {pids}"
+        return (
+            f"redis-server pid {redis.pid} on 127.0.0.1:{self.redis_port}, requirepass set (a client "
+            f"without it: {refused.decode().strip()}); worker pids {pids}, the password in their broker URL"
+        )
 
     def _celery_workers_ready(self) -> bool | None:
         logs = [self.out / "logs" / f"celery-worker-{n}.log" for n in range(1, CELERY_WORKERS + 1)]

@@ -12,13 +12,18 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from elasticsearch import ApiError, TransportError
-
 from rag_assets import settings
 from rag_assets.common.cores import usable_cores
 from rag_assets.common.errors import RagError
 from rag_assets.evaluation import build_index, evaluate, read_ground_truth
-from rag_assets.index.elasticsearch import ElasticsearchIndex, describe_error
+from rag_assets.index.elasticsearch import (
+    CLIENT_ERRORS,
+    PIPELINE_ROLE,
+    READER_ROLE,
+    ElasticsearchIndex,
+    create_users,
+    describe_error,
+)
 from rag_assets.ingest.sources import SourceError
 from rag_assets.nlp.analysis import load_pipeline
 from rag_assets.retrieval import Hit, Retriever, default_retriever
@@ -150,6 +155,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+# The passwords `rag es-users` gives the restricted users; secrets, so only from the environment.
+USER_PASSWORDS = {PIPELINE_ROLE: "RAG_ES_PIPELINE_PASSWORD", READER_ROLE: "RAG_ES_READER_PASSWORD"}
+
+
+def cmd_es_users(args: argparse.Namespace) -> None:
+    cluster = settings.elasticsearch()
+    if cluster is None:
+        raise RagError("rag es-users needs ELASTICSEARCH_URL, and a user that may manage security")
+    missing = [variable for variable in USER_PASSWORDS.values() if not os.environ.get(variable)]
+    if missing:
+        raise RagError(f"set {' and '.join(missing)}: the passwords of the users this creates")
+    passwords = {role: os.environ[variable] for role, variable in USER_PASSWORDS.items()}
+    for line in create_users(cluster.client(), cluster.alias, passwords):
+        print(line)
+
+
+def cmd_mcp(args: argparse.Namespace) -> None:
+    from rag_assets import mcp_server  # only this command needs the SDK
+
+    server = mcp_server.server_from_environment(os.environ)
+    if not args.http:
+        server.run("stdio")  # the assistant that started this process is the only client
+        return
+    import uvicorn
+
+    app = mcp_server.http_app(server, args.host, settings.api_key())
+    print(f"rag mcp: Streamable HTTP at http://{args.host}:{args.port}/mcp", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log every request line (off by default: query strings are users' questions)",
     )
 
+    mcp = command("mcp", "the index as tools for assistants (Model Context Protocol)", cmd_mcp, False)
+    mcp.add_argument("--http", action="store_true", help="Streamable HTTP at /mcp instead of stdio")
+    mcp.add_argument(
+        "--host", default="127.0.0.1", help="--http: address to bind (default 127.0.0.1: this machine only)"
+    )
+    mcp.add_argument("--port", type=int, default=8001, help="--http: port (default 8001)")
+
+    command(
+        "es-users",
+        "Elasticsearch, once, as a user that may manage security: create the pipeline's and the "
+        "readers' restricted users (RAG_ES_PIPELINE_PASSWORD, RAG_ES_READER_PASSWORD)",
+        cmd_es_users,
+        False,
+    )
     command("versions", "Elasticsearch: the indices kept behind the alias", cmd_versions)
     rollback = command("rollback", "Elasticsearch: point the alias at an earlier index", cmd_rollback, False)
     rollback.add_argument("index", nargs="?", help="index to serve (default: the one before the live one)")
@@ -245,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader closed the pipe (`rag search ... | head`): nothing left to say. Point stdout
         # at /dev/null so the interpreter's own flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (RagError, SourceError, OSError, ApiError, TransportError) as exc:
+    except (RagError, SourceError, OSError, *CLIENT_ERRORS) as exc:
         print(f"rag: error: {describe_error(exc)}", file=sys.stderr)
         return 1
     return 0

@@ -78,7 +78,7 @@ def fit(questions: list[Question], columns: int) -> tuple[np.ndarray, np.ndarray
     each other candidate's of the same question (RankNet's linear case). It learns what puts the
     gold entry above the others of its own list, which is what hit rate and MRR count; fitted to
     tell gold from non-gold candidates across all questions instead (pointwise), it ranked worse
-    (README, Reranking). Questions without their gold entry among the candidates teach nothing."""
+    (docs/retrieval.md, Fitting). Questions without their gold entry among the candidates teach nothing."""
     from sklearn.linear_model import LogisticRegression  # fitting only; queries use numpy
 
     taught = [q for q in questions if q.gold_position >= 0]

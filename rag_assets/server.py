@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 from elasticsearch import ApiError, TransportError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
@@ -118,6 +120,18 @@ def create_app(
         # No index yet, a damaged one, or one analysed differently: the server's state, not the
         # request's; the message says what to do.
         return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422, but a blank query is said in words, not as the schema's pattern
+        errors = [
+            {**error, "msg": "the query is blank", "type": "value_error"}
+            if error["type"] in ("string_pattern_mismatch", "string_too_short")
+            and error["loc"] == ("query", "query")
+            else error
+            for error in exc.errors()
+        ]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.exception_handler(ApiError)
     @app.exception_handler(TransportError)

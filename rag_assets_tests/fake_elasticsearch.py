@@ -4,10 +4,11 @@ It answers the few endpoints `ElasticsearchIndex` uses, in the shapes Elasticsea
 just enough state (indices, aliases, documents) for publishes to be followed through, and records
 every request so tests can assert exactly what the real client sent. Its "search" is a crude
 term-overlap and cosine scorer: good for checking filters and plumbing, not Elasticsearch's ranking.
-Failures can be injected: rejected bulk items, 429 throttling, a wrong count, a failing alias swap,
-failing index deletions, any endpoint answering 503, and late requests: answered after the client
-gave up, then carried out anyway, as a timed-out bulk request is (re-creating a deleted index by
-auto-create, without our mapping, holding just that request's documents).
+Failures can be injected: refused credentials, rejected bulk items, 429 throttling, a wrong count,
+a failing alias swap, failing index deletions, any endpoint answering 503, and late requests:
+answered after the client gave up, then carried out anyway, as a timed-out bulk request is
+(re-creating a deleted index by auto-create, without our mapping, holding just that request's
+documents).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class FakeElasticsearch:
         self.unavailable: str | None = None  # requests whose "METHOD /path" matches answer 503
         self.late: str | None = None  # requests whose "METHOD /path" matches wait late_s, then run
         self.late_s = 0.0
+        self.api_key: str | None = None  # when set, requests without it answer 401, as security does
+        self.security: dict[str, dict[str, Any]] = {}  # "role" / "user" -> name -> body put
         self._late_running = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -135,12 +138,22 @@ class FakeElasticsearch:
         return pattern is not None and re.search(pattern, f"{request.method} {request.path}") is not None
 
     def answer(self, request: Recorded) -> tuple[int, Any]:
+        if self.api_key is not None and request.headers.get("authorization") != f"ApiKey {self.api_key}":
+            return self.error(
+                401,
+                "security_exception",
+                "unable to authenticate with provided credentials and anonymous access is not allowed "
+                "for this request",
+            )
         if self.matches(self.unavailable, request):
             return self.error(503, "unavailable_shards_exception", "unavailable on purpose")
         return self.route(request.method, request.path, request.params, request.body)
 
     def route(self, method: str, path: str, params: dict[str, str], body: Any) -> tuple[int, Any]:
         segments = [s for s in path.split("/") if s]
+        if len(segments) == 3 and segments[0] == "_security" and method in ("PUT", "POST"):
+            self.security.setdefault(segments[1], {})[segments[2]] = body
+            return 200, {segments[1]: {"created": True}} if segments[1] == "role" else {"created": True}
         if segments == ["_bulk"]:
             return self.bulk(body)
         if segments == ["_aliases"]:

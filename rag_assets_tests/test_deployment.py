@@ -34,29 +34,41 @@ def env_example() -> dict[str, str]:
 def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {
+        "es-certs",
         "elasticsearch",
+        "es-users",
         "postgres",
         "redis",
         "celery-worker",
         "webserver",
+        "webserver-readonly",
         "daemon",
         "search-api",
+        "mcp",
     }
-    assert services["webserver"]["ports"] == ["3000:3000"]
-    assert services["search-api"]["ports"] == ["127.0.0.1:8000:8000"]  # not beyond the host
     assert services["search-api"]["command"][:2] == ["rag", "serve"]
     assert "/readyz" in " ".join(services["search-api"]["healthcheck"]["test"])
-    assert services["elasticsearch"]["ports"] == ["9200:9200"]
+    assert services["mcp"]["command"][:3] == ["rag", "mcp", "--http"]
+    assert services["es-users"]["command"] == ["rag", "es-users"]
+    assert services["webserver-readonly"]["profiles"] == ["readonly"]  # opt-in
+    assert "--read-only" in services["webserver-readonly"]["command"]
     for name in ("elasticsearch", "postgres", "redis"):
         assert services[name]["healthcheck"]["test"]
     for name in ("elasticsearch", "postgres"):
-        [volume] = services[name]["volumes"]
+        volume = services[name]["volumes"][0]
         assert volume.split(":")[0] in compose["volumes"]
-    for name in ("webserver", "daemon", "search-api", "celery-worker"):
+    for name in ("webserver", "webserver-readonly", "daemon", "celery-worker"):
         service = services[name]
         assert service["build"] == "."
-        for needed in ("elasticsearch", "postgres", "redis"):
+        for needed in ("postgres", "redis"):
             assert service["depends_on"][needed]["condition"] == "service_healthy"
+        assert service["depends_on"]["es-users"]["condition"] == "service_completed_successfully"
+    for name in ("search-api", "mcp"):
+        assert services[name]["depends_on"] == {"es-users": {"condition": "service_completed_successfully"}}
+    assert services["es-users"]["depends_on"]["elasticsearch"]["condition"] == "service_healthy"
+    assert (
+        services["elasticsearch"]["depends_on"]["es-certs"]["condition"] == "service_completed_successfully"
+    )
     for name in ("webserver", "daemon"):
         assert services[name]["command"][-2:] == ["-w", "workspace.yaml"]
     assert services["daemon"]["command"][:2] == ["dagster-daemon", "run"]
@@ -87,7 +99,7 @@ def test_the_runs_steps_go_to_the_celery_workers(compose: dict[str, Any]) -> Non
     assert {env["RAG_EXECUTOR"] for env in environments} == {CELERY}
     assert len({env["DAGSTER_CELERY_BROKER_URL"] for env in environments}) == 1
     broker = environments[0]["DAGSTER_CELERY_BROKER_URL"]
-    assert broker.startswith("redis://redis:")
+    assert broker.startswith("redis://:${REDIS_PASSWORD:?") and broker.endswith("@redis:6379/0")
     assert executor_for(dict(environments[0])).name == "celery"
     # the workers consume the queue the executor sends to
     assert make_app().conf.task_queues[0].name == "dagster"
@@ -111,9 +123,17 @@ def test_every_variable_has_an_example_value() -> None:
     assert compose_variables() == {
         "POSTGRES_PASSWORD",
         "ELASTIC_PASSWORD",
+        "RAG_ES_PIPELINE_PASSWORD",
+        "RAG_ES_READER_PASSWORD",
+        "REDIS_PASSWORD",
         "DOCUMENTS_URL",
         "RAG_API_KEY",
         "RAG_RERANKER",
+        "DAGSTER_UI_BIND",
+        "DAGSTER_READONLY_UI_BIND",
+        "SEARCH_API_BIND",
+        "MCP_BIND",
+        "ELASTICSEARCH_BIND",
     }
     assert compose_variables() <= set(env_example())
 
@@ -155,7 +175,7 @@ def test_the_deployment_instance_loads(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_the_local_instance_config_is_valid() -> None:
-    config, _ = dagster_instance_config(str(ROOT), "dagster.yaml")
+    config, _ = dagster_instance_config(str(ROOT), "dagster-instance.yaml")
     assert config["run_monitoring"]["enabled"] is True
 
 
@@ -222,6 +242,11 @@ def test_the_deployment_uses_the_elasticsearch_variables_the_code_reads(compose:
 
     environment = compose["services"]["daemon"]["environment"]
     used = {name for name in environment if name.startswith("ELASTICSEARCH_")}
-    assert used == {"ELASTICSEARCH_URL", "ELASTICSEARCH_USERNAME", "ELASTICSEARCH_PASSWORD"}
+    assert used == {
+        "ELASTICSEARCH_URL",
+        "ELASTICSEARCH_CA_CERTS",
+        "ELASTICSEARCH_USERNAME",
+        "ELASTICSEARCH_PASSWORD",
+    }
     assert used <= set(ELASTICSEARCH_SETTINGS)
     assert environment["RAG_DATA_DIR"] in {v.split(":")[1] for v in compose["services"]["daemon"]["volumes"]}

@@ -41,7 +41,7 @@ def test_each_entry_point_builds_and_publishes_in_one_run(tmp_path: Path, comman
     source = write_json(tmp_path / "faq.json", entries)
     home, data = tmp_path / "home", tmp_path / "data"
     home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((ROOT / "dagster-instance.yaml").read_text())
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),

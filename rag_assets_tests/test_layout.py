@@ -1,4 +1,4 @@
-"""The package's layers import one way, from the top down (README, Layout)."""
+"""The package's layers import one way, from the top down (docs/architecture.md, Layout)."""
 
 from __future__ import annotations
 

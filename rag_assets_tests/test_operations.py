@@ -50,7 +50,7 @@ def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.Dag
     """A persistent instance with the project's own dagster.yaml (run monitoring on), and a data
     directory of its own (RAG_DATA_DIR)."""
     monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path / "data"))
-    shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    shutil.copy(ROOT / "dagster-instance.yaml", tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as real_instance:
         yield real_instance
 

@@ -103,7 +103,7 @@ def test_the_vector_side_only_fills_in_when_no_lemma_matches(nlp: Language, tmp_
 
 
 def test_evaluation_set_figures(nlp: Language, tmp_path: Path) -> None:
-    """The README's `rag eval` figures of the modes that need no sentence vectors (development
+    """The `rag eval` figures (docs/benchmarks.md) of the modes that need no sentence vectors (development
     split, 2123 questions; the features model was fitted on all of them)."""
     index = build_index(str(EVAL / "documents-with-ids.json"), tmp_path, nlp)
     ground_truth = read_ground_truth(EVAL / "ground-truth-dev.csv")

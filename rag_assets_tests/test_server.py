@@ -117,12 +117,23 @@ def test_search_answers_what_the_cli_answers(
     data_dir = Path(served.log).parent
     question = "I just discovered the course, can I still join?"
     response = served.get(
-        "/search", params={"query": question, "course": "data-engineering-zoomcamp", "k": 3}
+        "/search",
+        params={"query": question, "course": "data-engineering-zoomcamp", "k": 3, "min_relevance": 0},
     )
     assert response.status_code == 200
     body = response.json()
     assert (body["query"], body["course"], body["k"]) == (question, "data-engineering-zoomcamp", 3)
-    cli = rag_json(data_dir, "search", question, "--course", "data-engineering-zoomcamp", "--k", "3")
+    cli = rag_json(
+        data_dir,
+        "search",
+        question,
+        "--course",
+        "data-engineering-zoomcamp",
+        "--k",
+        "3",
+        "--min-relevance",
+        "0",
+    )
     assert body["hits"] == cli
     assert len(body["hits"]) == 3 and body["no_match"] is False
     assert {hit["course"] for hit in body["hits"]} == {"data-engineering-zoomcamp"}
@@ -175,6 +186,8 @@ def test_bad_input_is_a_4xx_naming_the_parameter(
     response = served.get("/search", params=params)
     assert response.status_code == status, response.text
     assert error_locations(response) == [["query", names]]
+    if params.get("query", "x").replace("\ufeff", "").strip() == "":
+        assert response.json()["detail"][0]["msg"] == "the query is blank"
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def refreshed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and the Dagster home of the refresh that built it; each test starts from a copy."""
     base = tmp_path_factory.mktemp("refreshed")
     (base / "dagster").mkdir()
-    shutil.copy(ROOT / "dagster.yaml", base / "dagster")
+    shutil.copy(ROOT / "dagster-instance.yaml", base / "dagster" / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(base / "dagster")) as instance:
         assert materialize(str(DATA / "documents-2025.json"), base / "data", instance).success
     return base
@@ -130,7 +130,7 @@ def test_a_full_disk_under_a_new_dagster_home_runs_nothing(data: Path, tmp_path:
     with small_disk(tmp_path / "disk") as disk:
         home = disk / "dagster"
         home.mkdir()
-        shutil.copy(ROOT / "dagster.yaml", home)
+        shutil.copy(ROOT / "dagster-instance.yaml", home / "dagster.yaml")
         filler = fill(disk, leave_kb=16)
         line = stopped(make_run(data, home), home, code=2)
         assert line.startswith(
@@ -233,7 +233,7 @@ def test_the_run_a_storage_fault_stopped_is_marked_failed_when_the_storage_allow
 ) -> None:
     """The storage takes writes again by the time the refresh stops (its lock released, space
     freed): the run it stopped is marked failed at once; a run that had ended keeps its end."""
-    shutil.copy(ROOT / "dagster.yaml", tmp_path)
+    shutil.copy(ROOT / "dagster-instance.yaml", tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         started = datetime.now(UTC)
         run = create_run_for_test(instance, job_name=JOB_NAME, status=status)  # as `make run` records it

@@ -59,7 +59,7 @@ def webserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("dagster_home")
     # runs the webserver launches start at once, without a daemon's queue
     coordinator = "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: DefaultRunCoordinator\n"
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + coordinator)
+    (home / "dagster.yaml").write_text((ROOT / "dagster-instance.yaml").read_text() + coordinator)
     port = free_port()
     env = {
         **os.environ,

@@ -30,6 +30,7 @@ from rag_assets.defs.resources import (
     QualityResource,
     RefreshLockResource,
     SearchIndexResource,
+    naming_cluster_errors,
 )
 from rag_assets.index.backend import (
     SEMANTIC,
@@ -493,6 +494,7 @@ class ChunksConfig(dg.Config):
 
 
 @dg.op
+@naming_cluster_errors
 def chunks_of_shard(
     context: dg.OpExecutionContext,
     refresh_lock: RefreshLockResource,
@@ -631,6 +633,7 @@ def embeddings(lemmas: CourseSet) -> CourseSet:
 
 
 @dg.asset(group_name=GROUP, kinds={"sqlite", "elasticsearch"}, freshness_policy=FRESHNESS)
+@naming_cluster_errors
 def es_index(
     context: dg.AssetExecutionContext,
     refresh_lock: RefreshLockResource,

@@ -21,6 +21,7 @@ from rag_assets.defs.resources import (
     RefreshLockResource,
     SearchIndexResource,
     environment_resources,
+    naming_cluster_errors,
 )
 from rag_assets.evaluation import GroundTruth, read_ground_truth
 from rag_assets.index.backend import IndexDamagedError, IndexNotFoundError, SearchBackend
@@ -74,6 +75,7 @@ def faq_source_well_formed(
 
 
 @dg.asset_check(asset=assets.faq_source, blocking=True)
+@naming_cluster_errors
 def faq_source_count_guard(
     context: Context,
     refresh_lock: RefreshLockResource,
@@ -167,6 +169,7 @@ def served_chunks(refresh_lock: RefreshLockResource, backend: SearchBackend) -> 
 
 
 @dg.asset_check(asset=assets.es_index)
+@naming_cluster_errors
 def es_index_matches_chunks(
     context: Context, refresh_lock: RefreshLockResource, search_index: SearchIndexResource
 ) -> dg.AssetCheckResult:
@@ -189,6 +192,7 @@ def es_index_matches_chunks(
 
 
 @dg.asset_check(asset=assets.es_index)
+@naming_cluster_errors
 def es_index_smoke_query(
     context: Context,
     refresh_lock: RefreshLockResource,
@@ -206,6 +210,7 @@ def es_index_smoke_query(
 
 
 @dg.asset_check(asset=assets.es_index)
+@naming_cluster_errors
 def es_index_retrieval_quality(
     context: Context,
     refresh_lock: RefreshLockResource,

@@ -29,6 +29,8 @@ from rag_assets.common.lock import DirectoryBusyError, DirectoryLock
 from rag_assets.definitions import load_definitions
 from rag_assets.defs.automation import JOB_NAME
 from rag_assets.defs.resources import runs_under_way
+from rag_assets.index.backend import IndexNotFoundError
+from rag_assets.index.elasticsearch import CLIENT_ERRORS, describe_error
 
 CONSOLE_AT_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 NOTHING_RUN = "nothing was run, the served index is unchanged"
@@ -61,11 +63,13 @@ def outcome(result: dg.ExecuteInProcessResult) -> RunOutcome:
         for event in result.get_step_failure_events()
         if not _said_by_a_check(event.step_failure_data.error)
     ]
+    said = " ".join(problems)
     problems += [  # a failure before any step: the data directory is busy, a resource is wrong
-        f"the run failed: {_failure_message(event.event_specific_data.error)}"
+        f"the run failed: {message}"
         for event in result.all_events
         if event.event_type == dg.DagsterEventType.RUN_FAILURE
         and not _said_by_a_check(event.event_specific_data.error)
+        and (message := _failure_message(event.event_specific_data.error)) not in said
     ]
     return RunOutcome(result.run_id, result.success and not problems, tuple(problems))
 
@@ -124,9 +128,12 @@ def summary(done: RunOutcome, instance: dg.DagsterInstance) -> list[str]:
 
 def served_line(published_now: bool) -> str:
     try:
-        stats = settings.open_backend().stats()
-    except RagError as exc:
-        return f"served: nothing ({exc})"
+        backend = settings.open_backend()
+        stats = backend.stats()
+    except IndexNotFoundError:
+        return f"served: nothing yet, no refresh has published to {backend.location}"
+    except (RagError, *CLIENT_ERRORS) as exc:
+        return f"served: nothing ({describe_error(exc)})"
     state = "now served" if published_now else "the served index is unchanged"
     return (
         f"{state}: {stats.entries} entries at {stats.location}, content from {stats.published_at}, "
@@ -327,7 +334,7 @@ def served_version() -> str | None:
     a run the storage stopped had published."""
     try:
         return settings.open_backend().stats().published_at
-    except RagError:
+    except (RagError, *CLIENT_ERRORS):
         return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,7 +20,12 @@ from rag_assets.common.lock import DirectoryBusyError, DirectoryLock
 from rag_assets.common.stored import ValueStore, course_folder
 from rag_assets.evaluation import read_ground_truth
 from rag_assets.index.backend import SearchBackend
-from rag_assets.index.elasticsearch import ElasticsearchIndex, ElasticsearchSettings
+from rag_assets.index.elasticsearch import (
+    CLIENT_ERRORS,
+    ElasticsearchIndex,
+    ElasticsearchSettings,
+    describe_error,
+)
 from rag_assets.index.embedded import EmbeddedIndex
 from rag_assets.ingest.sources import (
     DEFAULT_DOCUMENTS_URL,
@@ -142,6 +148,20 @@ class SearchIndexResource(dg.ConfigurableResource):
         if self.elasticsearch is not None:
             return self.elasticsearch.index(log)
         return EmbeddedIndex(Path(self.data_dir), log)
+
+
+def naming_cluster_errors[**P, R](step: Callable[P, R]) -> Callable[P, R]:
+    """A step that talks to Elasticsearch fails with the cluster's problem in one line that names
+    the setting to check (unreachable, credentials refused), not with the client's traceback."""
+
+    @functools.wraps(step)
+    def reported(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return step(*args, **kwargs)
+        except CLIENT_ERRORS as exc:
+            raise dg.Failure(description=describe_error(exc), allow_retries=False) from exc
+
+    return reported
 
 
 def prune_run_outputs(directory: Path, keep: str) -> None:

@@ -21,7 +21,7 @@ from rag_assets.nlp.sentence import SENTENCE_MODEL
 
 LEMMA_FIELD_COLUMNS = [f"{f}_lemmas" for f in LEMMA_FIELDS]
 INDEX_COLUMNS = [*CHUNK_COLUMNS, *LEMMA_FIELD_COLUMNS, "row_hash"]
-# RAG_RERANKER: how the fused top of a search is ordered again (README, Reranking). Only
+# RAG_RERANKER: how the fused top of a search is ordered again (docs/retrieval.md, Modes). Only
 # `semantic` changes the index: its rows carry sentence vectors.
 RERANKER_MODES = ("none", "features", "semantic")
 SEMANTIC = "semantic"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pydantic
@@ -163,6 +165,50 @@ def delta_actions(
         yield {"_op_type": "delete", "_index": index, "_id": chunk_id}
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(risk: str) -> None:
+    """Each risk once per process (a client is made per resource use), as a WARNING log line."""
+    if risk not in _warned:
+        _warned.add(risk)
+        _log.warning(risk)
+
+
+# Least privilege on the cluster: the pipeline manages only its own indices and alias, the
+# search services only read them. `rag es-users` creates these roles, and a user of each name.
+PIPELINE_ROLE, READER_ROLE = "rag_pipeline", "rag_reader"
+_ROLE_PRIVILEGES = {
+    # create and delete versions, bulk-write them, reindex from the live one, refresh, read its
+    # _meta and write it (put mapping: manage), move the alias (manage on index and alias)
+    PIPELINE_ROLE: ["create_index", "delete_index", "manage", "read", "write", "view_index_metadata"],
+    # search, mget, count, and the _meta and alias reads of `rag stats`
+    READER_ROLE: ["read", "view_index_metadata"],
+}
+
+
+def roles(alias: str) -> dict[str, dict[str, Any]]:
+    """The role bodies for `alias`: no cluster privilege, index privileges on the alias and its
+    versions (`<alias>-*`) only."""
+    return {
+        role: {"cluster": [], "indices": [{"names": [alias, f"{alias}-*"], "privileges": privileges}]}
+        for role, privileges in _ROLE_PRIVILEGES.items()
+    }
+
+
+def create_users(client: Elasticsearch, alias: str, passwords: dict[str, str]) -> list[str]:
+    """Create (or update) each role and a user of the same name holding it; what was done."""
+    done = []
+    for role, body in roles(alias).items():
+        client.security.put_role(name=role, **body)
+        client.security.put_user(username=role, password=passwords[role], roles=[role])
+        privileges = ", ".join(body["indices"][0]["privileges"])
+        done.append(f"role and user {role}: {privileges} on {alias} and {alias}-*")
+    return done
+
+
 @dataclass(frozen=True)
 class ElasticsearchSettings:
     """How to reach the cluster and lay out the indices; the Dagster resource mirrors these fields."""
@@ -189,7 +235,27 @@ class ElasticsearchSettings:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def risks(self) -> list[str]:
+        """What these settings expose, in one line each: credentials in clear over the network, a
+        certificate nobody checks. Loopback is exempt: nothing crosses a network."""
+        risks = []
+        parts = urlsplit(self.url)
+        credentials = self.api_key or self.username
+        if parts.scheme == "http" and credentials and parts.hostname not in LOOPBACK:
+            risks.append(
+                f"ELASTICSEARCH_URL is http:// ({redact(self.url)}): the credentials and every document "
+                "cross the network in clear; use https:// (ELASTICSEARCH_CA_CERTS names the cluster's CA)"
+            )
+        if parts.scheme == "https" and not self.verify_certs:
+            risks.append(
+                "ELASTICSEARCH_VERIFY_CERTS=false: the cluster's certificate is not checked, so anyone "
+                "on the path can pose as it and read the credentials; set ELASTICSEARCH_CA_CERTS instead"
+            )
+        return risks
+
     def client(self) -> Elasticsearch:
+        for risk in self.risks():
+            _warn_once(risk)
         auth: dict[str, object] = {}
         if self.api_key:
             auth["api_key"] = self.api_key
@@ -662,13 +728,26 @@ class ElasticsearchIndex:
 
 
 def describe_error(exc: Exception) -> str:
-    """A one-line reason from a client error, without request details that could hold secrets."""
+    """A one-line reason from a client error, naming the setting to check, without request
+    details that could hold secrets."""
     if isinstance(exc, ApiError):
         error = exc.body.get("error") if isinstance(exc.body, dict) else None
         reason = error.get("reason", exc.message) if isinstance(error, dict) else (error or exc.message)
-        return f"Elasticsearch answered {exc.meta.status}: {reason}"
+        advice = _SETTING_TO_CHECK.get(exc.meta.status, "")
+        return f"Elasticsearch answered {exc.meta.status}: {reason}{advice}"
     if isinstance(exc, ConnectionTimeout):  # reached, but slow: it may still carry the request out
         return f"Elasticsearch did not answer in time: {exc.message}"
     if isinstance(exc, TransportError):
-        return f"cannot reach Elasticsearch: {exc.message}"
+        return (
+            f"cannot reach Elasticsearch: {exc.message}; check ELASTICSEARCH_URL and that the cluster is up"
+        )
     return str(exc)
+
+
+# What a refusal by status means for the user's settings.
+_SETTING_TO_CHECK = {
+    401: "; check ELASTICSEARCH_API_KEY (or ELASTICSEARCH_USERNAME and ELASTICSEARCH_PASSWORD)",
+    403: "; the credentials in ELASTICSEARCH_API_KEY (or ELASTICSEARCH_USERNAME) lack a privilege this needs",
+}
+# What reading or writing an index can raise: the project's own errors and the client's.
+CLIENT_ERRORS = (ApiError, TransportError)

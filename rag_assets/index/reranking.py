@@ -25,7 +25,8 @@ MODELS_DIR = Path(__file__).parent / "rerankers"
 # each lemma field covers (alone and against the best candidate of the same query), and its
 # BM25 score as a share of the query's best (a ratio, so the two backends' scales agree).
 # Weighting the terms by idf and BM25's term-frequency saturation were tried and left out: no
-# better cross-validated (README, Reranking), and one request more per search on Elasticsearch.
+# better cross-validated (docs/benchmarks.md, Reranker fitting), and one request more per search
+# on Elasticsearch.
 FEATURES = (
     "lexical_rr",
     "vector_rr",
@@ -44,7 +45,7 @@ FEATURES = (
 # to the best candidate's, its rank, and its closeness to the best, exp(CLOSENESS * gap): near 1
 # for the few candidates about as close as the best, near 0 for the rest however far behind.
 SEMANTIC_FEATURES = (*FEATURES, "sentence_cosine", "sentence_cosine_gap", "sentence_rr", "sentence_closeness")
-CLOSENESS = 10.0  # 5 and 20 cross-validate about the same (README, Reranking)
+CLOSENESS = 10.0  # 5 and 20 cross-validate about the same (docs/benchmarks.md, Reranker fitting)
 MODE_FEATURES = {"features": FEATURES, SEMANTIC: SEMANTIC_FEATURES}  # each reranking mode's columns
 
 

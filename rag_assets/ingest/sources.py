@@ -130,7 +130,21 @@ class Fetcher:
                         )
                 return bytes(body)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise SourceError(f"could not fetch {redact(url)}: {exc}") from exc
+            raise SourceError(
+                f"could not fetch {redact(url)}: {_network_reason(exc)}; set DOCUMENTS_URL to a URL this "
+                "machine can reach, or to a saved snapshot file (offline: "
+                "DOCUMENTS_URL=../shared/data/documents-2025.json make run)"
+            ) from exc
+
+
+def _network_reason(exc: Exception) -> str:
+    """The cause under requests' and urllib3's wrapping ("Failed to resolve 'host' (...)",
+    "... Connection refused"), without the pool and retry details."""
+    reason = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else exc
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError holds it
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # "HTTPConnection(host=…): Failed …"
+        return str(reason).split("): ", 1)[-1]
+    return str(reason)
 
 
 def _read_file(path: Path, location: str) -> bytes:
@@ -166,7 +180,7 @@ class LoadedDocuments:
 def parse_json(body: bytes, location: str) -> Any:
     """orjson parses the UTF-8 bytes directly. `json.loads` first decodes them into one str of
     the whole document, 4 bytes a character as soon as it holds one emoji: an 88 MB source took
-    524 MB to parse with it, 270 MB with orjson, in half the time (README, Dependencies)."""
+    524 MB to parse with it, 270 MB with orjson, in half the time (docs/benchmarks.md, Parsing sources)."""
     try:
         return orjson.loads(body.removeprefix(codecs.BOM_UTF8))
     except json.JSONDecodeError as exc:  # orjson's error is one, invalid UTF-8 included

@@ -37,7 +37,7 @@ MODEL_NAME = "en_core_web_md"
 VECTOR_DIM = 300
 # Only the tokenizer (with its stop words) and the static vectors of the model are used; lemmas
 # come from spaCy's lookup lemmatizer table (spacy-lookups-data). The rule lemmatizer's POS tags
-# (tok2vec, tagger, attribute_ruler) cost 85 % of a build and buy no retrieval quality (README).
+# (tok2vec, tagger, attribute_ruler) cost 85 % of a build and buy no retrieval quality (docs/benchmarks.md).
 UNUSED_COMPONENTS = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter")
 # Nor the vocabulary's string table (709k strings: 1.7 of the 2.5 s a load took) and its norm
 # lookups: tokens add their own strings, and the vectors and the lemma table are keyed by hash.
@@ -49,7 +49,7 @@ USED_LEXEME_ATTRS = (attrs.IS_STOP, attrs.IS_PUNCT, attrs.IS_SPACE, attrs.LOWER,
 # spaCy's tokenizer caches the tokens of a whitespace-separated span, but only its first 10,000
 # spans: past them every span is split by the affix rules again. A large corpus has far more
 # distinct spans; a million cached spans cost tens of MB per process and make `lemmas` 20 %
-# faster at 100k chunks, 38 % at 1M (README, Throughput).
+# faster at 100k chunks, 38 % at 1M (docs/architecture.md, Throughput).
 TOKENIZER_CACHE_SPANS = 1_000_000
 LEMMA_TABLE = "lemma_lookup"
 # Bump when the term or vector rules below change, so caches and the UI see new output.
@@ -117,7 +117,7 @@ def token_terms(lemma: str, lower: str) -> tuple[str, ...]:
     left unlemmatized). A token made of several words (SPARK_HOME, week_7_project/datasets.md,
     docker-compose.yml) is split into its letter/digit runs first, as both index tokenizers would
     split it, so that each word is stemmed rather than only the tail of the whole string. On the
-    evaluation set each step raises MRR (README, Retrieval).
+    evaluation set each step raises MRR (docs/benchmarks.md, Retrieval design variants).
     """
     lemma_stems = _word_stems(lemma.lower())
     if not lemma_stems:
