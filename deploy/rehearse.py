@@ -1169,11 +1169,17 @@ class Rehearsal:
         return f"{INDEX_FILE} sha256 {digest[:16]}… before and after; es_index still from run {latest}{stray}"
 
     def lineage_and_asset_pages(self) -> str:
+        """The pages and the words the README's UI section sends a user to."""
         location = self.api.repository["repositoryLocationName"]
         return self.render(
             {
                 "lineage": (f"/locations/{location}/asset-groups/{GROUP}", ASSETS),
-                "asset-es_index": ("/assets/es_index", ("es_index", "index_version", "chunks", "Passing")),
+                "catalog": ("/assets", ("Status", *ASSETS)),
+                "job": (f"/locations/{location}/jobs/{JOB}", ("Materialize all",)),
+                "asset-es_index": (
+                    "/assets/es_index",
+                    ("es_index", "index_version", "chunks", "Passing", "Checks"),
+                ),
             }
         )
 
