@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml .python-version requirements/dev.lock
 	@touch $(STAMP)
 
 # Re-resolve the version ranges of pyproject.toml into the lock files (after changing them).
-LOCK_FLAGS := --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-strip-extras --quiet
+LOCK_FLAGS := --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes --strip-extras --quiet
 lock: setup
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra dev --extra deploy -o requirements/dev.lock
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra deploy -o requirements/deploy.lock

@@ -15,11 +15,12 @@ import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 from typing import Annotated, Any
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import Field
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -40,6 +41,13 @@ INSTRUCTIONS = (
 )
 
 
+class Courses(BaseModel):
+    """One object, not a list: a list result is one content block per item, and a client that
+    reads the first block would see one course."""
+
+    courses: list[CourseEntries]
+
+
 def create_server(backend: SearchBackend, build_retriever: Callable[[SearchBackend], Retriever]) -> MCPServer:
     """The MCP server over `backend`; the model loads before the first call is answered."""
     served: dict[str, Retriever] = {}
@@ -51,7 +59,11 @@ def create_server(backend: SearchBackend, build_retriever: Callable[[SearchBacke
 
     # WARNING: a refused input is the caller's to read, not a line in the assistant's log
     server = MCPServer(
-        "rag-assets course FAQ", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING"
+        "rag-assets course FAQ",
+        version=version("rag-assets"),
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        log_level="WARNING",
     )
 
     @server.tool()
@@ -87,13 +99,13 @@ def create_server(backend: SearchBackend, build_retriever: Callable[[SearchBacke
         return SearchResults(query=query, course=course, k=k, hits=hits, no_match=not hits)
 
     @server.tool()
-    async def list_courses() -> list[CourseEntries]:
+    async def list_courses() -> Courses:
         """The courses the index holds (ids for search_faq's `course`) and their entry counts."""
         try:
             stats = backend.stats()
         except (RagError, *CLIENT_ERRORS) as exc:
             raise ToolError(describe_error(exc)) from None
-        return [CourseEntries(course=c, entries=n) for c, n in sorted(stats.courses.items())]
+        return Courses(courses=[CourseEntries(course=c, entries=n) for c, n in sorted(stats.courses.items())])
 
     @server.tool()
     async def index_status() -> dict[str, Any]:

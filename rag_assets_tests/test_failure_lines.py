@@ -82,7 +82,7 @@ def test_an_unreachable_source_suggests_documents_url_and_a_snapshot(tmp_path: P
         summary[0],
         f"refresh:   faq_source failed: could not fetch {url}: Failed to establish a new connection: "
         "[Errno 111] Connection refused; set DOCUMENTS_URL to a URL this machine can reach, or to a saved "
-        "snapshot file (offline: DOCUMENTS_URL=../shared/data/documents-2025.json make run)",
+        "snapshot file (offline: DOCUMENTS_URL=../shared/data/documents-2025.json)",
         f"refresh: served: nothing yet, no refresh has published to {tmp_path / 'data' / 'index.sqlite'}",
     ]
 

@@ -125,8 +125,9 @@ async def check_tools(client: Client) -> None:
         failed, said = await call(client, "search_faq", **arguments)
         assert failed and message in said, (arguments, said)
 
+    assert len((await client.call_tool("list_courses", {})).content) == 1  # one block, not one per course
     failed, courses = await call(client, "list_courses")
-    assert not failed and [c["course"] for c in courses["result"]] == COURSES
+    assert not failed and [c["course"] for c in courses["courses"]] == COURSES
     failed, status = await call(client, "index_status")
     assert not failed and status["entries"] == 948 and status["courses"]["mlops-zoomcamp"] == 138
     assert status["published_at"] and status["search_mode"] == "features"
@@ -203,7 +204,7 @@ def test_searches_during_publishes_see_whole_versions(
         async def after() -> None:
             async with http_client(url) as client:
                 failed, courses = await call(client, "list_courses")
-                assert not failed and [c["course"] for c in courses["result"]] == COURSES[:2]
+                assert not failed and [c["course"] for c in courses["courses"]] == COURSES[:2]
 
         anyio.run(after)
     assert len(answers) > 10 and not any(failed for failed, _ in answers)

@@ -133,7 +133,7 @@ class Fetcher:
             raise SourceError(
                 f"could not fetch {redact(url)}: {_network_reason(exc)}; set DOCUMENTS_URL to a URL this "
                 "machine can reach, or to a saved snapshot file (offline: "
-                "DOCUMENTS_URL=../shared/data/documents-2025.json make run)"
+                "DOCUMENTS_URL=../shared/data/documents-2025.json)"
             ) from exc
 
 
