@@ -9,8 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/dagster/app
 # Exact versions from the lock file (`make lock` refreshes it), hashes checked.
-COPY requirements/deploy.lock requirements/
-RUN pip install --no-cache-dir --require-hashes -r requirements/deploy.lock
+COPY requirements/pip.lock requirements/deploy.lock requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/pip.lock \
+    && pip install --no-cache-dir --require-hashes -r requirements/deploy.lock
 COPY pyproject.toml README.md ./
 COPY rag_assets ./rag_assets
 # Editable: the defs loader reads [tool.dg] from pyproject.toml beside the package.

@@ -29,17 +29,19 @@ LINTED := rag_assets rag_assets_tests benchmarks deploy
 setup: $(STAMP)
 
 # Exact versions from the lock file (hashes checked), then the project itself.
-$(STAMP): pyproject.toml .python-version requirements/dev.lock
+$(STAMP): pyproject.toml .python-version requirements/dev.lock requirements/pip.lock
 	@test -x $(PY) || python -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/pip.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/dev.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
 # Re-resolve the version ranges of pyproject.toml into the lock files (after changing them).
-LOCK_FLAGS := --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes --strip-extras --quiet
+LOCK_FLAGS := --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-strip-extras --quiet
 lock: setup
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra dev --extra deploy -o requirements/dev.lock
 	$(VENV)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --extra deploy -o requirements/deploy.lock
+	$(VENV)/bin/uv pip compile requirements/pip.in $(LOCK_FLAGS) -o requirements/pip.lock
 
 $(DAGSTER_HOME)/dagster.yaml: dagster-instance.yaml
 	@mkdir -p $(DAGSTER_HOME)
