@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import anyio
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from serve import free_port  # benchmarks/serve.py, beside this script
+from serve import free_port, server_environment  # benchmarks/serve.py, beside this script
 
 from rag_assets.evaluation import build_index
 from rag_assets.nlp.analysis import load_pipeline
@@ -38,10 +37,9 @@ CLIENTS = 4
 @contextmanager
 def server(command: list[str], data_dir: Path, probe: str) -> Iterator[None]:
     """`rag COMMAND` over `data_dir`, once `probe` answers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
     process = subprocess.Popen(
         [sys.executable, "-m", "rag_assets.cli", *command],
-        env=env | {"RAG_DATA_DIR": str(data_dir)},
+        env=server_environment(RAG_DATA_DIR=str(data_dir)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

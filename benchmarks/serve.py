@@ -52,6 +52,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def server_environment(**env: str) -> dict[str, str]:
+    """This environment without the project's settings, plus `env`: the server measured is
+    configured by the bench alone."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
+    return kept | env
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -120,7 +127,6 @@ def main() -> None:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
     server = subprocess.Popen(
         [
             sys.executable,
@@ -132,7 +138,7 @@ def main() -> None:
             "--workers",
             str(args.workers),
         ],
-        env=env | {"RAG_DATA_DIR": str(workdir), "RAG_RERANKER": args.reranker},
+        env=server_environment(RAG_DATA_DIR=str(workdir), RAG_RERANKER=args.reranker),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

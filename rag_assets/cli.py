@@ -26,7 +26,7 @@ from rag_assets.index.elasticsearch import (
 )
 from rag_assets.ingest.sources import SourceError
 from rag_assets.nlp.analysis import load_pipeline
-from rag_assets.retrieval import Hit, Retriever, default_retriever
+from rag_assets.retrieval import MIN_RELEVANCE, Hit, Retriever, default_retriever
 
 
 def _print_json(value: object) -> None:
@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--min-relevance",
         type=float,
-        help="drop hits less relevant than this (default: the mode's: 0.25 lexical, 0.2 semantic; 0: none)",
+        help=(
+            f"drop hits less relevant than this (default: the mode's: {MIN_RELEVANCE['lexical']} "
+            f"lexical, {MIN_RELEVANCE['cosine']} semantic; 0: none)"
+        ),
     )
 
     command("stats", "what the published index holds", cmd_stats)

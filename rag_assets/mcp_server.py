@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from importlib.metadata import version
 from typing import Annotated, Any
 
@@ -46,6 +46,16 @@ class Courses(BaseModel):
     reads the first block would see one course."""
 
     courses: list[CourseEntries]
+
+
+@contextmanager
+def said_to_the_model() -> Iterator[None]:
+    """The project's and the cluster's errors (a blank query, an unknown course, no index, an
+    unreachable cluster) as a tool error in their own words, for the model to read."""
+    try:
+        yield
+    except (RagError, *CLIENT_ERRORS) as exc:
+        raise ToolError(describe_error(exc)) from None
 
 
 def create_server(backend: SearchBackend, build_retriever: Callable[[SearchBackend], Retriever]) -> MCPServer:
@@ -92,29 +102,23 @@ def create_server(backend: SearchBackend, build_retriever: Callable[[SearchBacke
         with its course, section, question, answer (`text`), rank score and `relevance` (0-1, how
         much of the query the entry matches). Hits below the index's relevance floor are left
         out; `no_match` true with no hits means no entry answers the question."""
-        try:
+        with said_to_the_model():
             hits = served["retriever"].search(query, course=course, k=k)
-        except (RagError, *CLIENT_ERRORS) as exc:  # a blank query, an unknown course, no index
-            raise ToolError(describe_error(exc)) from None
         return SearchResults(query=query, course=course, k=k, hits=hits, no_match=not hits)
 
     @server.tool()
     async def list_courses() -> Courses:
         """The courses the index holds (ids for search_faq's `course`) and their entry counts."""
-        try:
+        with said_to_the_model():
             stats = backend.stats()
-        except (RagError, *CLIENT_ERRORS) as exc:
-            raise ToolError(describe_error(exc)) from None
         return Courses(courses=[CourseEntries(course=c, entries=n) for c, n in sorted(stats.courses.items())])
 
     @server.tool()
     async def index_status() -> dict[str, Any]:
         """What the index holds and how fresh it is: entries, chunks, courses, when its content
         was published and last confirmed current by a refresh, and the ranking mode searches use."""
-        try:
+        with said_to_the_model():
             stats = backend.stats()
-        except (RagError, *CLIENT_ERRORS) as exc:
-            raise ToolError(describe_error(exc)) from None
         return {**dataclasses.asdict(stats), "search_mode": served["retriever"].reranker}
 
     return server

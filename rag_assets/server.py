@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from elasticsearch import ApiError, TransportError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +26,7 @@ from pydantic import BaseModel, Field
 from rag_assets import settings
 from rag_assets.common.errors import RagError
 from rag_assets.index.backend import IndexStats, SearchBackend, UnknownCourseError
-from rag_assets.index.elasticsearch import describe_error
+from rag_assets.index.elasticsearch import CLIENT_ERRORS, describe_error
 from rag_assets.nlp.analysis import load_pipeline
 from rag_assets.retrieval import Hit, QueryError, Retriever
 
@@ -133,10 +132,11 @@ def create_app(
         ]
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
-    @app.exception_handler(ApiError)
-    @app.exception_handler(TransportError)
     async def cluster_unavailable(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": describe_error(exc)}, status_code=503)
+
+    for error in CLIENT_ERRORS:
+        app.add_exception_handler(error, cluster_unavailable)
 
     @app.get(
         "/search",
@@ -205,7 +205,7 @@ def create_app(
         try:
             retriever.search("readiness", k=1)  # reads the served version end to end, as a search does
             summary = backend.stats()
-        except (RagError, ApiError, TransportError) as exc:
+        except (RagError, *CLIENT_ERRORS) as exc:
             reason = describe_error(exc)
             return JSONResponse(Readiness(ready=False, reason=reason).model_dump(), status_code=503)
         ready = Readiness(

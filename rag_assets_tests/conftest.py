@@ -29,7 +29,8 @@ from rag_assets.ingest.sources import Fetcher, load_documents
 from rag_assets.nlp.analysis import load_pipeline, model_fingerprint
 from rag_assets.nlp.features import ChunkVectors, embed_chunks, lemmatize_chunks
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data"
 EVAL = SHARED / "eval"
 
@@ -54,6 +55,19 @@ def rag(
     return subprocess.run(
         [*prefix, RAG, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
     )
+
+
+def without_project_settings(**env: str) -> dict[str, str]:
+    """This process's environment without the project's settings (RAG_*, ELASTICSEARCH_*), plus
+    `env`: a subprocess configured by the test alone, not by the shell that runs the suite."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
+    return kept | env
+
+
+def env_example() -> dict[str, str]:
+    """The variables .env.example gives docker compose."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def free_port() -> int:

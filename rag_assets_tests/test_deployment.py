@@ -14,7 +14,7 @@ from dagster._core.instance.config import dagster_instance_config
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, env_example
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,6 @@ def compose() -> dict[str, Any]:
 
 def compose_variables() -> set[str]:
     return set(re.findall(r"(?<!\$)\$\{(\w+)", (ROOT / "docker-compose.yml").read_text()))
-
-
-def env_example() -> dict[str, str]:
-    lines = (ROOT / ".env.example").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def test_services_volumes_ports_and_health(compose: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@ the cause and the setting to change, never in a traceback (issue 28)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import entry, free_port, rag, write_json
+from .conftest import ROOT, entry, free_port, rag, without_project_settings, write_json
 from .fake_elasticsearch import FakeElasticsearch
 
-ROOT = Path(__file__).resolve().parents[1]
 MAKE_RUN = [sys.executable, "-m", "rag_assets.defs.refresh"]  # what `make run` runs
 
 
@@ -24,14 +22,13 @@ def make_run(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
     home.mkdir(exist_ok=True)
     (home / "dagster.yaml").write_text((ROOT / "dagster-instance.yaml").read_text())
     source = write_json(tmp_path / "faq.json", [entry("a", "How do I join?", "Register on the site.")])
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))},
+    defaults = {
         "DAGSTER_HOME": str(home),
         "RAG_DATA_DIR": str(tmp_path / "data"),
         "DOCUMENTS_URL": str(source),
         "RAG_NLP_PROCESSES": "1",
-        **env,
     }
+    environment = without_project_settings(**(defaults | env))  # a test's own settings win
     done = subprocess.run(MAKE_RUN, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     summary = [
         line for line in done.stdout.splitlines() if line.startswith("refresh:")

@@ -4,7 +4,6 @@ HTTP, with the real model and index."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,18 +25,12 @@ from spacy.language import Language
 
 from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets_tests.conftest import free_port, index_content
+from rag_assets_tests.conftest import ROOT, free_port, index_content, without_project_settings
 
-ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "mcp-test-key-5b81d0"
 QUESTION = "I just discovered the course, can I still join?"
 JOIN_ENTRY = "The course has already started. Can I still join it?"
 COURSES = ["data-engineering-zoomcamp", "machine-learning-zoomcamp", "mlops-zoomcamp"]
-
-
-def clean_environment(data_dir: Path, **env: str) -> dict[str, str]:
-    kept = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
-    return kept | {"RAG_DATA_DIR": str(data_dir), **env}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def http_server(data_dir: Path, **env: str) -> Iterator[str]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "rag_assets.cli", "mcp", "--http", "--port", str(port)],
-            env=clean_environment(data_dir, **env),
+            env=without_project_settings(RAG_DATA_DIR=str(data_dir), **env),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -139,7 +132,7 @@ def test_the_readme_configuration_starts_it_over_stdio(data_dir: Path) -> None:
     command = server["command"].replace("/path/to/rag-assets", str(ROOT))
     assert Path(command).exists(), command
     params = StdioServerParameters(
-        command=command, args=server["args"], env=clean_environment(data_dir) | server.get("env", {})
+        command=command, args=server["args"], env=without_project_settings(**server.get("env", {}))
     )
     params.env["RAG_DATA_DIR"] = str(data_dir)  # the snippet's own points at a clone's .rag
 

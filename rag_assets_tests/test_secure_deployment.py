@@ -30,10 +30,9 @@ from rag_assets.index.elasticsearch import (
     roles,
 )
 
-from .conftest import rag
+from .conftest import ROOT, env_example, rag
 from .fake_elasticsearch import FakeElasticsearch
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 SECRETS = {
@@ -60,11 +59,7 @@ USES: dict[str, set[str]] = {
     "search-api": {"RAG_ES_READER_PASSWORD", "RAG_API_KEY"},  # reads the index, asks its clients
     "mcp": {"RAG_ES_READER_PASSWORD", "RAG_API_KEY"},
 }
-EXAMPLE = dict(
-    line.split("=", 1)
-    for line in (ROOT / ".env.example").read_text().splitlines()
-    if line and not line.startswith("#")
-)
+EXAMPLE = env_example()
 
 
 def substituted(value: str, values: dict[str, str]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from spacy.language import Language
 
 from rag_assets.index.backend import IndexContent
 from rag_assets.index.embedded import EmbeddedIndex
-from rag_assets_tests.conftest import free_port, index_content, rag
+from rag_assets_tests.conftest import free_port, index_content, rag, without_project_settings
 
 API_KEY = "test-key-9f2c4e71"
 
@@ -41,7 +40,6 @@ class Server:
 def rag_server(data_dir: Path, log: Path, *args: str, workers: int = 1, **env: str) -> Iterator[Server]:
     """`rag serve` in its own process over the embedded index in `data_dir`, up when it answers."""
     port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ELASTICSEARCH_", "RAG_"))}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [
@@ -55,7 +53,7 @@ def rag_server(data_dir: Path, log: Path, *args: str, workers: int = 1, **env: s
                 str(workers),
                 *args,
             ],
-            env=environment | {"RAG_DATA_DIR": str(data_dir), **env},
+            env=without_project_settings(RAG_DATA_DIR=str(data_dir), **env),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

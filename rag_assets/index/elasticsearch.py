@@ -54,6 +54,8 @@ LEMMA_ANALYZER = "lemma_tokens"
 _DISPLAY_FIELDS = ["chunk_id", "doc_id", "course", "section", "question", "text"]
 _SOURCE_FIELDS = [*_DISPLAY_FIELDS, "chunk_index", "content_hash", "row_hash", *LEMMA_FIELD_COLUMNS]
 _PAGE = 5000
+# What the client raises when the cluster cannot be reached or refuses a request.
+CLIENT_ERRORS = (ApiError, TransportError)
 
 
 _ANALYSIS = {
@@ -398,7 +400,7 @@ class ElasticsearchIndex:
         try:
             live = self.live_index()
             meta = {} if live is None else self._meta(live)
-        except (ApiError, TransportError):
+        except CLIENT_ERRORS:
             return None  # the publish reports the cluster's problem in its own words
         current = meta.get("complete") and meta.get("mapping_version") == MAPPING_VERSION
         if live is None or not digest or not current or meta.get("content_digest") != digest:
@@ -420,7 +422,7 @@ class ElasticsearchIndex:
         """One line saying which step of building `name` failed and that nothing is served from it."""
         try:
             yield
-        except (ApiError, TransportError, _StepFailed) as exc:
+        except (*CLIENT_ERRORS, _StepFailed) as exc:
             raise PublishError(
                 f"publishing {name} failed while {step} ({describe_error(exc)}); "
                 f"the alias {self.alias} still points at {live or 'nothing'}"
@@ -438,7 +440,7 @@ class ElasticsearchIndex:
         """Record that a refresh found `live` current; failing to is a warning, `live` is fine."""
         try:
             self._put_meta(live, {**meta, "confirmed_at": datetime.now(UTC).isoformat(timespec="seconds")})
-        except (ApiError, TransportError) as exc:
+        except CLIENT_ERRORS as exc:
             return [f"could not record that {live} is current: {describe_error(exc)}"]
         return []
 
@@ -493,7 +495,7 @@ class ElasticsearchIndex:
         """
         try:
             versions = [v for v in self.versions() if not v.live]
-        except (ApiError, TransportError) as exc:
+        except CLIENT_ERRORS as exc:
             return [f"could not list old versions of {self.alias} for retention: {describe_error(exc)}"]
         cutoff = datetime.now(UTC) - timedelta(seconds=self.orphan_age_s)
         doomed = [v.name for v in versions if v.complete][self.keep_previous :]
@@ -504,7 +506,7 @@ class ElasticsearchIndex:
         for name in doomed:
             try:
                 self.client.options(ignore_status=404).indices.delete(index=name)
-            except (ApiError, TransportError) as exc:
+            except CLIENT_ERRORS as exc:
                 warnings.append(f"could not delete old version {name}: {describe_error(exc)}")
         return warnings
 
@@ -749,5 +751,3 @@ _SETTING_TO_CHECK = {
     401: "; check ELASTICSEARCH_API_KEY (or ELASTICSEARCH_USERNAME and ELASTICSEARCH_PASSWORD)",
     403: "; the credentials in ELASTICSEARCH_API_KEY (or ELASTICSEARCH_USERNAME) lack a privilege this needs",
 }
-# What reading or writing an index can raise: the project's own errors and the client's.
-CLIENT_ERRORS = (ApiError, TransportError)
