@@ -24,6 +24,7 @@ from rag_assets.index.elasticsearch import (
     create_users,
     describe_error,
 )
+from rag_assets.index.reranking import RERANK_DEPTH, SENTENCE_CANDIDATES
 from rag_assets.ingest.sources import SourceError
 from rag_assets.nlp.analysis import load_pipeline
 from rag_assets.retrieval import MIN_RELEVANCE, Hit, Retriever, default_retriever
@@ -106,10 +107,13 @@ def cmd_fit_reranker(args: argparse.Namespace) -> None:
 
     ground_truth = read_ground_truth(args.ground_truth)
     results, models = fit_rerankers(args.documents, ground_truth, load_pipeline(), log=print)
-    print(f"{len(ground_truth)} questions; reranking the fused top 20, {FOLDS} folds grouped by gold entry")
-    print(f"{'mode':<10} {'hit@5':>7} {'MRR@5':>7}")
+    print(
+        f"{len(ground_truth)} questions, {FOLDS} folds grouped by gold entry; reranking the fused top "
+        f"{RERANK_DEPTH} (semantic: and up to {SENTENCE_CANDIDATES} more of its sentence kNN)"
+    )
+    print(f"{'mode':<10} {'hit@5':>7} {'MRR@5':>7} {'gold among candidates':>21}")
     for mode, found in results.items():
-        print(f"{mode:<10} {found.hit_rate:>7.4f} {found.mrr:>7.4f}")
+        print(f"{mode:<10} {found.hit_rate:>7.4f} {found.mrr:>7.4f} {found.ceiling:>21.4f}")
     if args.write:
         for path in save(models):
             print(f"wrote {path}")

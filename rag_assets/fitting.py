@@ -31,8 +31,8 @@ REGULARISATION = 1.0  # sklearn's C, fixed before any figure was seen
 
 @dataclass(frozen=True)
 class Question:
-    """One ground-truth question: the fused top entries, their semantic feature rows (the lexical
-    ones first), and where the gold entry is among them (-1: not among them)."""
+    """One ground-truth question: the entries a mode reranks, their feature rows in that mode,
+    and where the gold entry is among them (-1: not among them)."""
 
     gold: str
     entries: list[str]
@@ -47,15 +47,17 @@ class Question:
 class Figures:
     hit_rate: float
     mrr: float
+    ceiling: float  # the share of questions whose gold entry is among the candidates
 
 
 def collect(
-    retriever: Retriever, ground_truth: list[GroundTruth], log: Callable[[str], None] | None = None
+    retriever: Retriever, ground_truth: list[GroundTruth], mode: str, log: Callable[[str], None] | None = None
 ) -> list[Question]:
-    progress = Progress("candidates", len(ground_truth), log)
+    """Each question's candidates in `mode`: the semantic mode's add its sentence kNN's entries."""
+    progress = Progress(f"{mode} candidates", len(ground_truth), log)
     questions = []
     for row in ground_truth:
-        entries, matrix = retriever.candidate_table(row.question, row.course, SEMANTIC)
+        entries, matrix = retriever.candidate_table(row.question, row.course, mode)
         questions.append(Question(row.document, entries, matrix))
         progress.update()
     progress.close()
@@ -65,11 +67,12 @@ def collect(
 def figures(questions: list[Question], orders: list[np.ndarray]) -> Figures:
     """Hit rate and MRR at K when question i's entries are taken in `orders[i]`."""
     reciprocal = []
+    held = sum(question.gold_position >= 0 for question in questions)
     for question, order in zip(questions, orders, strict=True):
         position = question.gold_position
         rank = int(np.flatnonzero(order == position)[0]) + 1 if position >= 0 else K + 1
         reciprocal.append(1.0 / rank if rank <= K else 0.0)
-    return Figures(*hit_rate_and_mrr(reciprocal))
+    return Figures(*hit_rate_and_mrr(reciprocal), ceiling=round(held / len(questions), 4))
 
 
 def fit(questions: list[Question], columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,21 +129,24 @@ def fit_rerankers(
     """Cross-validated figures of every mode, and each reranking mode's model fitted on all."""
     with tempfile.TemporaryDirectory(prefix="rag-fit-") as tmp:
         index = build_index(documents, Path(tmp), nlp, log=log, ground_truth=ground_truth, reranker=SEMANTIC)
-        questions = collect(Retriever(index, nlp, reranker="none"), ground_truth, log)
+        retriever = Retriever(index, nlp, reranker="none")
+        questions = {mode: collect(retriever, ground_truth, mode, log) for mode in MODE_FEATURES}
         index.close()
-    results = {"none": figures(questions, [np.arange(len(q.entries)) for q in questions])}
+    fused = questions["features"]  # the fused order's candidates
+    results = {"none": figures(fused, [np.arange(len(q.entries)) for q in fused])}
     models = {}
     for mode, names in MODE_FEATURES.items():
-        results[mode] = cross_validated(questions, len(names))
-        mean, scale, weights = fit(questions, len(names))
+        results[mode] = cross_validated(questions[mode], len(names))
+        mean, scale, weights = fit(questions[mode], len(names))
         fitted_on = {
             "documents": Path(documents).name,
-            "questions": len(questions),
+            "questions": len(questions[mode]),
             "analysis": model_fingerprint(),
             **({"sentence_model": SENTENCE_MODEL} if mode == SEMANTIC else {}),
             "fitted": "pairwise logistic regression (gold minus each other candidate), no intercept",
             "regularisation": REGULARISATION,
             f"grouped_{FOLDS}_fold": {"hit_rate": results[mode].hit_rate, "mrr": results[mode].mrr},
+            "gold_among_candidates": results[mode].ceiling,
             "no_reranking": {"hit_rate": results["none"].hit_rate, "mrr": results["none"].mrr},
         }
         models[mode] = RerankModel(mode, names, mean, scale, weights, fitted_on)

@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from spacy.language import Language
@@ -25,9 +25,11 @@ from rag_assets.index.ranking import FusionSettings, reciprocal_rank_fusion
 from rag_assets.index.reranking import (
     MODE_FEATURES,
     RERANK_DEPTH,
+    SENTENCE_CANDIDATES,
     RerankModel,
     candidate_features,
     sentence_features,
+    term_evidence,
 )
 from rag_assets.ingest.chunking import doc_id_of
 from rag_assets.nlp.analysis import QueryTerms, analyse_query, load_pipeline, model_fingerprint
@@ -66,13 +68,44 @@ def rank_entries(rankings: dict[str, list[str]]) -> tuple[dict[str, list[str]], 
 
 @dataclass(frozen=True)
 class FirstStage:
-    """A search before reranking: the fused entries, the rankings fused, the chunk shown for
-    each entry, and each lexically found entry's BM25 score (its best chunk's)."""
+    """A search before reranking: the fused entries, the rankings found (the semantic mode's
+    sentence kNN among them, which the fusion leaves out), the chunk shown for each entry, and
+    each lexically found entry's BM25 score (its best chunk's)."""
 
     fused: list[tuple[str, float]]
     entry_rankings: dict[str, list[str]]
     shown: dict[str, str]
     lexical_scores: dict[str, float]
+
+    def to_rerank(self) -> list[str]:
+        """The entries the reranker orders: the fused top RERANK_DEPTH, then up to
+        SENTENCE_CANDIDATES of the sentence kNN's that they lack."""
+        top = [doc_id for doc_id, _ in self.fused[:RERANK_DEPTH]]
+        held = set(top)
+        found = [doc_id for doc_id in self.entry_rankings.get("sentence", ()) if doc_id not in held]
+        return top + found[:SENTENCE_CANDIDATES]
+
+    def widened(self, sentence_ranking: list[str]) -> FirstStage:
+        """With the sentence kNN's chunk ranking, which the fusion leaves out: it widens what the
+        other rankings found and answers no query alone, since every text has nearest neighbours
+        and gibberish's are about as close as an unrelated question's (docs/retrieval.md). An
+        entry it adds is shown by the chunk it found, the one that made it a candidate."""
+        entry_rankings, nearest = rank_entries({"sentence": sentence_ranking})
+        widened = replace(self, entry_rankings={**self.entry_rankings, **entry_rankings})
+        added = widened.to_rerank()[len(self.to_rerank()) :]
+        return replace(widened, shown={**self.shown, **{doc_id: nearest[doc_id] for doc_id in added}})
+
+
+@dataclass(frozen=True)
+class RerankTable:
+    """What a search reranks: its first stage (widened by the sentence kNN in the semantic mode),
+    the entries, their feature rows in `mode`, and the candidates read for them."""
+
+    first: FirstStage
+    entries: list[str]
+    matrix: np.ndarray
+    found: dict[str, Candidate]
+    mode: str  # features when a semantic search meets an index without sentence vectors
 
 
 class QueryError(RagError):
@@ -119,8 +152,8 @@ def relevance(weights: dict[str, float], candidate: Candidate, query_sentence: n
     A fused or reranker score only orders one query's hits; a query that nothing answers still
     gets a first hit. These say how much the first hit matches at all (docs/retrieval.md, "No good match").
     """
-    if query_sentence is not None:
-        return float(candidate.sentence @ query_sentence)
+    if query_sentence is not None:  # a negative cosine is as unrelated as texts get: 0
+        return max(0.0, float(candidate.sentence @ query_sentence))
     total = sum(weights.values())
     if not total:
         return 0.0
@@ -160,18 +193,20 @@ class Retriever:
         terms = analyse_query(self.nlp, query)
         with self.backend.snapshot():  # ranking and fetching read the same version
             self._check_analysis()
-            first = self._first_stage(terms, course, max(self.fusion.candidates, k))
+            depth = max(self.fusion.candidates, k)
+            first = self._first_stage(terms, course, depth)
             if first is None:
                 self._check_course(course)
                 return []
             found: dict[str, Candidate] = {}
             fused, shown = first.fused, first.shown
             if self.reranker != "none":
-                top = [doc_id for doc_id, _ in fused[:RERANK_DEPTH]]
-                matrix, found, mode = self._features(query_sentence, terms, first, top, self.reranker)
-                scores = self.models[mode].scores(matrix)
+                table = self._rerank_table(query_sentence, terms, first, course, depth, self.reranker)
+                top, found, shown = table.entries, table.found, table.first.shown
+                scores = self.models[table.mode].scores(table.matrix)
                 reranked = [(top[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
-                fused = reranked + fused[RERANK_DEPTH:]
+                reranked_ids = set(top)
+                fused = reranked + [(doc_id, score) for doc_id, score in fused if doc_id not in reranked_ids]
             fused = fused[:k]
             found.update(self.backend.candidates([shown[d] for d, _ in fused if shown[d] not in found]))
             candidates = [found[shown[doc_id]] for doc_id, _ in fused]
@@ -191,17 +226,16 @@ class Retriever:
         return [hit for hit in hits if hit.relevance >= floor]
 
     def candidate_table(self, query: str, course: str | None, mode: str) -> tuple[list[str], np.ndarray]:
-        """The fused top RERANK_DEPTH entries of a query and their features in `mode`: what the
-        reranker is fitted on (`fitting`)."""
+        """The entries a search in `mode` reranks and their features: what the reranker is
+        fitted on (`fitting`)."""
         query_sentence = self._encode(query, mode)
         terms = analyse_query(self.nlp, query)
         with self.backend.snapshot():
             first = self._first_stage(terms, course, self.fusion.candidates)
             if first is None:
                 return [], np.empty((0, len(MODE_FEATURES[mode])))
-            top = [doc_id for doc_id, _ in first.fused[:RERANK_DEPTH]]
-            matrix, _, _ = self._features(query_sentence, terms, first, top, mode)
-        return top, matrix
+            table = self._rerank_table(query_sentence, terms, first, course, self.fusion.candidates, mode)
+        return table.entries, table.matrix
 
     def _first_stage(self, terms: QueryTerms, course: str | None, depth: int) -> FirstStage | None:
         """None when neither ranking found anything."""
@@ -225,18 +259,23 @@ class Retriever:
         `mode` needs one: a semantic search waits for the longer of the two, not their sum."""
         return sentence_encoder().encode_later(query) if mode == SEMANTIC else None
 
-    def _features(
+    def _rerank_table(
         self,
         query_sentence: Future[np.ndarray] | None,
         terms: QueryTerms,
         first: FirstStage,
-        top: list[str],
+        course: str | None,
+        depth: int,
         mode: str,
-    ) -> tuple[np.ndarray, dict[str, Candidate], str]:
-        """The candidates' feature rows, read in one request, and the mode they are for: the
-        features mode when a semantic search meets an index without sentence vectors."""
+    ) -> RerankTable:
+        """The fused top's candidates are read and their term evidence computed while the query's
+        sentence vector is made; then, in the semantic mode, its kNN adds entries, read in a
+        second request. A semantic search meeting an index without sentence vectors reranks
+        with features."""
+        top = first.to_rerank()
         found = self.backend.candidates([first.shown[doc_id] for doc_id in top])
         candidates = [found[first.shown[doc_id]] for doc_id in top]
+        evidence = term_evidence(terms.lemmas, candidates)
         if mode == SEMANTIC and any(c.sentence is None for c in candidates):
             if not self.fallbacks:
                 _log.warning(
@@ -247,10 +286,18 @@ class Retriever:
                 )
             self.fallbacks += 1
             mode = "features"
-        matrix = candidate_features(terms.lemmas, top, first.entry_rankings, first.lexical_scores, candidates)
-        if mode == SEMANTIC and query_sentence is not None:
-            matrix = np.hstack([matrix, sentence_features(top, candidates, query_sentence.result())])
-        return matrix, found, mode
+        sentence = query_sentence.result() if mode == SEMANTIC and query_sentence is not None else None
+        if sentence is not None:
+            first = first.widened(self.backend.sentence_search(sentence, course, depth))
+            added = first.to_rerank()[len(top) :]
+            found.update(self.backend.candidates([first.shown[doc_id] for doc_id in added]))
+            more = [found[first.shown[doc_id]] for doc_id in added]
+            top, candidates = top + added, candidates + more
+            evidence = np.vstack([evidence, term_evidence(terms.lemmas, more)])
+        matrix = candidate_features(top, first.entry_rankings, first.lexical_scores, evidence)
+        if sentence is not None:
+            matrix = np.hstack([matrix, sentence_features(top, candidates, sentence)])
+        return RerankTable(first, top, matrix, found, mode)
 
     def _term_weights(self, terms: QueryTerms) -> dict[str, float]:
         """Each distinct query term that can match, weighted by its idf in the served index."""

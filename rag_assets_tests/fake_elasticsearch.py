@@ -348,12 +348,16 @@ class FakeElasticsearch:
             return 200, _hits([{"_id": i, "_source": {k: d[k] for k in keep}, "sort": [i]} for i, d in page])
         if "knn" in body:
             knn = body["knn"]
+            mapped = self.indices[index].body.get("mappings", {}).get("properties", {}).get(knn["field"], {})
+            if not mapped.get("index"):  # Elasticsearch's words for a field not indexed for kNN
+                reason = f"[knn] queries are only supported on indexed dense_vector fields: {knn['field']}"
+                return 400, {"error": {"type": "illegal_argument_exception", "reason": reason}, "status": 400}
             course = knn.get("filter", {}).get("term", {}).get("course")
             query = np.asarray(knn["query_vector"])
             scored = [
-                (float(np.dot(query, d["vector"])), i)
+                (float(np.dot(query, d[knn["field"]])), i)
                 for i, d in docs.items()
-                if course is None or d["course"] == course
+                if knn["field"] in d and (course is None or d["course"] == course)
             ]
         else:
             match = body["query"]["bool"]["must"]["combined_fields"]

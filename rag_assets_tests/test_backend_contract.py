@@ -166,9 +166,16 @@ def test_the_semantic_mode_keeps_each_chunks_sentence_vector_for_its_candidates(
         assert candidate.chunk.question == rows.question[position]
         assert candidate.lemmas == {c: rows[c][position] for c in LEMMA_FIELD_COLUMNS}
         np.testing.assert_allclose(candidate.sentence, sentences[position], atol=1e-6)
+    with backend.snapshot():
+        nearest = backend.sentence_search(sentences[40], None, 5)
+        within = backend.sentence_search(sentences[40], rows.course[3], 50)
+    assert nearest[0] == rows.chunk_id[40] and len(nearest) == 5
+    assert within and {chunk.course for chunk in backend.fetch(within).values()} == {rows.course[3]}
     backend.publish(dataclasses.replace(content, reranker="features"))  # every row loses its vector
     assert backend.stats().reranker == "features"
     assert backend.candidates([rows.chunk_id[3]])[rows.chunk_id[3]].sentence is None
+    with backend.snapshot():
+        assert backend.sentence_search(sentences[40], None, 5) == []
 
 
 def test_term_frequencies_count_the_chunks_holding_each_term(

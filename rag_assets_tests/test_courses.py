@@ -221,13 +221,16 @@ def test_steps_in_other_processes_share_the_runs_data_directory(tmp_path: Path) 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "RUN_SUCCESS" in output
-    succeeded = [line.split(" - ") for line in output.splitlines() if " - STEP_SUCCESS - " in line]
-    shard_pids = {fields[6]: fields[5] for fields in succeeded if "_of_shard[" in fields[6]}
-    assert sorted(shard_pids) == [
-        f"{asset}.{asset}_of_shard[shard_{n}]" for asset in ("chunks", "raw_documents") for n in (0, 1)
-    ]
-    assert len({fields[5] for fields in succeeded}) > 1  # the steps ran in processes of their own
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # From the run's events, not the console: the processes' log lines can interleave there.
+        [run] = instance.get_run_records()
+        succeeded = instance.all_logs(run.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)
+        shard_steps = sorted(entry.step_key for entry in succeeded if "_of_shard[" in (entry.step_key or ""))
+        assert shard_steps == [
+            f"{asset}.{asset}_of_shard[shard_{n}]" for asset in ("chunks", "raw_documents") for n in (0, 1)
+        ]
+        pids = {entry.dagster_event.pid for entry in succeeded if entry.dagster_event is not None}
+        assert len(pids) > 1  # the steps ran in processes of their own
         chunked = instance.get_latest_materialization_event(dg.AssetKey("chunks"))
         assert chunked is not None and chunked.asset_materialization.metadata["chunks"].value == 60
 

@@ -546,7 +546,7 @@ def with_sentences(content: IndexContent) -> IndexContent:
     return semantic_content(content, sentences / np.linalg.norm(sentences, axis=1, keepdims=True))
 
 
-def test_the_semantic_mode_stores_a_second_vector_that_is_not_searched(
+def test_the_semantic_mode_stores_a_second_vector_and_searches_it_by_knn(
     fake: FakeElasticsearch, content: IndexContent
 ) -> None:
     semantic = with_sentences(content)
@@ -556,7 +556,8 @@ def test_the_semantic_mode_stores_a_second_vector_that_is_not_searched(
     assert body["mappings"]["properties"]["sentence_vector"] == {
         "type": "dense_vector",
         "dims": SENTENCE_DIM,
-        "index": False,
+        "index": True,
+        "similarity": "cosine",
     }
     assert body["mappings"]["_meta"]["reranker"] == "semantic"
     first_doc = fake.calls(pattern="/_bulk$")[0].body[1]
@@ -574,7 +575,43 @@ def test_the_semantic_mode_stores_a_second_vector_that_is_not_searched(
     [candidate] = found.values()  # a-0 is no chunk of this content
     rows, _ = content_rows(semantic)
     assert candidate.lemmas["question_lemmas"] == rows.question_lemmas[0]
-    assert np.allclose(candidate.sentence, next(semantic.vectors.parts()).sentences[0])
+    sentences = next(semantic.vectors.parts()).sentences
+    assert np.allclose(candidate.sentence, sentences[0])
+    # the sentence kNN: one filtered kNN request on that field, after the index's record is read
+    fake.requests.clear()
+    with es.snapshot():
+        found = es.sentence_search(sentences[3], "data-engineering-zoomcamp", 7)
+    meta, knn = fake.requests[-2:]
+    assert meta.path.endswith("/_mapping") and knn.path == f"/{live(fake)}/_search"
+    assert knn.body["knn"]["field"] == "sentence_vector"
+    assert knn.body["knn"]["filter"] == {"term": {"course": "data-engineering-zoomcamp"}}
+    assert (knn.body["knn"]["k"], knn.body["knn"]["num_candidates"], knn.body["size"]) == (7, 100, 7)
+    assert np.allclose(knn.body["knn"]["query_vector"], sentences[3])
+    assert found[0] == rows.chunk_id[3] and len(found) == 7
+    with es.snapshot():
+        es.sentence_search(sentences[3], None, 7)
+    assert not any(r.path.endswith("/_mapping") for r in fake.requests[-2:])  # the record is read once
+
+
+def test_an_index_without_indexed_sentence_vectors_answers_no_knn_and_sends_none(
+    fake: FakeElasticsearch, content: IndexContent
+) -> None:
+    """Another mode's index has no sentence vectors; one of an older mapping has them unindexed,
+    and Elasticsearch would refuse a kNN on them: both answer [] until the next refresh rebuilds."""
+    es = backend(fake)
+    es.publish(replace(content, reranker="features"))
+    query = np.ones(SENTENCE_DIM, dtype=np.float32) / np.sqrt(SENTENCE_DIM)
+    fake.requests.clear()
+    assert es.sentence_search(query, None, 5) == []
+    assert not fake.calls(pattern="_search$")
+    older = backend(fake)
+    older.publish(with_sentences(content))
+    index = live(fake)
+    fake.indices[index].body["mappings"]["_meta"]["mapping_version"] = "older"
+    fake.indices[index].body["mappings"]["properties"]["sentence_vector"]["index"] = False
+    fake.requests.clear()
+    assert backend(fake).sentence_search(query, None, 5) == []
+    assert not fake.calls(pattern="_search$")
 
 
 def test_without_the_semantic_mode_no_sentence_vector_is_sent(

@@ -340,6 +340,11 @@ class SearchBackend(Protocol):
         """Chunk ids ranked by cosine similarity to `vector`."""
         ...
 
+    def sentence_search(self, sentence: np.ndarray, course: str | None, k: int) -> list[str]:
+        """Chunk ids ranked by cosine similarity of their sentence vectors to `sentence` (the
+        semantic mode's first stage); [] when the index holds none."""
+        ...
+
     def fetch(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]: ...
 
     def term_frequencies(self, terms: Sequence[str]) -> tuple[int, dict[str, int]]:

@@ -35,6 +35,7 @@ from rag_assets.common.errors import RagError
 from rag_assets.common.progress import Progress
 from rag_assets.index.backend import (
     LEMMA_FIELD_COLUMNS,
+    SEMANTIC,
     Candidate,
     IndexContent,
     IndexNotFoundError,
@@ -78,8 +79,8 @@ _PROPERTIES = {
     "text": _STORED,
     **{field: {"type": "text", "analyzer": LEMMA_ANALYZER} for field in LEMMA_FIELD_COLUMNS},
     "vector": {"type": "dense_vector", "dims": VECTOR_DIM, "index": True, "similarity": "cosine"},
-    # Read back for reranking only, never searched: no HNSW graph to build.
-    "sentence_vector": {"type": "dense_vector", "dims": SENTENCE_DIM, "index": False},
+    # The semantic mode's kNN first stage; in the other modes no document has one, so its graph is empty.
+    "sentence_vector": {"type": "dense_vector", "dims": SENTENCE_DIM, "index": True, "similarity": "cosine"},
 }
 # Changes whenever the mapping or analysis does, so an index built otherwise is not reused.
 MAPPING_VERSION = stable_hash(json.dumps(_PROPERTIES, sort_keys=True), json.dumps(_ANALYSIS, sort_keys=True))
@@ -127,10 +128,10 @@ def term_frequencies_query(terms: Sequence[str]) -> dict[str, Any]:
     return {"size": 0, "track_total_hits": True, "aggs": {"terms_held": {"filters": {"filters": filters}}}}
 
 
-def knn_query(vector: np.ndarray, course: str | None, k: int) -> dict[str, Any]:
-    """Approximate kNN with the course filter applied inside the search, not after it."""
+def knn_query(vector: np.ndarray, course: str | None, k: int, field: str = "vector") -> dict[str, Any]:
+    """Approximate kNN over `field` with the course filter applied inside the search, not after it."""
     knn: dict[str, Any] = {
-        "field": "vector",
+        "field": field,
         "query_vector": [float(x) for x in vector],
         "k": k,
         "num_candidates": min(10_000, max(100, 4 * k)),
@@ -330,7 +331,7 @@ class ElasticsearchIndex:
         self.bulk_initial_backoff_s = bulk_initial_backoff_s
         self._log = log  # progress of long bulk loads (the Dagster log)
         self._pinned: str | None = None  # the concrete index reads go to, inside a snapshot
-        self._fingerprints: dict[str, str | None] = {}  # concrete index -> its analysis fingerprint
+        self._records: dict[str, dict[str, Any]] = {}  # concrete index -> its _meta, read once
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -630,6 +631,13 @@ class ElasticsearchIndex:
     def vector_search(self, vector: np.ndarray, course: str | None, k: int) -> list[str]:
         return [hit["_id"] for hit in self._search(knn_query(vector, course, k))]
 
+    def sentence_search(self, sentence: np.ndarray, course: str | None, k: int) -> list[str]:
+        record = self._record()
+        # Only an index of this mapping has its sentence vectors indexed for kNN.
+        if record.get("reranker") != SEMANTIC or record.get("mapping_version") != MAPPING_VERSION:
+            return []
+        return [hit["_id"] for hit in self._search(knn_query(sentence, course, k, "sentence_vector"))]
+
     def term_frequencies(self, terms: Sequence[str]) -> tuple[int, dict[str, int]]:
         found = self._search_body(term_frequencies_query(terms))
         buckets = found["aggregations"]["terms_held"]["buckets"]
@@ -696,11 +704,15 @@ class ElasticsearchIndex:
         return {cid: content for cid, (content, _) in self._hashes(self._concrete()).items()}
 
     def analysis_fingerprint(self) -> str | None:
-        """Read once per concrete index: a new publish is a new index, with its own record."""
+        return self._record().get("analysis_fingerprint")
+
+    def _record(self) -> dict[str, Any]:
+        """The served index's `_meta`, read once per concrete index: a new publish is a new
+        index, with its own record."""
         index = self._concrete()
-        if index not in self._fingerprints:
-            self._fingerprints[index] = self._meta(index).get("analysis_fingerprint")
-        return self._fingerprints[index]
+        if index not in self._records:
+            self._records[index] = self._meta(index)
+        return self._records[index]
 
     def served_sources(self) -> dict[str, list[str]]:
         live = self.live_index()

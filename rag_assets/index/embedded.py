@@ -10,6 +10,8 @@ A search reads one snapshot (one read transaction), so a publish committing in t
 query cannot take away a chunk it ranked. It reads only the postings of its own terms and the
 vector lists nearest to its vector (`lexical`, `vector_lists`), plus two small per-row arrays
 loaded once per published version: its cost does not grow with the corpus the way a scan does.
+The semantic mode's sentence kNN is the exception: an exact scan of the version's sentence
+vectors, held in memory (`sentence_search`), for the corpus sizes that mode's build suits.
 A damaged file is set aside by the next publish, which then builds a complete index.
 """
 
@@ -61,6 +63,7 @@ from rag_assets.index.lexical import (
 from rag_assets.index.ranking import FIELD_WEIGHTS
 from rag_assets.ingest.chunking import CHUNK_COLUMNS
 from rag_assets.nlp.analysis import VECTOR_DIM
+from rag_assets.nlp.sentence import SENTENCE_DIM
 
 INDEX_FILENAME = "index.sqlite"
 _DISPLAY_COLUMNS = ("chunk_id", "doc_id", "course", "section", "question", "text")
@@ -183,6 +186,7 @@ class _Served:
     lists: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=OrderedDict)
     list_bytes: int = 0
     chunk_ids: dict[int, str] = field(default_factory=dict)  # of rows ranked so far, bounded
+    sentences: tuple[np.ndarray, np.ndarray] | None = None  # row ids and sentence vectors, once read
 
     def keep_list(self, number: int, rowids: np.ndarray, vectors: np.ndarray) -> None:
         self.lists[number] = (rowids, vectors)
@@ -717,6 +721,27 @@ class EmbeddedIndex:
         if not rowids_parts:
             return []
         return self._chunk_ids(top_rows(np.concatenate(score_parts), np.concatenate(rowids_parts), k))
+
+    def sentence_search(self, sentence: np.ndarray, course: str | None, k: int) -> list[str]:
+        served = self._served()
+        rowids, matrix = self._sentence_vectors(served)
+        scores = matrix @ np.asarray(sentence, dtype=np.float32)
+        code = self._course_code(served, course)
+        if code is not None:
+            inside = served.arrays.courses[rowids] == code
+            rowids, scores = rowids[inside], scores[inside]
+        return self._chunk_ids(top_rows(scores, rowids, k))
+
+    def _sentence_vectors(self, served: _Served) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's sentence vector, read once per version and scanned exactly: 1.5 KB a row,
+        so 150 MB at 100k chunks, the most the semantic mode's build suits (docs/retrieval.md,
+        The default mode)."""
+        if served.sentences is None:
+            rows = self._query("SELECT id, sentence_vector FROM chunks WHERE sentence_vector IS NOT NULL")
+            rowids = np.array([rowid for rowid, _ in rows], dtype=np.int64)
+            matrix = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32)
+            served.sentences = (rowids, matrix.reshape(len(rowids), SENTENCE_DIM))
+        return served.sentences
 
     def _vector_lists(self, served: _Served, numbers: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         missing = [n for n in numbers.tolist() if n not in served.lists]

@@ -17,9 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from rag_assets.common.errors import RagError
-from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, SEMANTIC, Candidate
+from rag_assets.index.backend import SEMANTIC, Candidate
 
 RERANK_DEPTH = 20  # the gold entry is in the fused top 20 for 0.975 of the dev questions
+# The semantic mode adds up to SENTENCE_CANDIDATES entries of its MiniLM kNN that the fused top
+# lacks: paraphrases that share no lemma with the query. With them the gold entry is among the
+# candidates for 0.980 of the dev questions (docs/benchmarks.md, The sentence kNN first stage).
+SENTENCE_CANDIDATES = 5
 MODELS_DIR = Path(__file__).parent / "rerankers"
 # Lexical evidence per candidate: its place in each first-stage ranking, how much of the query
 # each lemma field covers (alone and against the best candidate of the same query), and its
@@ -59,44 +63,61 @@ def reciprocal_ranks(order: Sequence[str], items: Sequence[str]) -> np.ndarray:
     return np.array([1.0 / place[i] if i in place else 0.0 for i in items])
 
 
+def term_evidence(query_terms: Sequence[str], candidates: Sequence[Candidate]) -> np.ndarray:
+    """What each candidate's lemma fields say of the query, one row per candidate: its share of the
+    query's terms in its question, answer and section, the Jaccard overlap of query and question,
+    and its question's and answer's term counts (log). Apart from `candidate_features` because
+    each row depends on its candidate alone: a semantic search computes the fused top's while the
+    query's sentence vector is made, and its kNN's entries' after."""
+    query = set(query_terms)
+    size = max(len(query), 1)
+    rows = []
+    for candidate in candidates:
+        question, text, section = (
+            set(candidate.lemmas[f"{field}_lemmas"].split()) for field in ("question", "text", "section")
+        )
+        rows.append(
+            [
+                len(query & question) / size,
+                len(query & text) / size,
+                len(query & section) / size,
+                len(query & question) / max(len(query | question), 1),
+                np.log1p(len(question)),
+                np.log1p(len(text)),
+            ]
+        )
+    return np.array(rows, dtype=np.float64).reshape(len(candidates), 6)
+
+
 def candidate_features(
-    query_terms: Sequence[str],
     entries: Sequence[str],
     entry_rankings: Mapping[str, Sequence[str]],
     lexical_scores: Mapping[str, float],
-    candidates: Sequence[Candidate],
+    evidence: np.ndarray,
 ) -> np.ndarray:
-    """One row per candidate (entry i shown by candidates[i]), columns as FEATURES."""
-    query = set(query_terms)
-    size = max(len(query), 1)
-    field_terms = {
-        column: [set(c.lemmas[column].split()) for c in candidates] for column in LEMMA_FIELD_COLUMNS
-    }
-    coverage = {c: np.array([len(query & t) / size for t in held]) for c, held in field_terms.items()}
-    question_terms = field_terms["question_lemmas"]
-    jaccard = np.array([len(query & t) / max(len(query | t), 1) for t in question_terms])
+    """One row per candidate (entry i, its `term_evidence` evidence[i]), columns as FEATURES."""
+    question, text, section, jaccard, question_terms, text_terms = evidence.T
     columns = [
         reciprocal_ranks(entry_rankings.get("lexical", ()), entries),
         reciprocal_ranks(entry_rankings.get("vector", ()), entries),
         reciprocal_ranks(entries, entries),
-        coverage["question_lemmas"],
-        coverage["text_lemmas"],
-        coverage["section_lemmas"],
+        question,
+        text,
+        section,
         jaccard,
-        coverage["question_lemmas"] - coverage["question_lemmas"].max(initial=0.0),
-        coverage["text_lemmas"] - coverage["text_lemmas"].max(initial=0.0),
-        np.log1p([len(t) for t in question_terms]),
-        np.log1p([len(t) for t in field_terms["text_lemmas"]]),
+        question - question.max(initial=0.0),
+        text - text.max(initial=0.0),
+        question_terms,
+        text_terms,
         np.array([lexical_scores.get(e, 0.0) for e in entries]) / max(lexical_scores.values(), default=1.0),
     ]
-    return np.column_stack(columns) if candidates else np.empty((0, len(columns)))
+    return np.column_stack(columns) if len(entries) else np.empty((0, len(columns)))
 
 
 def sentence_features(
     entries: Sequence[str], candidates: Sequence[Candidate], query_sentence: np.ndarray
 ) -> np.ndarray:
-    """The semantic mode's columns beyond FEATURES, one row per candidate: apart from
-    `candidate_features` because a search computes those while the query's vector is made."""
+    """The semantic mode's columns beyond FEATURES, one row per candidate."""
     cosine = np.array([float(c.sentence @ query_sentence) for c in candidates])  # type: ignore[operator]
     order = [entries[i] for i in np.argsort(-cosine, kind="stable")]
     gap = cosine - cosine.max(initial=0.0)
