@@ -163,7 +163,8 @@ def relevance(weights: dict[str, float], candidate: Candidate, query_sentence: n
 
 class Retriever:
     """Lexical and vector rankings fused, then (unless `reranker` is none) the top
-    RERANK_DEPTH entries ordered again by the mode's model (`reranking`)."""
+    RERANK_DEPTH entries, in the semantic mode with up to SENTENCE_CANDIDATES more of the
+    sentence kNN's, ordered again by the mode's model (`reranking`)."""
 
     def __init__(
         self,
