@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rag_assets.common.errors import RagError
-from rag_assets.index.backend import SEMANTIC, Candidate
+from rag_assets.index.backend import LEMMA_FIELD_COLUMNS, SEMANTIC, Candidate
 
 RERANK_DEPTH = 20  # the gold entry is in the fused top 20 for 0.975 of the dev questions
 # The semantic mode adds up to SENTENCE_CANDIDATES entries of its MiniLM kNN that the fused top
@@ -63,30 +63,40 @@ def reciprocal_ranks(order: Sequence[str], items: Sequence[str]) -> np.ndarray:
     return np.array([1.0 / place[i] if i in place else 0.0 for i in items])
 
 
+# The columns of FEATURES that depend on their candidate alone (`term_evidence`).
+TERM_EVIDENCE = (
+    "question_coverage",
+    "text_coverage",
+    "section_coverage",
+    "question_jaccard",
+    "question_terms_log",
+    "text_terms_log",
+)
+
+
 def term_evidence(query_terms: Sequence[str], candidates: Sequence[Candidate]) -> np.ndarray:
-    """What each candidate's lemma fields say of the query, one row per candidate: its share of the
-    query's terms in its question, answer and section, the Jaccard overlap of query and question,
-    and its question's and answer's term counts (log). Apart from `candidate_features` because
-    each row depends on its candidate alone: a semantic search computes the fused top's while the
-    query's sentence vector is made, and its kNN's entries' after."""
+    """What each candidate's lemma fields say of the query, one row per candidate, columns as
+    TERM_EVIDENCE. Apart from `candidate_features` because each row depends on its candidate
+    alone: a semantic search computes the fused top's while the query's sentence vector is made,
+    and its kNN's entries' after."""
     query = set(query_terms)
     size = max(len(query), 1)
     rows = []
     for candidate in candidates:
-        question, text, section = (
-            set(candidate.lemmas[f"{field}_lemmas"].split()) for field in ("question", "text", "section")
-        )
+        held = {column: set(candidate.lemmas[column].split()) for column in LEMMA_FIELD_COLUMNS}
+        question, text, section = held["question_lemmas"], held["text_lemmas"], held["section_lemmas"]
+        shared = len(query & question)
         rows.append(
             [
-                len(query & question) / size,
+                shared / size,
                 len(query & text) / size,
                 len(query & section) / size,
-                len(query & question) / max(len(query | question), 1),
+                shared / max(len(query | question), 1),
                 np.log1p(len(question)),
                 np.log1p(len(text)),
             ]
         )
-    return np.array(rows, dtype=np.float64).reshape(len(candidates), 6)
+    return np.array(rows, dtype=np.float64).reshape(len(candidates), len(TERM_EVIDENCE))
 
 
 def candidate_features(
@@ -96,19 +106,20 @@ def candidate_features(
     evidence: np.ndarray,
 ) -> np.ndarray:
     """One row per candidate (entry i, its `term_evidence` evidence[i]), columns as FEATURES."""
-    question, text, section, jaccard, question_terms, text_terms = evidence.T
+    column = dict(zip(TERM_EVIDENCE, evidence.T, strict=True))
+    question, text = column["question_coverage"], column["text_coverage"]
     columns = [
         reciprocal_ranks(entry_rankings.get("lexical", ()), entries),
         reciprocal_ranks(entry_rankings.get("vector", ()), entries),
         reciprocal_ranks(entries, entries),
         question,
         text,
-        section,
-        jaccard,
+        column["section_coverage"],
+        column["question_jaccard"],
         question - question.max(initial=0.0),
         text - text.max(initial=0.0),
-        question_terms,
-        text_terms,
+        column["question_terms_log"],
+        column["text_terms_log"],
         np.array([lexical_scores.get(e, 0.0) for e in entries]) / max(lexical_scores.values(), default=1.0),
     ]
     return np.column_stack(columns) if len(entries) else np.empty((0, len(columns)))
